@@ -1,0 +1,3 @@
+//! Cryptographic primitives: key handling, AES-256-XTS, name encryption.
+
+pub mod keys;
