@@ -162,6 +162,66 @@ impl fmt::Debug for Secret {
     }
 }
 
+/// A value (e.g. an expanded AES key schedule, which is as secret as the key)
+/// kept in its own locked, non-dumpable pages and wiped when dropped.
+pub struct Locked<T> {
+    ptr: NonNull<T>,
+    layout: Layout,
+    locked: bool,
+}
+
+// SAFETY: `Locked<T>` owns its T exclusively, like Box<T>.
+unsafe impl<T: Send> Send for Locked<T> {}
+// SAFETY: shared access only hands out &T.
+unsafe impl<T: Sync> Sync for Locked<T> {}
+
+impl<T> Locked<T> {
+    pub fn new(value: T) -> Locked<T> {
+        let page = page_size();
+        let size = std::mem::size_of::<T>().max(1).div_ceil(page) * page;
+        let align = page.max(std::mem::align_of::<T>());
+        let layout = Layout::from_size_align(size, align).expect("page-aligned layout is valid");
+        // SAFETY: non-zero size; the pointer is checked for null below.
+        let raw = unsafe { alloc_zeroed(layout) }.cast::<T>();
+        let Some(ptr) = NonNull::new(raw) else {
+            std::alloc::handle_alloc_error(layout)
+        };
+        // SAFETY: ptr is a fresh, suitably aligned allocation for T; mlock and
+        // madvise only affect how the kernel handles these pages.
+        let locked = unsafe {
+            ptr.as_ptr().write(value);
+            let ok = libc::mlock(ptr.as_ptr().cast(), size) == 0;
+            libc::madvise(ptr.as_ptr().cast(), size, libc::MADV_DONTDUMP);
+            ok
+        };
+        Locked { ptr, layout, locked }
+    }
+}
+
+impl<T> std::ops::Deref for Locked<T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        // SAFETY: ptr holds an initialised T for the lifetime of self.
+        unsafe { self.ptr.as_ref() }
+    }
+}
+
+impl<T> Drop for Locked<T> {
+    fn drop(&mut self) {
+        // SAFETY: we drop the T we wrote in `new`, then wipe, unlock and free the
+        // allocation with its original layout.
+        unsafe {
+            std::ptr::drop_in_place(self.ptr.as_ptr());
+            let all = std::slice::from_raw_parts_mut(self.ptr.as_ptr().cast::<u8>(), self.layout.size());
+            all.zeroize();
+            if self.locked {
+                libc::munlock(self.ptr.as_ptr().cast(), self.layout.size());
+            }
+            dealloc(self.ptr.as_ptr().cast(), self.layout);
+        }
+    }
+}
+
 /// Derives `len` bytes for `label` from `ikm` (normally the DEK) with HKDF-SHA256.
 /// `salt` binds the derivation to one volume (its volume id).
 pub fn derive(ikm: &Secret, salt: &[u8], label: &[u8], len: usize) -> Secret {
