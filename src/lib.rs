@@ -9,3 +9,4 @@ pub mod audit;
 pub mod credfile;
 pub mod crypto;
 pub mod kms;
+pub mod logging;
