@@ -19,7 +19,9 @@ pub enum CredFileError {
     },
     #[error("{what} {path} is not a regular file")]
     NotRegular { what: &'static str, path: PathBuf },
-    #[error("{what} {path} has mode {mode:04o}, which lets group or others access it; run: chmod 600 {path}")]
+    #[error(
+        "{what} {path} has mode {mode:04o}, which lets group or others access it; run: chmod 600 {path}"
+    )]
     LooseMode {
         what: &'static str,
         path: PathBuf,
@@ -31,7 +33,9 @@ pub enum CredFileError {
         path: PathBuf,
         uid: u32,
     },
-    #[error("directory {dir} holding {what} {path} is writable by group or others (mode {mode:04o}); run: chmod go-w {dir}")]
+    #[error(
+        "directory {dir} holding {what} {path} is writable by group or others (mode {mode:04o}); run: chmod go-w {dir}"
+    )]
     LooseDir {
         what: &'static str,
         path: PathBuf,

@@ -10,3 +10,4 @@ pub mod credfile;
 pub mod crypto;
 pub mod kms;
 pub mod logging;
+pub mod volume;

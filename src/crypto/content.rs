@@ -44,14 +44,24 @@ impl ContentCipher {
     /// unit `first`; every unit is [`BLOCK`] bytes except the last, which is what
     /// remains (16 ..= BLOCK + 15 bytes: a remainder shorter than 16 bytes belongs
     /// to the unit before it).
-    pub fn encrypt_units(&self, file_id: &FileId, first: u64, buf: &mut [u8]) -> Result<(), XtsError> {
+    pub fn encrypt_units(
+        &self,
+        file_id: &FileId,
+        first: u64,
+        buf: &mut [u8],
+    ) -> Result<(), XtsError> {
         self.units(file_id, first, buf, true)
     }
 
     /// Decrypts a run of consecutive units in place (see [`Self::encrypt_units`]).
     /// A unit whose ciphertext is all zeros is a hole in a sparse backing file and
     /// decrypts to zeros.
-    pub fn decrypt_units(&self, file_id: &FileId, first: u64, buf: &mut [u8]) -> Result<(), XtsError> {
+    pub fn decrypt_units(
+        &self,
+        file_id: &FileId,
+        first: u64,
+        buf: &mut [u8],
+    ) -> Result<(), XtsError> {
         self.units(file_id, first, buf, false)
     }
 
@@ -69,7 +79,13 @@ impl ContentCipher {
             .expect("16 bytes is a valid XTS unit");
     }
 
-    fn one(&self, file_id: &FileId, idx: u64, unit: &mut [u8], encrypt: bool) -> Result<(), XtsError> {
+    fn one(
+        &self,
+        file_id: &FileId,
+        idx: u64,
+        unit: &mut [u8],
+        encrypt: bool,
+    ) -> Result<(), XtsError> {
         let t = tweak(file_id, idx);
         if encrypt {
             self.xts.encrypt(unit, t)
@@ -80,7 +96,13 @@ impl ContentCipher {
         }
     }
 
-    fn units(&self, file_id: &FileId, first: u64, buf: &mut [u8], encrypt: bool) -> Result<(), XtsError> {
+    fn units(
+        &self,
+        file_id: &FileId,
+        first: u64,
+        buf: &mut [u8],
+        encrypt: bool,
+    ) -> Result<(), XtsError> {
         if buf.len() < AES_BLOCK {
             return Err(XtsError::TooShort(buf.len()));
         }
@@ -115,7 +137,20 @@ mod tests {
     fn units_roundtrip_for_every_tail_length_class() {
         let c = cipher();
         let id = [1u8; 16];
-        for len in [16, 17, 31, 4095, 4096, 4097, 4111, 4112, 8192, 8200, 5 * 4096 + 3, 9 * 4096 + 100] {
+        for len in [
+            16,
+            17,
+            31,
+            4095,
+            4096,
+            4097,
+            4111,
+            4112,
+            8192,
+            8200,
+            5 * 4096 + 3,
+            9 * 4096 + 100,
+        ] {
             let pt: Vec<u8> = (0..len).map(|i| (i * 7 + 3) as u8).collect();
             let mut buf = pt.clone();
             c.encrypt_units(&id, 3, &mut buf).unwrap();

@@ -194,7 +194,11 @@ impl<T> Locked<T> {
             libc::madvise(ptr.as_ptr().cast(), size, libc::MADV_DONTDUMP);
             ok
         };
-        Locked { ptr, layout, locked }
+        Locked {
+            ptr,
+            layout,
+            locked,
+        }
     }
 }
 
@@ -212,7 +216,8 @@ impl<T> Drop for Locked<T> {
         // allocation with its original layout.
         unsafe {
             std::ptr::drop_in_place(self.ptr.as_ptr());
-            let all = std::slice::from_raw_parts_mut(self.ptr.as_ptr().cast::<u8>(), self.layout.size());
+            let all =
+                std::slice::from_raw_parts_mut(self.ptr.as_ptr().cast::<u8>(), self.layout.size());
             all.zeroize();
             if self.locked {
                 libc::munlock(self.ptr.as_ptr().cast(), self.layout.size());
@@ -293,7 +298,8 @@ mod tests {
         let salt: Vec<u8> = (0u8..=0x0c).collect();
         let info: Vec<u8> = (0xf0u8..=0xf9).collect();
         let okm = derive(&ikm, &salt, &info, 42);
-        let want = "3cb25f25faacd57a90434f64d0362f2a2d2d0a90cf1a5a4c5db02d56ecc4c5bf34007208d5b887185865";
+        let want =
+            "3cb25f25faacd57a90434f64d0362f2a2d2d0a90cf1a5a4c5db02d56ecc4c5bf34007208d5b887185865";
         assert_eq!(hex(okm.as_bytes()), want);
     }
 

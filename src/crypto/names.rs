@@ -75,7 +75,8 @@ pub struct NameCipher {
 
 /// Checks a plaintext name coming from the kernel.
 pub fn validate(name: &[u8]) -> Result<(), NameError> {
-    if name.is_empty() || name == b"." || name == b".." || name.contains(&b'/') || name.contains(&0) {
+    if name.is_empty() || name == b"." || name == b".." || name.contains(&b'/') || name.contains(&0)
+    {
         return Err(NameError::Invalid);
     }
     if name.len() > NAME_MAX {
@@ -96,12 +97,16 @@ pub fn long_sidecar(backing: &str) -> String {
 
 /// The hashed backing name for a full encoded name.
 pub fn long_backing(full: &str) -> String {
-    format!("{LONG_PREFIX}{}", URL_SAFE_NO_PAD.encode(Sha256::digest(full.as_bytes())))
+    format!(
+        "{LONG_PREFIX}{}",
+        URL_SAFE_NO_PAD.encode(Sha256::digest(full.as_bytes()))
+    )
 }
 
 /// Whether a backing name is a hashed long name (not its sidecar).
 pub fn is_long(backing_name: &[u8]) -> bool {
-    backing_name.starts_with(LONG_PREFIX.as_bytes()) && !backing_name.ends_with(LONG_SUFFIX.as_bytes())
+    backing_name.starts_with(LONG_PREFIX.as_bytes())
+        && !backing_name.ends_with(LONG_SUFFIX.as_bytes())
 }
 
 impl NameCipher {
@@ -116,9 +121,16 @@ impl NameCipher {
     }
 
     /// Encrypts `name` for the directory `dir_id`.
-    pub fn encrypt(&self, dir_id: &[u8; DIR_ID_LEN], name: &[u8]) -> Result<EncodedName, NameError> {
+    pub fn encrypt(
+        &self,
+        dir_id: &[u8; DIR_ID_LEN],
+        name: &[u8],
+    ) -> Result<EncodedName, NameError> {
         validate(name)?;
-        let ct = self.siv().encrypt([dir_id.as_slice()], name).map_err(|_| NameError::Invalid)?;
+        let ct = self
+            .siv()
+            .encrypt([dir_id.as_slice()], name)
+            .map_err(|_| NameError::Invalid)?;
         let full = URL_SAFE_NO_PAD.encode(ct);
         if full.len() <= NAME_MAX {
             Ok(EncodedName::Short(full))
@@ -133,8 +145,13 @@ impl NameCipher {
     /// Decrypts an encoded name (the short backing name, or a long name's sidecar
     /// content) found in directory `dir_id`.
     pub fn decrypt(&self, dir_id: &[u8; DIR_ID_LEN], encoded: &str) -> Result<Vec<u8>, NameError> {
-        let ct = URL_SAFE_NO_PAD.decode(encoded.trim_end()).map_err(|_| NameError::Corrupt)?;
-        let name = self.siv().decrypt([dir_id.as_slice()], &ct).map_err(|_| NameError::Corrupt)?;
+        let ct = URL_SAFE_NO_PAD
+            .decode(encoded.trim_end())
+            .map_err(|_| NameError::Corrupt)?;
+        let name = self
+            .siv()
+            .decrypt([dir_id.as_slice()], &ct)
+            .map_err(|_| NameError::Corrupt)?;
         validate(&name).map_err(|_| NameError::Corrupt)?;
         Ok(name)
     }
@@ -147,14 +164,21 @@ impl NameCipher {
         if target.len() > SYMLINK_MAX {
             return Err(NameError::TooLong);
         }
-        let ct = self.siv().encrypt([SYMLINK_AD], target).map_err(|_| NameError::Invalid)?;
+        let ct = self
+            .siv()
+            .encrypt([SYMLINK_AD], target)
+            .map_err(|_| NameError::Invalid)?;
         Ok(URL_SAFE_NO_PAD.encode(ct))
     }
 
     /// Decrypts a backing symlink's target.
     pub fn decrypt_symlink(&self, encoded: &[u8]) -> Result<Vec<u8>, NameError> {
-        let ct = URL_SAFE_NO_PAD.decode(encoded).map_err(|_| NameError::Corrupt)?;
-        self.siv().decrypt([SYMLINK_AD], &ct).map_err(|_| NameError::Corrupt)
+        let ct = URL_SAFE_NO_PAD
+            .decode(encoded)
+            .map_err(|_| NameError::Corrupt)?;
+        self.siv()
+            .decrypt([SYMLINK_AD], &ct)
+            .map_err(|_| NameError::Corrupt)
     }
 }
 
@@ -176,11 +200,17 @@ mod tests {
         let pt = hex("112233445566778899aabbccddee");
         let mut siv = Aes128Siv::new_from_slice(&key).unwrap();
         let ct = siv.encrypt([ad.as_slice()], &pt).unwrap();
-        assert_eq!(ct, hex("85632d07c6e8f37f950acd320a2ecc9340c02b9690c4dc04daef7f6afe5c"));
+        assert_eq!(
+            ct,
+            hex("85632d07c6e8f37f950acd320a2ecc9340c02b9690c4dc04daef7f6afe5c")
+        );
     }
 
     fn hex(s: &str) -> Vec<u8> {
-        (0..s.len()).step_by(2).map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap()).collect()
+        (0..s.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
+            .collect()
     }
 
     #[test]
@@ -203,7 +233,11 @@ mod tests {
             let b = enc.backing();
             assert!(b.len() <= NAME_MAX, "len {len}");
             assert!(!b.contains('/') && !b.contains('\0'));
-            assert_eq!(len <= SHORT_NAME_MAX, matches!(enc, EncodedName::Short(_)), "len {len}");
+            assert_eq!(
+                len <= SHORT_NAME_MAX,
+                matches!(enc, EncodedName::Short(_)),
+                "len {len}"
+            );
             match &enc {
                 EncodedName::Short(s) => {
                     assert!(!is_reserved(s.as_bytes()));
@@ -234,8 +268,17 @@ mod tests {
         let enc = c.encrypt(&[1; 16], b"hello").unwrap();
         let mut s = enc.backing().to_string().into_bytes();
         s[3] = if s[3] == b'A' { b'B' } else { b'A' };
-        assert_eq!(c.decrypt(&[1; 16], std::str::from_utf8(&s).unwrap()), Err(NameError::Corrupt));
-        for g in ["", "A", "!!!", "kmfs.volume", "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA"] {
+        assert_eq!(
+            c.decrypt(&[1; 16], std::str::from_utf8(&s).unwrap()),
+            Err(NameError::Corrupt)
+        );
+        for g in [
+            "",
+            "A",
+            "!!!",
+            "kmfs.volume",
+            "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA",
+        ] {
             assert_eq!(c.decrypt(&[1; 16], g), Err(NameError::Corrupt));
         }
     }
@@ -245,8 +288,14 @@ mod tests {
         let c = cipher();
         let e = c.encrypt_symlink(b"../some/where else").unwrap();
         assert!(!e.contains('/'));
-        assert_eq!(c.decrypt_symlink(e.as_bytes()).unwrap(), b"../some/where else");
+        assert_eq!(
+            c.decrypt_symlink(e.as_bytes()).unwrap(),
+            b"../some/where else"
+        );
         assert_eq!(c.decrypt_symlink(b"zz"), Err(NameError::Corrupt));
-        assert_eq!(c.encrypt_symlink(&[b'a'; SYMLINK_MAX + 1]), Err(NameError::TooLong));
+        assert_eq!(
+            c.encrypt_symlink(&[b'a'; SYMLINK_MAX + 1]),
+            Err(NameError::TooLong)
+        );
     }
 }

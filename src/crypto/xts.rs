@@ -11,8 +11,8 @@
 //! multiple of 16 uses ciphertext stealing exactly as IEEE 1619 specifies.
 
 use aes::Aes256;
-use aes::cipher::{Block, BlockCipherDecrypt, BlockCipherEncrypt, KeyInit};
 use aes::cipher::array::Array;
+use aes::cipher::{Block, BlockCipherDecrypt, BlockCipherEncrypt, KeyInit};
 
 use super::keys::{Locked, Secret};
 

@@ -41,8 +41,9 @@ impl KeyfileProvider {
     /// not inside `backing_dir`.
     pub fn open(path: &Path, backing_dir: Option<&Path>) -> Result<KeyfileProvider, KmsError> {
         credfile::check_private(path, "key file").map_err(|e| KmsError::Config(e.to_string()))?;
-        let canon = std::fs::canonicalize(path)
-            .map_err(|e| KmsError::Config(format!("cannot resolve key file {}: {e}", path.display())))?;
+        let canon = std::fs::canonicalize(path).map_err(|e| {
+            KmsError::Config(format!("cannot resolve key file {}: {e}", path.display()))
+        })?;
         if let Some(b) = backing_dir
             && let Ok(bc) = std::fs::canonicalize(b)
             && canon.starts_with(&bc)
@@ -53,8 +54,9 @@ impl KeyfileProvider {
                 b.display()
             )));
         }
-        let bytes = std::fs::read(&canon)
-            .map_err(|e| KmsError::Config(format!("cannot read key file {}: {e}", path.display())))?;
+        let bytes = std::fs::read(&canon).map_err(|e| {
+            KmsError::Config(format!("cannot read key file {}: {e}", path.display()))
+        })?;
         let kek = Secret::from_vec(bytes);
         if kek.len() != KEY_LEN {
             return Err(KmsError::Config(format!(
@@ -104,7 +106,8 @@ impl KeyProvider for KeyfileProvider {
         self.check_ref(kek)?;
         warn(&self.path);
         let mut nonce = [0u8; NONCE_LEN];
-        getrandom::fill(&mut nonce).map_err(|e| KmsError::Config(format!("random generator failed: {e}")))?;
+        getrandom::fill(&mut nonce)
+            .map_err(|e| KmsError::Config(format!("random generator failed: {e}")))?;
         let ct = self
             .cipher()
             .encrypt(
@@ -126,7 +129,10 @@ impl KeyProvider for KeyfileProvider {
         self.check_ref(kek)?;
         warn(&self.path);
         if wrapped.len() < 1 + NONCE_LEN + TAG_LEN || wrapped[0] != BLOB_VERSION {
-            return Err(KmsError::WrongKey(format!("key file {}", self.path.display())));
+            return Err(KmsError::WrongKey(format!(
+                "key file {}",
+                self.path.display()
+            )));
         }
         let nonce = Nonce::try_from(&wrapped[1..1 + NONCE_LEN])
             .map_err(|_| KmsError::WrongKey(format!("key file {}", self.path.display())))?;
@@ -176,7 +182,10 @@ mod tests {
         let blob = p.wrap(&kek, &dek, b"vol-a").unwrap();
         assert!(!blob.windows(32).any(|w| w == [9u8; 32]));
         assert!(p.unwrap(&kek, &blob, b"vol-a").unwrap().ct_eq(&dek));
-        assert!(matches!(p.unwrap(&kek, &blob, b"vol-b"), Err(KmsError::WrongKey(_))));
+        assert!(matches!(
+            p.unwrap(&kek, &blob, b"vol-b"),
+            Err(KmsError::WrongKey(_))
+        ));
     }
 
     #[test]
@@ -186,7 +195,9 @@ mod tests {
         let b = KeyfileProvider::open(&write_key(d.path(), 2), None).unwrap();
         let dek = Secret::from_slice(&[5u8; 32]);
         let blob = a.wrap(&a.current_kek().unwrap(), &dek, b"v").unwrap();
-        let e = b.unwrap(&b.current_kek().unwrap(), &blob, b"v").unwrap_err();
+        let e = b
+            .unwrap(&b.current_kek().unwrap(), &blob, b"v")
+            .unwrap_err();
         assert!(matches!(e, KmsError::WrongKey(_)), "{e}");
         let mut tampered = blob.clone();
         tampered[20] ^= 1;
@@ -211,11 +222,17 @@ mod tests {
         let short = d.path().join("short");
         std::fs::write(&short, [1u8; 16]).unwrap();
         std::fs::set_permissions(&short, std::fs::Permissions::from_mode(0o600)).unwrap();
-        let e = KeyfileProvider::open(&short, None).err().unwrap().to_string();
+        let e = KeyfileProvider::open(&short, None)
+            .err()
+            .unwrap()
+            .to_string();
         assert!(e.contains("16 bytes"), "{e}");
 
         let inside = write_key(d.path(), 4);
-        let e = KeyfileProvider::open(&inside, Some(d.path())).err().unwrap().to_string();
+        let e = KeyfileProvider::open(&inside, Some(d.path()))
+            .err()
+            .unwrap()
+            .to_string();
         assert!(e.contains("inside the backing directory"), "{e}");
     }
 }

@@ -66,7 +66,10 @@ pub enum KmsError {
     Config(String),
     /// The requested operation is not offered by this provider.
     #[error("operation not supported by the {provider} provider: {op}")]
-    Unsupported { provider: &'static str, op: &'static str },
+    Unsupported {
+        provider: &'static str,
+        op: &'static str,
+    },
 }
 
 /// A source of KEKs. Implementations must be safe to share between threads.

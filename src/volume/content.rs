@@ -1,0 +1,330 @@
+//! Block I/O on one backing file: read, write and truncate plaintext ranges,
+//! decrypting and re-encrypting whole data units (see [`super::layout`]).
+//!
+//! Callers serialise writes and truncates of one file (the filesystem layer holds
+//! a per-inode write lock) and pass the file's header and current plaintext size.
+//! When a file grows, the old last unit is re-encrypted in its new shape *before*
+//! anything beyond it is written, so a crash in between leaves a file that is at
+//! worst zero-filled at the tail, never one whose earlier units no longer decrypt.
+
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::FileExt;
+
+use super::layout::{FileHeader, HEADER_LEN, Layout, read_full_at};
+use crate::crypto::content::ContentCipher;
+
+/// Largest plaintext file size (leaves room for the header below i64::MAX).
+pub const MAX_SIZE: u64 = (i64::MAX as u64) - HEADER_LEN - 4096;
+
+/// One backing file, opened read-write (or read-only for reads), with its keys.
+pub struct BackingFile<'a> {
+    pub file: &'a File,
+    pub cipher: &'a ContentCipher,
+    pub header: &'a FileHeader,
+}
+
+fn einval(msg: &str) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidInput, msg.to_string())
+}
+
+impl BackingFile<'_> {
+    /// Decrypts the units of `layout` covering `[start, end)` (end ≤ size) and
+    /// returns exactly those plaintext bytes.
+    fn read_plain(&self, layout: Layout, start: u64, end: u64) -> io::Result<Vec<u8>> {
+        let Some((a, b, first)) = layout.span(start, end) else {
+            return Ok(Vec::new());
+        };
+        let fid = &self.header.file_id;
+        if layout.is_tiny() {
+            let size = layout.size as usize;
+            let mut unit = [0u8; 16];
+            read_full_at(self.file, &mut unit, HEADER_LEN + layout.size - 16)?;
+            self.cipher.decrypt_tiny(fid, &mut unit);
+            return Ok(unit[16 - size..][start as usize..end as usize].to_vec());
+        }
+        let mut buf = vec![0u8; (b - a) as usize];
+        // A short read (file cut by a crash or concurrently) leaves zeros = hole.
+        read_full_at(self.file, &mut buf, HEADER_LEN + a)?;
+        self.cipher
+            .decrypt_units(fid, first, &mut buf)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+        buf.truncate((end - a) as usize);
+        buf.drain(..(start - a) as usize);
+        Ok(buf)
+    }
+
+    /// Reads up to `len` plaintext bytes at `off` from a file of plaintext size
+    /// `size`.
+    pub fn read(&self, size: u64, off: u64, len: usize) -> io::Result<Vec<u8>> {
+        let end = off.saturating_add(len as u64).min(size);
+        if off >= end {
+            return Ok(Vec::new());
+        }
+        self.read_plain(Layout::new(size), off, end)
+    }
+
+    /// Encrypts plaintext `data` = bytes `[a, a + data.len())` of a file of
+    /// plaintext size `size` (a unit-aligned span of that layout) and writes it.
+    fn write_span(&self, layout: Layout, a: u64, first: u64, mut data: Vec<u8>) -> io::Result<()> {
+        let fid = &self.header.file_id;
+        if layout.is_tiny() {
+            let size = layout.size as usize;
+            let mut unit = [0u8; 16];
+            unit[16 - size..].copy_from_slice(&data);
+            self.cipher.encrypt_tiny(fid, &mut unit);
+            return self.file.write_all_at(&unit, HEADER_LEN + layout.size - 16);
+        }
+        self.cipher
+            .encrypt_units(fid, first, &mut data)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+        self.file.write_all_at(&data, HEADER_LEN + a)
+    }
+
+    /// Re-encrypts the units of `new` covering `[start, end)`, taking existing
+    /// plaintext from the file as laid out by `old`, then overlaying `patch` at
+    /// `patch_off`.
+    fn rewrite(
+        &self,
+        old: Layout,
+        new: Layout,
+        start: u64,
+        end: u64,
+        patch: Option<(u64, &[u8])>,
+    ) -> io::Result<()> {
+        let Some((a, b, first)) = new.span(start, end) else {
+            return Ok(());
+        };
+        let mut plain = vec![0u8; (b - a) as usize];
+        let keep_end = b.min(old.size);
+        if a < keep_end {
+            let existing = self.read_plain(old, a, keep_end)?;
+            plain[..existing.len()].copy_from_slice(&existing);
+        }
+        if let Some((off, data)) = patch {
+            let o = (off - a) as usize;
+            plain[o..o + data.len()].copy_from_slice(data);
+        }
+        self.write_span(new, a, first, plain)
+    }
+
+    /// Re-encrypts the old last unit in the shape it has in a file grown to
+    /// `new_size`, unless its shape does not change. Returns the span it covers.
+    fn reshape_old_tail(&self, old: Layout, new: Layout) -> io::Result<Option<(u64, u64)>> {
+        if old.size == 0 {
+            return Ok(None);
+        }
+        let last = old.unit(old.unit_count() - 1);
+        if !old.is_tiny() && new.unit_at(last.start) == last {
+            return Ok(None);
+        }
+        let (a, b, _) = new
+            .span(last.start, old.size)
+            .expect("old tail lies inside the new size");
+        Ok(Some((a, b)))
+    }
+
+    /// Writes `data` at plaintext offset `off` into a file of plaintext size
+    /// `size`; returns the new size.
+    pub fn write(&self, size: u64, off: u64, data: &[u8]) -> io::Result<u64> {
+        if data.is_empty() {
+            return Ok(size);
+        }
+        let end = off
+            .checked_add(data.len() as u64)
+            .filter(|&e| e <= MAX_SIZE)
+            .ok_or_else(|| io::Error::from_raw_os_error(libc::EFBIG))?;
+        let new_size = size.max(end);
+        let old = Layout::new(size);
+        let new = Layout::new(new_size);
+        let (wa, wb, _) = new.span(off, end).expect("non-empty write");
+        let tail = if new_size > size {
+            self.reshape_old_tail(old, new)?
+        } else {
+            None
+        };
+        let mut start = off;
+        if let Some((ta, tb)) = tail {
+            if tb < wa || ta > wb {
+                // Disjoint from the write: make the grown tail valid first.
+                self.rewrite(old, new, ta, tb, None)?;
+            } else {
+                // Adjacent or overlapping: one span covers both.
+                start = ta.min(off);
+            }
+        }
+        self.rewrite(old, new, start, end, Some((off, data)))?;
+        Ok(new_size)
+    }
+
+    /// Changes the plaintext size from `size` to `new_size`.
+    pub fn truncate(&self, size: u64, new_size: u64) -> io::Result<()> {
+        if new_size > MAX_SIZE {
+            return Err(io::Error::from_raw_os_error(libc::EFBIG));
+        }
+        let old = Layout::new(size);
+        let new = Layout::new(new_size);
+        if new_size > size {
+            if new.is_tiny() {
+                // The tiny unit includes header bytes, so it is never a hole.
+                self.file.set_len(HEADER_LEN + new_size)?;
+                return self.rewrite(old, new, 0, new_size, None);
+            }
+            if let Some((ta, tb)) = self.reshape_old_tail(old, new)? {
+                self.rewrite(old, new, ta, tb, None)?;
+            }
+            return self.file.set_len(HEADER_LEN + new_size);
+        }
+        if new_size == size {
+            return Ok(());
+        }
+        if new_size == 0 {
+            return self.file.set_len(HEADER_LEN);
+        }
+        // Shrinking: keep the plaintext of the new last unit, cut, re-encrypt it.
+        let last = new.unit(new.unit_count() - 1);
+        let unchanged = !new.is_tiny() && !old.is_tiny() && old.unit_at(last.start) == last;
+        if unchanged {
+            return self.file.set_len(HEADER_LEN + new_size);
+        }
+        let (keep_a, _, _) = new.span(last.start, new_size).expect("non-empty");
+        let kept = self.read_plain(old, keep_a, new_size)?;
+        self.file.set_len(HEADER_LEN + new_size)?;
+        if kept.len() as u64 != new_size - keep_a {
+            return Err(einval("short read while truncating"));
+        }
+        let first = new.unit_at(keep_a).index;
+        self.write_span(new, keep_a, first, kept)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crypto::keys::Secret;
+    use proptest::prelude::*;
+
+    struct Fixture {
+        _dir: tempfile::TempDir,
+        file: File,
+        cipher: ContentCipher,
+        header: FileHeader,
+    }
+
+    fn fixture() -> Fixture {
+        let dir = tempfile::tempdir().unwrap();
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(dir.path().join("f"))
+            .unwrap();
+        let header = FileHeader::generate().unwrap();
+        file.write_all_at(&header.to_bytes(), 0).unwrap();
+        Fixture {
+            _dir: dir,
+            file,
+            cipher: ContentCipher::new(&Secret::from_slice(&[1u8; 32]), &[2u8; 16]),
+            header,
+        }
+    }
+
+    #[derive(Clone, Debug)]
+    enum Op {
+        Write(u64, Vec<u8>),
+        Truncate(u64),
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            3 => (0u64..20_000, proptest::collection::vec(any::<u8>(), 1..9000)).prop_map(|(o, d)| Op::Write(o, d)),
+            1 => (0u64..20_000).prop_map(Op::Truncate),
+            1 => (0u64..40, proptest::collection::vec(any::<u8>(), 1..20)).prop_map(|(o, d)| Op::Write(o, d)),
+            1 => (0u64..40).prop_map(Op::Truncate),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+        /// Random writes and truncates against a Vec<u8> model: contents, size and
+        /// backing length always agree, and the backing file never holds the
+        /// plaintext.
+        #[test]
+        fn matches_reference_model(ops in proptest::collection::vec(op(), 1..12)) {
+            let f = fixture();
+            let bf = BackingFile { file: &f.file, cipher: &f.cipher, header: &f.header };
+            let mut model: Vec<u8> = Vec::new();
+            let mut size = 0u64;
+            for op in ops {
+                match op {
+                    Op::Write(off, data) => {
+                        size = bf.write(size, off, &data).unwrap();
+                        let end = off as usize + data.len();
+                        if model.len() < end { model.resize(end, 0); }
+                        model[off as usize..end].copy_from_slice(&data);
+                    }
+                    Op::Truncate(n) => {
+                        bf.truncate(size, n).unwrap();
+                        size = n;
+                        model.resize(n as usize, 0);
+                    }
+                }
+                prop_assert_eq!(size, model.len() as u64);
+                prop_assert_eq!(f.file.metadata().unwrap().len(), HEADER_LEN + size);
+                let got = bf.read(size, 0, size as usize + 10).unwrap();
+                prop_assert_eq!(&got, &model);
+            }
+            // Partial reads at odd offsets.
+            if size > 3 {
+                let got = bf.read(size, 3, 5000).unwrap();
+                prop_assert_eq!(&got[..], &model[3..model.len().min(5003)]);
+            }
+        }
+    }
+
+    #[test]
+    fn sparse_write_leaves_a_hole_that_reads_as_zeros() {
+        let f = fixture();
+        let bf = BackingFile {
+            file: &f.file,
+            cipher: &f.cipher,
+            header: &f.header,
+        };
+        let size = bf.write(0, 10 * 4096 * 256, b"end").unwrap();
+        let got = bf.read(size, 0, 4096).unwrap();
+        assert!(got.iter().all(|&b| b == 0));
+        assert_eq!(bf.read(size, size - 3, 3).unwrap(), b"end");
+        use std::os::unix::fs::MetadataExt;
+        let md = f.file.metadata().unwrap();
+        assert!(
+            md.blocks() * 512 < 1 << 20,
+            "backing file should stay sparse"
+        );
+    }
+
+    #[test]
+    fn tiny_files_use_the_steal_area() {
+        let f = fixture();
+        let bf = BackingFile {
+            file: &f.file,
+            cipher: &f.cipher,
+            header: &f.header,
+        };
+        let size = bf.write(0, 0, b"hi").unwrap();
+        assert_eq!(size, 2);
+        assert_eq!(f.file.metadata().unwrap().len(), HEADER_LEN + 2);
+        assert_eq!(bf.read(size, 0, 100).unwrap(), b"hi");
+        let mut raw = [0u8; 42];
+        read_full_at(&f.file, &mut raw, 0).unwrap();
+        assert_ne!(&raw[40..], b"hi");
+        assert_eq!(
+            &raw[8..24],
+            &f.header.file_id,
+            "file id is never overwritten"
+        );
+        // Growing past 16 bytes turns the data into an ordinary unit.
+        let size = bf.write(size, 2, b" there, long enough").unwrap();
+        assert_eq!(bf.read(size, 0, 100).unwrap(), b"hi there, long enough");
+    }
+}
