@@ -591,7 +591,7 @@ mod tests {
         let l = a.line();
         assert!(!l.contains('\n') && !l.contains('\r') && !l.contains('\x1b'));
         assert!(l.contains("\\nserial=99"));
-        assert!(parse_line(&l).is_ok());
+        assert!(parse_line(l).is_ok());
     }
 
     #[test]

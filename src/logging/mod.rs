@@ -134,6 +134,8 @@ pub struct LoggingConfig {
     pub syslog: bool,
     /// `rfc3164` (default) or `rfc5424`.
     pub syslog_format: SyslogFormat,
+    /// Syslog socket (default: the system's, `/dev/log` and the usual others).
+    pub syslog_socket: Option<PathBuf>,
     /// Syslog facility for ordinary messages (default `daemon`).
     pub facility: String,
     /// Syslog facility for audit messages (default `authpriv`).
@@ -153,6 +155,7 @@ impl Default for LoggingConfig {
             level: LogLevel::Basic,
             syslog: true,
             syslog_format: SyslogFormat::Rfc3164,
+            syslog_socket: None,
             facility: "daemon".into(),
             audit_facility: "authpriv".into(),
             file: None,
@@ -285,39 +288,58 @@ enum SyslogConn {
 struct SyslogSink {
     facility: Facility,
     format: SyslogFormat,
+    socket: Option<PathBuf>,
     conn: Mutex<Option<SyslogConn>>,
 }
 
 impl SyslogSink {
-    fn connect(facility: Facility, format: SyslogFormat) -> Option<SyslogConn> {
+    fn connect(
+        facility: Facility,
+        format: SyslogFormat,
+        socket: Option<&Path>,
+    ) -> Option<SyslogConn> {
+        fn backend<F: Clone>(
+            f: F,
+            socket: Option<&Path>,
+        ) -> Option<syslog::Logger<LoggerBackend, F>> {
+            match socket {
+                Some(p) => syslog::unix_custom(f, p).ok(),
+                None => syslog::unix(f).ok(),
+            }
+        }
         let process = "kmfs".to_string();
         let pid = std::process::id();
         let hostname = None;
         match format {
-            SyslogFormat::Rfc3164 => syslog::unix(Formatter3164 {
-                facility,
-                hostname,
-                process,
-                pid,
-            })
-            .ok()
+            SyslogFormat::Rfc3164 => backend(
+                Formatter3164 {
+                    facility,
+                    hostname,
+                    process,
+                    pid,
+                },
+                socket,
+            )
             .map(SyslogConn::Rfc3164),
-            SyslogFormat::Rfc5424 => syslog::unix(Formatter5424 {
-                facility,
-                hostname,
-                process,
-                pid,
-            })
-            .ok()
+            SyslogFormat::Rfc5424 => backend(
+                Formatter5424 {
+                    facility,
+                    hostname,
+                    process,
+                    pid,
+                },
+                socket,
+            )
             .map(SyslogConn::Rfc5424),
         }
     }
 
-    fn open(facility: Facility, format: SyslogFormat) -> Option<SyslogSink> {
-        let conn = Self::connect(facility, format)?;
+    fn open(facility: Facility, format: SyslogFormat, socket: Option<&Path>) -> Option<SyslogSink> {
+        let conn = Self::connect(facility, format, socket)?;
         Some(SyslogSink {
             facility,
             format,
+            socket: socket.map(Path::to_path_buf),
             conn: Mutex::new(Some(conn)),
         })
     }
@@ -351,7 +373,7 @@ impl SyslogSink {
         }
         // syslogd restarted or socket gone: reconnect once, then give up on
         // this line (the file copy, if any, still has it).
-        *conn = Self::connect(self.facility, self.format);
+        *conn = Self::connect(self.facility, self.format, self.socket.as_deref());
         if let Some(c) = conn.as_mut() {
             let _ = Self::send_once(c, level, line);
         }
@@ -385,12 +407,14 @@ impl Logger {
             None => ChainWriter::memory(),
         };
         let (syslog, audit_syslog) = if cfg.syslog && cfg.level != LogLevel::None {
-            let s = SyslogSink::open(facility, cfg.syslog_format);
-            let a = SyslogSink::open(audit_facility, cfg.syslog_format);
+            let socket = cfg.syslog_socket.as_deref();
+            let s = SyslogSink::open(facility, cfg.syslog_format, socket);
+            let a = SyslogSink::open(audit_facility, cfg.syslog_format, socket);
             if s.is_none() {
                 let _ = writeln!(
                     io::stderr(),
-                    "kmfs: note: no local syslog socket (/dev/log); logging {}",
+                    "kmfs: note: no local syslog socket ({}); logging {}",
+                    socket.unwrap_or(Path::new("/dev/log")).display(),
                     if cfg.file.is_some() {
                         "to the log file only"
                     } else {
@@ -522,7 +546,7 @@ pub fn init(cfg: &LoggingConfig, volume_name: &str) -> Result<(), LoggingError> 
         "{}",
         kv(&[
             ("op", "log_open"),
-            ("level", &cfg.level.to_string()),
+            ("log_level", &cfg.level.to_string()),
             ("pid", &std::process::id().to_string()),
         ])
     );
@@ -661,6 +685,80 @@ mod tests {
                     .build()
             )
         );
+    }
+
+    fn syslog_logger(
+        dir: &Path,
+        format: SyslogFormat,
+    ) -> (Logger, std::os::unix::net::UnixDatagram) {
+        let sock = dir.join("log.sock");
+        let rx = std::os::unix::net::UnixDatagram::bind(&sock).unwrap();
+        rx.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+            .unwrap();
+        let cfg = LoggingConfig {
+            syslog_socket: Some(sock),
+            syslog_format: format,
+            file: Some(dir.join("kmfs.log")),
+            ..Default::default()
+        };
+        (Logger::new(&cfg, "vol1").unwrap(), rx)
+    }
+
+    fn recv(rx: &std::os::unix::net::UnixDatagram) -> String {
+        let mut buf = vec![0u8; 65536];
+        let n = rx.recv(&mut buf).unwrap();
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    }
+
+    #[test]
+    fn syslog_gets_chained_lines_with_facilities() {
+        let dir = tempfile::tempdir().unwrap();
+        let (l, rx) = syslog_logger(dir.path(), SyslogFormat::Rfc3164);
+        l.log_message(Level::Info, "kmfs::x", "op=mount result=ok");
+        // daemon (3 << 3) | info (6) = 30; the chain_start line comes first.
+        let first = recv(&rx);
+        assert!(first.starts_with("<30>"), "{first}");
+        assert!(first.contains("kmfs["), "{first}");
+        assert!(first.contains("serial=1 ") && first.contains("event=chain_start"));
+        let m = recv(&rx);
+        assert!(
+            m.contains("serial=2 ") && m.contains("op=mount result=ok hash="),
+            "{m}"
+        );
+        // The same line is in the file.
+        let file = std::fs::read_to_string(dir.path().join("kmfs.log")).unwrap();
+        let line2 = file.lines().nth(1).unwrap();
+        assert!(m.ends_with(line2), "{m}\n{line2}");
+        // Audit records go to authpriv (10 << 3) | warning (4) = 84.
+        l.log_message(Level::Warn, AUDIT_TARGET, "op=unwrap result=fail");
+        let a = recv(&rx);
+        assert!(a.starts_with("<84>"), "{a}");
+    }
+
+    #[test]
+    fn syslog_rfc5424() {
+        let dir = tempfile::tempdir().unwrap();
+        let (l, rx) = syslog_logger(dir.path(), SyslogFormat::Rfc5424);
+        l.log_message(Level::Error, "kmfs", "op=x");
+        let _start = recv(&rx);
+        let m = recv(&rx);
+        // daemon | err (3) = 27, version 1.
+        assert!(m.starts_with("<27>1 "), "{m}");
+        assert!(m.contains(" kmfs ") && m.contains("op=x hash="), "{m}");
+    }
+
+    #[test]
+    fn missing_syslog_socket_is_not_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = LoggingConfig {
+            syslog_socket: Some(dir.path().join("nope.sock")),
+            file: Some(dir.path().join("kmfs.log")),
+            ..Default::default()
+        };
+        let l = Logger::new(&cfg, "v").unwrap();
+        l.log_message(Level::Info, "kmfs", "op=still_logged");
+        let text = std::fs::read_to_string(dir.path().join("kmfs.log")).unwrap();
+        assert!(text.contains("op=still_logged"));
     }
 
     #[test]
