@@ -6,8 +6,11 @@
 //! `kms::KeyProvider`, which the filesystem layer never sees.
 
 pub mod audit;
+pub mod cli;
+pub mod config;
 pub mod credfile;
 pub mod crypto;
+pub mod exitcode;
 pub mod kms;
 pub mod logging;
 pub mod volume;

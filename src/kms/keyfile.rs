@@ -32,7 +32,10 @@ fn warn(path: &Path) {
         "WARNING: using the development keyfile provider ({}): the key-encryption key sits on this machine; use kmip or pkcs11 in production",
         path.display()
     );
-    eprintln!("kmfs: {msg}");
+    static PRINTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    if !PRINTED.swap(true, std::sync::atomic::Ordering::Relaxed) {
+        eprintln!("kmfs: {msg}");
+    }
     log::warn!("op=keyfile_warning key={} result=warn", path.display());
 }
 

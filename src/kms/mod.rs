@@ -7,6 +7,7 @@
 //! filesystem code see only this trait, like rustls's `CryptoProvider`.
 
 pub mod keyfile;
+pub mod kmip;
 
 use std::fmt;
 

@@ -31,7 +31,11 @@ pub fn create(dir: &Path) -> io::Result<[u8; DIR_ID_LEN]> {
 pub fn write(dir: &Path, id: &[u8; DIR_ID_LEN]) -> io::Result<()> {
     let tmp = dir.join(DIRID_TMP);
     let _ = fs::remove_file(&tmp);
-    let mut f = OpenOptions::new().write(true).create_new(true).mode(0o444).open(&tmp)?;
+    let mut f = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o444)
+        .open(&tmp)?;
     f.write_all(id)?;
     f.sync_all()?;
     drop(f);
@@ -45,7 +49,11 @@ pub fn read(dir: &Path) -> io::Result<[u8; DIR_ID_LEN]> {
     b.as_slice().try_into().map_err(|_| {
         io::Error::new(
             io::ErrorKind::InvalidData,
-            format!("{}: directory id is {} bytes, expected {DIR_ID_LEN}", dir.join(DIRID_FILE).display(), b.len()),
+            format!(
+                "{}: directory id is {} bytes, expected {DIR_ID_LEN}",
+                dir.join(DIRID_FILE).display(),
+                b.len()
+            ),
         )
     })
 }

@@ -37,7 +37,9 @@ pub enum VolumeError {
     NotEmpty(PathBuf),
     #[error("{0} is not a directory")]
     NotADirectory(PathBuf),
-    #[error("the volume's key is held by the {header} provider ({kek}), but the {given} provider was configured")]
+    #[error(
+        "the volume's key is held by the {header} provider ({kek}), but the {given} provider was configured"
+    )]
     ProviderMismatch {
         header: String,
         kek: String,
@@ -69,7 +71,10 @@ pub struct Volume {
 }
 
 pub fn now_secs() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 fn io_err(path: &Path, what: &'static str) -> impl FnOnce(std::io::Error) -> VolumeError {
@@ -96,27 +101,37 @@ pub fn read_header(backing: &Path) -> Result<(VolumeHeader, Vec<u8>), VolumeErro
 
 impl Volume {
     /// Creates a new volume in the empty directory `backing`.
-    pub fn init(backing: &Path, provider: &dyn KeyProvider, opts: &InitOptions) -> Result<Volume, VolumeError> {
-        let md = std::fs::metadata(backing).map_err(io_err(backing, "cannot open the backing directory"))?;
+    pub fn init(
+        backing: &Path,
+        provider: &dyn KeyProvider,
+        opts: &InitOptions,
+    ) -> Result<Volume, VolumeError> {
+        let md = std::fs::metadata(backing)
+            .map_err(io_err(backing, "cannot open the backing directory"))?;
         if !md.is_dir() {
             return Err(VolumeError::NotADirectory(backing.to_path_buf()));
         }
         if header::header_path(backing).exists() {
             return Err(VolumeError::AlreadyInitialized(backing.to_path_buf()));
         }
-        let mut entries = std::fs::read_dir(backing).map_err(io_err(backing, "cannot list the backing directory"))?;
+        let mut entries = std::fs::read_dir(backing)
+            .map_err(io_err(backing, "cannot list the backing directory"))?;
         if entries.any(|e| e.map(|e| e.file_name() != "lost+found").unwrap_or(true)) {
             return Err(VolumeError::NotEmpty(backing.to_path_buf()));
         }
         let kek = provider.current_kek()?;
         let dek = generate_dek(provider)?;
         let mut volume_id = [0u8; 16];
-        getrandom::fill(&mut volume_id).map_err(|e| io_err(backing, "random generator failed")(std::io::Error::other(e)))?;
+        getrandom::fill(&mut volume_id)
+            .map_err(|e| io_err(backing, "random generator failed")(std::io::Error::other(e)))?;
         let wrapped_dek = provider.wrap(&kek, &dek, &header::dek_aad(&volume_id))?;
         // Prove the wrap before anything is written.
         let check = provider.unwrap(&kek, &wrapped_dek, &header::dek_aad(&volume_id))?;
         if !check.ct_eq(&dek) {
-            return Err(KmsError::Protocol("the key manager unwrapped a different key than it wrapped".into()).into());
+            return Err(KmsError::Protocol(
+                "the key manager unwrapped a different key than it wrapped".into(),
+            )
+            .into());
         }
         let now = now_secs();
         let hdr = VolumeHeader {
@@ -135,7 +150,8 @@ impl Volume {
             history: Vec::new(),
         };
         if !opts.plaintext_names {
-            dirid::create(backing).map_err(io_err(backing, "cannot write the root directory id"))?;
+            dirid::create(backing)
+                .map_err(io_err(backing, "cannot write the root directory id"))?;
         }
         header::store(backing, &hdr.encode(&dek))?;
         let keys = derive_keys(&dek, &volume_id);

@@ -51,13 +51,20 @@ fn cfg_err(msg: String) -> KmsError {
     KmsError::Config(msg)
 }
 
-fn read_pem_certs(path: &Path, what: &str) -> Result<Vec<rustls::pki_types::CertificateDer<'static>>, KmsError> {
-    let pem = std::fs::read(path).map_err(|e| cfg_err(format!("cannot read {what} {}: {e}", path.display())))?;
+fn read_pem_certs(
+    path: &Path,
+    what: &str,
+) -> Result<Vec<rustls::pki_types::CertificateDer<'static>>, KmsError> {
+    let pem = std::fs::read(path)
+        .map_err(|e| cfg_err(format!("cannot read {what} {}: {e}", path.display())))?;
     let certs = rustls_pemfile::certs(&mut pem.as_slice())
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| cfg_err(format!("{what} {} is not valid PEM: {e}", path.display())))?;
     if certs.is_empty() {
-        return Err(cfg_err(format!("{what} {} holds no PEM certificate", path.display())));
+        return Err(cfg_err(format!(
+            "{what} {} holds no PEM certificate",
+            path.display()
+        )));
     }
     Ok(certs)
 }
@@ -75,17 +82,34 @@ impl ServerEndpoint {
         let mut roots = RootCertStore::empty();
         for cert in read_pem_certs(&c.ca, "CA certificate")? {
             roots.add(cert).map_err(|e| {
-                cfg_err(format!("{label}: CA certificate {} is not usable: {e}", c.ca.display()))
+                cfg_err(format!(
+                    "{label}: CA certificate {} is not usable: {e}",
+                    c.ca.display()
+                ))
             })?;
         }
         let chain = read_pem_certs(&c.client_cert, "client certificate")?;
-        credfile::check_private(&c.client_key, "KMIP client key").map_err(|e| cfg_err(e.to_string()))?;
+        credfile::check_private(&c.client_key, "KMIP client key")
+            .map_err(|e| cfg_err(e.to_string()))?;
         let key_pem = Secret::from_vec(std::fs::read(&c.client_key).map_err(|e| {
-            cfg_err(format!("cannot read KMIP client key {}: {e}", c.client_key.display()))
+            cfg_err(format!(
+                "cannot read KMIP client key {}: {e}",
+                c.client_key.display()
+            ))
         })?);
         let key = rustls_pemfile::private_key(&mut key_pem.as_bytes())
-            .map_err(|e| cfg_err(format!("KMIP client key {} is not valid PEM: {e}", c.client_key.display())))?
-            .ok_or_else(|| cfg_err(format!("KMIP client key {} holds no private key", c.client_key.display())))?;
+            .map_err(|e| {
+                cfg_err(format!(
+                    "KMIP client key {} is not valid PEM: {e}",
+                    c.client_key.display()
+                ))
+            })?
+            .ok_or_else(|| {
+                cfg_err(format!(
+                    "KMIP client key {} holds no private key",
+                    c.client_key.display()
+                ))
+            })?;
         drop(key_pem);
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let tls = ClientConfig::builder_with_provider(provider)
@@ -100,21 +124,32 @@ impl ServerEndpoint {
                     c.client_key.display()
                 ))
             })?;
-        let server_name = ServerName::try_from(c.host.clone())
-            .map_err(|_| cfg_err(format!("{label}: {:?} is not a valid host name or IP address", c.host)))?;
+        let server_name = ServerName::try_from(c.host.clone()).map_err(|_| {
+            cfg_err(format!(
+                "{label}: {:?} is not a valid host name or IP address",
+                c.host
+            ))
+        })?;
         let password = match &c.password_file {
             None => None,
             Some(p) => {
-                credfile::check_private(p, "KMIP password file").map_err(|e| cfg_err(e.to_string()))?;
-                let raw = Secret::from_vec(
-                    std::fs::read(p).map_err(|e| cfg_err(format!("cannot read KMIP password file {}: {e}", p.display())))?,
-                );
+                credfile::check_private(p, "KMIP password file")
+                    .map_err(|e| cfg_err(e.to_string()))?;
+                let raw = Secret::from_vec(std::fs::read(p).map_err(|e| {
+                    cfg_err(format!(
+                        "cannot read KMIP password file {}: {e}",
+                        p.display()
+                    ))
+                })?);
                 let mut bytes = raw.as_bytes();
                 while let [rest @ .., b'\n' | b'\r'] = bytes {
                     bytes = rest;
                 }
                 if std::str::from_utf8(bytes).is_err() {
-                    return Err(cfg_err(format!("KMIP password file {} is not UTF-8 text", p.display())));
+                    return Err(cfg_err(format!(
+                        "KMIP password file {} is not UTF-8 text",
+                        p.display()
+                    )));
                 }
                 Some(Secret::from_slice(bytes))
             }
@@ -172,7 +207,11 @@ impl Failure {
         match self {
             Failure::Connect(m) | Failure::Tls(m) | Failure::Io(m) => m.clone(),
             Failure::Protocol(m) => format!("protocol error: {m}"),
-            Failure::Refused { op, reason, message } => {
+            Failure::Refused {
+                op,
+                reason,
+                message,
+            } => {
                 let r = ResponseError::Failed {
                     status: 1,
                     reason: *reason,
@@ -206,7 +245,10 @@ impl From<Failure> for OpFail {
 }
 
 fn io_kind_timeout(e: &io::Error) -> bool {
-    matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut)
+    matches!(
+        e.kind(),
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+    )
 }
 
 /// A clear description of a TLS-level error from rustls.
@@ -215,13 +257,16 @@ fn describe_rustls(e: &rustls::Error, server: &ServerEndpoint) -> String {
     match e {
         E::InvalidCertificate(c) => match c {
             C::UnknownIssuer => {
-                "TLS: unknown CA: the server certificate is not signed by the configured CA".to_string()
+                "TLS: unknown CA: the server certificate is not signed by the configured CA"
+                    .to_string()
             }
             C::NotValidForName | C::NotValidForNameContext { .. } => format!(
                 "TLS: name mismatch: the server certificate is not valid for {:?}",
                 server.host
             ),
-            C::Expired | C::ExpiredContext { .. } => "TLS: the server certificate has expired".to_string(),
+            C::Expired | C::ExpiredContext { .. } => {
+                "TLS: the server certificate has expired".to_string()
+            }
             C::NotValidYet | C::NotValidYetContext { .. } => {
                 "TLS: the server certificate is not valid yet (check the clock)".to_string()
             }
@@ -258,12 +303,23 @@ impl<'a> Conn<'a> {
     /// Resolves, connects (bounded by the connect timeout) and completes the TLS
     /// handshake (bounded by the read timeout). On failure also returns the IP
     /// address tried, if any.
-    pub fn open(server: &'a ServerEndpoint, timeouts: Timeouts) -> Result<Conn<'a>, (Option<IpAddr>, Failure)> {
+    pub fn open(
+        server: &'a ServerEndpoint,
+        timeouts: Timeouts,
+    ) -> Result<Conn<'a>, (Option<IpAddr>, Failure)> {
         let addrs: Vec<SocketAddr> = (server.host.as_str(), server.port)
             .to_socket_addrs()
-            .map_err(|e| (None, Failure::Connect(format!("cannot resolve {}: {e}", server.host))))?
+            .map_err(|e| {
+                (
+                    None,
+                    Failure::Connect(format!("cannot resolve {}: {e}", server.host)),
+                )
+            })?
             .collect();
-        let mut last = (None, Failure::Connect(format!("{} has no address", server.host)));
+        let mut last = (
+            None,
+            Failure::Connect(format!("{} has no address", server.host)),
+        );
         let mut tcp = None;
         for addr in addrs {
             match TcpStream::connect_timeout(&addr, timeouts.connect) {
@@ -273,7 +329,10 @@ impl<'a> Conn<'a> {
                 }
                 Err(e) => {
                     let why = if io_kind_timeout(&e) {
-                        format!("connect timed out after {} ms", timeouts.connect.as_millis())
+                        format!(
+                            "connect timed out after {} ms",
+                            timeouts.connect.as_millis()
+                        )
                     } else if e.kind() == io::ErrorKind::ConnectionRefused {
                         "connection refused".to_string()
                     } else {
@@ -286,9 +345,16 @@ impl<'a> Conn<'a> {
         let Some((mut sock, ip)) = tcp else {
             return Err(last);
         };
-        let io_fail = |e: io::Error| (Some(ip), Failure::Connect(format!("socket setup failed: {e}")));
-        sock.set_read_timeout(Some(timeouts.read)).map_err(io_fail)?;
-        sock.set_write_timeout(Some(timeouts.read)).map_err(io_fail)?;
+        let io_fail = |e: io::Error| {
+            (
+                Some(ip),
+                Failure::Connect(format!("socket setup failed: {e}")),
+            )
+        };
+        sock.set_read_timeout(Some(timeouts.read))
+            .map_err(io_fail)?;
+        sock.set_write_timeout(Some(timeouts.read))
+            .map_err(io_fail)?;
         sock.set_nodelay(true).map_err(io_fail)?;
         let mut tls = ClientConnection::new(server.tls.clone(), server.server_name.clone())
             .map_err(|e| (Some(ip), Failure::Tls(describe_rustls(&e, server))))?;
@@ -304,7 +370,9 @@ impl<'a> Conn<'a> {
                     ))
                 } else if matches!(
                     e.kind(),
-                    io::ErrorKind::UnexpectedEof | io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe
+                    io::ErrorKind::UnexpectedEof
+                        | io::ErrorKind::ConnectionReset
+                        | io::ErrorKind::BrokenPipe
                 ) {
                     Failure::Io(format!(
                         "the server closed the connection during the TLS handshake ({e}); it may not accept the client certificate {}",
@@ -372,7 +440,13 @@ impl<'a> Conn<'a> {
         let msg = Ttlv::decode(&buf).map_err(|e| Failure::Protocol(e.to_string()))?;
         messages::parse_response(&msg, op).map_err(|e| match e {
             ResponseError::Malformed(m) => Failure::Protocol(m),
-            ResponseError::Failed { reason, message, .. } => Failure::Refused { op, reason, message },
+            ResponseError::Failed {
+                reason, message, ..
+            } => Failure::Refused {
+                op,
+                reason,
+                message,
+            },
         })
     }
 
@@ -465,11 +539,25 @@ impl Client {
                 first = false;
                 let failure = match Conn::open(server, self.policy.timeouts) {
                     Err((ip, failure)) => {
-                        record("connect", Some(server), ip, key, version, Err(&failure.describe()));
+                        record(
+                            "connect",
+                            Some(server),
+                            ip,
+                            key,
+                            version,
+                            Err(&failure.describe()),
+                        );
                         (ip, failure)
                     }
                     Ok(mut conn) => {
-                        record("connect", Some(server), Some(conn.ip), key, version, Ok("TLS established"));
+                        record(
+                            "connect",
+                            Some(server),
+                            Some(conn.ip),
+                            key,
+                            version,
+                            Ok("TLS established"),
+                        );
                         match f(&mut conn) {
                             Ok(v) => return Ok(v),
                             Err(OpFail::Fatal(e)) => return Err(e),
@@ -490,7 +578,11 @@ impl Client {
                     .map(|d| (i + d) % n)
                     .find(|&j| !skip[j] && (j > i || cycle + 1 < self.policy.cycles.max(1)));
                 let msg = match next {
-                    Some(j) => format!("{} failed: {why}; trying {}", server.label(), self.servers[j].label()),
+                    Some(j) => format!(
+                        "{} failed: {why}; trying {}",
+                        server.label(),
+                        self.servers[j].label()
+                    ),
                     None => format!("{} failed: {why}; no server left to try", server.label()),
                 };
                 record("failover", Some(server), ip, key, version, Err(&msg));
@@ -522,7 +614,10 @@ impl Client {
 
 /// KMIP refusals that are definitive answers rather than server trouble.
 fn fatal(f: &Failure, server: &ServerEndpoint) -> Option<KmsError> {
-    let Failure::Refused { reason: Some(r), .. } = f else {
+    let Failure::Refused {
+        reason: Some(r), ..
+    } = f
+    else {
         return None;
     };
     let msg = format!("{}: {}", server.label(), f.describe());

@@ -207,7 +207,11 @@ impl fmt::Display for ResponseError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             ResponseError::Malformed(m) => write!(f, "malformed KMIP response: {m}"),
-            ResponseError::Failed { reason, message, status } => {
+            ResponseError::Failed {
+                reason,
+                message,
+                status,
+            } => {
                 match reason {
                     Some(r) => write!(f, "{}", reason::name(*r))?,
                     None => write!(f, "operation failed (result status {status})")?,
@@ -232,7 +236,10 @@ impl From<TtlvError> for ResponseError {
 pub fn parse_response(msg: &Ttlv, op: Operation) -> Result<Ttlv, ResponseError> {
     let bad = |m: String| ResponseError::Malformed(m);
     if msg.tag != tag::RESPONSE_MESSAGE {
-        return Err(bad(format!("expected ResponseMessage, got {}", super::ttlv::tag_name(msg.tag))));
+        return Err(bad(format!(
+            "expected ResponseMessage, got {}",
+            super::ttlv::tag_name(msg.tag)
+        )));
     }
     let header = msg.child(tag::RESPONSE_HEADER)?;
     let pv = header.child(tag::PROTOCOL_VERSION)?;
@@ -244,13 +251,19 @@ pub fn parse_response(msg: &Ttlv, op: Operation) -> Result<Ttlv, ResponseError> 
     let count = header.child(tag::BATCH_COUNT)?.as_integer()?;
     let items: Vec<&Ttlv> = msg.find_all(tag::BATCH_ITEM).collect();
     if count != 1 || items.len() != 1 {
-        return Err(bad(format!("expected one batch item, got {} (count {count})", items.len())));
+        return Err(bad(format!(
+            "expected one batch item, got {} (count {count})",
+            items.len()
+        )));
     }
     let item = items[0];
     if let Some(o) = item.find(tag::OPERATION) {
         let got = o.as_enum()?;
         if got != op as u32 {
-            return Err(bad(format!("answer is for operation 0x{got:02x}, not {}", op.name())));
+            return Err(bad(format!(
+                "answer is for operation 0x{got:02x}, not {}",
+                op.name()
+            )));
         }
     }
     let status = item.child(tag::RESULT_STATUS)?.as_enum()?;
@@ -329,7 +342,10 @@ pub fn create_aes256(name: &str) -> Vec<Ttlv> {
                     "Cryptographic Algorithm",
                     Ttlv::enumeration(tag::ATTRIBUTE_VALUE, enums::ALGORITHM_AES),
                 ),
-                attribute("Cryptographic Length", Ttlv::integer(tag::ATTRIBUTE_VALUE, 256)),
+                attribute(
+                    "Cryptographic Length",
+                    Ttlv::integer(tag::ATTRIBUTE_VALUE, 256),
+                ),
                 attribute(
                     "Cryptographic Usage Mask",
                     Ttlv::integer(tag::ATTRIBUTE_VALUE, enums::USAGE_MASK_KEK),
@@ -396,12 +412,21 @@ pub fn encrypt_gcm(uid: &str, data: &[u8], iv: Option<&[u8]>, aad: &[u8]) -> Vec
     if let Some(iv) = iv {
         p.push(Ttlv::bytes(tag::IV_COUNTER_NONCE, iv));
     }
-    p.push(Ttlv::bytes(tag::AUTHENTICATED_ENCRYPTION_ADDITIONAL_DATA, aad));
+    p.push(Ttlv::bytes(
+        tag::AUTHENTICATED_ENCRYPTION_ADDITIONAL_DATA,
+        aad,
+    ));
     p
 }
 
 /// Decrypt with AES-GCM, tag length 16.
-pub fn decrypt_gcm(uid: &str, ciphertext: &[u8], iv: &[u8], aad: &[u8], gcm_tag: &[u8]) -> Vec<Ttlv> {
+pub fn decrypt_gcm(
+    uid: &str,
+    ciphertext: &[u8],
+    iv: &[u8],
+    aad: &[u8],
+    gcm_tag: &[u8],
+) -> Vec<Ttlv> {
     vec![
         Ttlv::text(tag::UNIQUE_IDENTIFIER, uid),
         gcm_parameters(),
@@ -419,18 +444,27 @@ pub fn discover_versions() -> Vec<Ttlv> {
 
 /// Query server information (vendor identification).
 pub fn query_server_information() -> Vec<Ttlv> {
-    vec![Ttlv::enumeration(tag::QUERY_FUNCTION, enums::QUERY_SERVER_INFORMATION)]
+    vec![Ttlv::enumeration(
+        tag::QUERY_FUNCTION,
+        enums::QUERY_SERVER_INFORMATION,
+    )]
 }
 
 /// RNG Retrieve `len` bytes (KMIP 1.3+).
 pub fn rng_retrieve(len: usize) -> Vec<Ttlv> {
-    vec![Ttlv::integer(tag::DATA_LENGTH, i32::try_from(len).unwrap_or(i32::MAX))]
+    vec![Ttlv::integer(
+        tag::DATA_LENGTH,
+        i32::try_from(len).unwrap_or(i32::MAX),
+    )]
 }
 
 // ---- response payload parsers ----
 
 pub fn parse_uid(payload: &Ttlv) -> Result<String, ResponseError> {
-    Ok(payload.child(tag::UNIQUE_IDENTIFIER)?.as_text()?.to_string())
+    Ok(payload
+        .child(tag::UNIQUE_IDENTIFIER)?
+        .as_text()?
+        .to_string())
 }
 
 pub fn parse_uids(payload: &Ttlv) -> Result<Vec<String>, ResponseError> {
@@ -476,7 +510,9 @@ pub fn parse_get_symmetric_key(payload: &Ttlv) -> Result<Secret, ResponseError> 
     }
     let block = payload.child(tag::SYMMETRIC_KEY)?.child(tag::KEY_BLOCK)?;
     if block.find(tag::KEY_WRAPPING_DATA).is_some() {
-        return Err(bad("the server returned the key wrapped, but no wrapping was requested"));
+        return Err(bad(
+            "the server returned the key wrapped, but no wrapping was requested",
+        ));
     }
     if let Some(a) = block.find(tag::CRYPTOGRAPHIC_ALGORITHM)
         && a.as_enum()? != enums::ALGORITHM_AES
@@ -545,7 +581,11 @@ mod tests {
             } else if l.starts_with("request (") {
                 req = Some(unhex(lines.next().unwrap()));
             } else if l.starts_with("response (") {
-                out.push((title.clone(), req.take().unwrap(), unhex(lines.next().unwrap())));
+                out.push((
+                    title.clone(),
+                    req.take().unwrap(),
+                    unhex(lines.next().unwrap()),
+                ));
             }
         }
         out
@@ -559,7 +599,10 @@ mod tests {
     }
 
     fn sample(prefix: &str) -> (Vec<u8>, Ttlv) {
-        let (_, req, resp) = samples().into_iter().find(|s| s.0.starts_with(prefix)).unwrap();
+        let (_, req, resp) = samples()
+            .into_iter()
+            .find(|s| s.0.starts_with(prefix))
+            .unwrap();
         (req, Ttlv::decode(&resp).unwrap())
     }
 
@@ -585,34 +628,58 @@ mod tests {
         // The capture has only the Name attribute; ours adds Object Type first.
         let mut payload = locate_by_name("kmfs-ttlv-sample");
         payload.remove(0);
-        assert_eq!(request(Operation::Locate, payload, None).to_bytes().as_slice(), req.as_slice());
+        assert_eq!(
+            request(Operation::Locate, payload, None)
+                .to_bytes()
+                .as_slice(),
+            req.as_slice()
+        );
 
         let (req, _) = sample("Encrypt");
         let iv: Vec<u8> = (0..12).collect();
         let p = encrypt_gcm("1", &[0u8; 32], Some(&iv), b"kmfs");
-        assert_eq!(request(Operation::Encrypt, p, None).to_bytes().as_slice(), req.as_slice());
+        assert_eq!(
+            request(Operation::Encrypt, p, None).to_bytes().as_slice(),
+            req.as_slice()
+        );
 
         let (req, _) = sample("Decrypt");
         let ct = unhex("4702d61bc5e5c21b8d41978bb1e9786d83d68734f07b5f7c3867e5851d6900b2");
         let tg = unhex("0f17a25dfef4b0a200ae855ec0f99dda");
         let p = decrypt_gcm("1", &ct, &iv, b"kmfs", &tg);
-        assert_eq!(request(Operation::Decrypt, p, None).to_bytes().as_slice(), req.as_slice());
+        assert_eq!(
+            request(Operation::Decrypt, p, None).to_bytes().as_slice(),
+            req.as_slice()
+        );
 
         let (req, _) = sample("Revoke");
-        assert_eq!(request(Operation::Revoke, revoke("1"), None).to_bytes().as_slice(), req.as_slice());
+        assert_eq!(
+            request(Operation::Revoke, revoke("1"), None)
+                .to_bytes()
+                .as_slice(),
+            req.as_slice()
+        );
         let (req, _) = sample("DiscoverVersions");
         assert_eq!(
-            request(Operation::DiscoverVersions, discover_versions(), None).to_bytes().as_slice(),
+            request(Operation::DiscoverVersions, discover_versions(), None)
+                .to_bytes()
+                .as_slice(),
             req.as_slice()
         );
         let (req, _) = sample("Get");
-        assert_eq!(request(Operation::Get, uid_payload(), None).to_bytes().as_slice(), req.as_slice());
+        assert_eq!(
+            request(Operation::Get, uid_payload(), None)
+                .to_bytes()
+                .as_slice(),
+            req.as_slice()
+        );
     }
 
     #[test]
     fn create_request_matches_capture_except_mask() {
         let (req, _) = sample("Create");
-        let mut ours = request(Operation::Create, create_aes256("kmfs-ttlv-created"), None).to_bytes();
+        let mut ours =
+            request(Operation::Create, create_aes256("kmfs-ttlv-created"), None).to_bytes();
         // The capture used mask Encrypt|Decrypt (0x0c); kmfs adds Wrap|Unwrap (0x3c).
         let pos = ours.windows(4).position(|w| w == [0, 0, 0, 0x3c]).unwrap();
         ours[pos + 3] = 0x0c;
@@ -622,12 +689,21 @@ mod tests {
     #[test]
     fn captured_responses_parse() {
         let (_, r) = sample("Create");
-        assert_eq!(parse_uid(&parse_response(&r, Operation::Create).unwrap()).unwrap(), "2");
+        assert_eq!(
+            parse_uid(&parse_response(&r, Operation::Create).unwrap()).unwrap(),
+            "2"
+        );
         let (_, r) = sample("Locate");
-        assert_eq!(parse_uids(&parse_response(&r, Operation::Locate).unwrap()).unwrap(), ["1"]);
+        assert_eq!(
+            parse_uids(&parse_response(&r, Operation::Locate).unwrap()).unwrap(),
+            ["1"]
+        );
         let (_, r) = sample("Encrypt");
         let e = parse_encrypt(&parse_response(&r, Operation::Encrypt).unwrap()).unwrap();
-        assert_eq!(e.data, unhex("4702d61bc5e5c21b8d41978bb1e9786d83d68734f07b5f7c3867e5851d6900b2"));
+        assert_eq!(
+            e.data,
+            unhex("4702d61bc5e5c21b8d41978bb1e9786d83d68734f07b5f7c3867e5851d6900b2")
+        );
         assert_eq!(e.tag.unwrap(), unhex("0f17a25dfef4b0a200ae855ec0f99dda"));
         assert!(e.iv.is_none());
         let (_, r) = sample("Decrypt");
@@ -637,7 +713,10 @@ mod tests {
         let k = parse_get_symmetric_key(&parse_response(&r, Operation::Get).unwrap()).unwrap();
         assert_eq!(k.as_bytes(), (0u8..32).collect::<Vec<_>>().as_slice());
         let (_, r) = sample("Revoke");
-        assert_eq!(parse_uid(&parse_response(&r, Operation::Revoke).unwrap()).unwrap(), "1");
+        assert_eq!(
+            parse_uid(&parse_response(&r, Operation::Revoke).unwrap()).unwrap(),
+            "1"
+        );
         let (_, r) = sample("DiscoverVersions");
         let v = parse_versions(&parse_response(&r, Operation::DiscoverVersions).unwrap()).unwrap();
         assert_eq!(v, ["2.0", "1.4", "1.3", "1.2", "1.1", "1.0"]);
@@ -653,7 +732,11 @@ mod tests {
             vec![
                 Ttlv::structure(
                     tag::RESPONSE_HEADER,
-                    vec![protocol_version(), Ttlv::datetime(tag::TIME_STAMP, 1), Ttlv::integer(tag::BATCH_COUNT, 1)],
+                    vec![
+                        protocol_version(),
+                        Ttlv::datetime(tag::TIME_STAMP, 1),
+                        Ttlv::integer(tag::BATCH_COUNT, 1),
+                    ],
                 ),
                 Ttlv::structure(
                     tag::BATCH_ITEM,

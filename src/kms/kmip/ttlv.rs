@@ -193,7 +193,12 @@ pub enum TtlvError {
     #[error("unknown TTLV item type 0x{ty:02x} for {tag} at byte {at}", tag = tag_name(*tag))]
     BadType { tag: u32, ty: u8, at: usize },
     #[error("invalid length {len} for a {ty:?} item ({tag}) at byte {at}", tag = tag_name(*tag))]
-    BadLength { tag: u32, ty: ItemType, len: u32, at: usize },
+    BadLength {
+        tag: u32,
+        ty: ItemType,
+        len: u32,
+        at: usize,
+    },
     #[error("invalid boolean value in {tag}", tag = tag_name(*tag))]
     BadBoolean { tag: u32 },
     #[error("text string {tag} is not valid UTF-8", tag = tag_name(*tag))]
@@ -286,7 +291,11 @@ impl Ttlv {
             Value::Boolean(b) => out.extend_from_slice(&u64::from(*b).to_be_bytes()),
             Value::BigInteger(b) => {
                 // Sign-extend on the left to a multiple of 8 bytes.
-                let fill = if b.first().is_some_and(|x| x & 0x80 != 0) { 0xff } else { 0 };
+                let fill = if b.first().is_some_and(|x| x & 0x80 != 0) {
+                    0xff
+                } else {
+                    0
+                };
                 out.resize(out.len() + padded(b.len()) - b.len(), fill);
                 out.extend_from_slice(b);
             }
@@ -346,7 +355,10 @@ impl Ttlv {
         self.items()?
             .iter()
             .find(|i| i.tag == t)
-            .ok_or(TtlvError::Missing { tag: t, parent: self.tag })
+            .ok_or(TtlvError::Missing {
+                tag: t,
+                parent: self.tag,
+            })
     }
 
     fn wrong(&self, expected: ItemType, found: &Value) -> TtlvError {
@@ -392,7 +404,11 @@ fn decode_at(buf: &[u8], at: usize, depth: usize) -> Result<(Ttlv, usize), TtlvE
     }
     let hdr = buf.get(at..at + 8).ok_or(TtlvError::Truncated { at })?;
     let tag = u32::from_be_bytes([0, hdr[0], hdr[1], hdr[2]]);
-    let ty = ItemType::from_u8(hdr[3]).ok_or(TtlvError::BadType { tag, ty: hdr[3], at })?;
+    let ty = ItemType::from_u8(hdr[3]).ok_or(TtlvError::BadType {
+        tag,
+        ty: hdr[3],
+        at,
+    })?;
     let len32 = u32::from_be_bytes([hdr[4], hdr[5], hdr[6], hdr[7]]);
     let len = len32 as usize;
     let bad_len = TtlvError::BadLength {
@@ -414,7 +430,9 @@ fn decode_at(buf: &[u8], at: usize, depth: usize) -> Result<(Ttlv, usize), TtlvE
     }
     let start = at + 8;
     let total = padded(len);
-    let end = start.checked_add(total).ok_or(TtlvError::Truncated { at })?;
+    let end = start
+        .checked_add(total)
+        .ok_or(TtlvError::Truncated { at })?;
     if end > buf.len() {
         return Err(TtlvError::Truncated { at });
     }
@@ -430,11 +448,21 @@ fn decode_at(buf: &[u8], at: usize, depth: usize) -> Result<(Ttlv, usize), TtlvE
             }
             Value::Structure(items)
         }
-        ItemType::Integer => Value::Integer(i32::from_be_bytes(v.try_into().map_err(|_| bad_len.clone())?)),
-        ItemType::Enumeration => Value::Enumeration(u32::from_be_bytes(v.try_into().map_err(|_| bad_len.clone())?)),
-        ItemType::Interval => Value::Interval(u32::from_be_bytes(v.try_into().map_err(|_| bad_len.clone())?)),
-        ItemType::LongInteger => Value::LongInteger(i64::from_be_bytes(v.try_into().map_err(|_| bad_len.clone())?)),
-        ItemType::DateTime => Value::DateTime(i64::from_be_bytes(v.try_into().map_err(|_| bad_len.clone())?)),
+        ItemType::Integer => Value::Integer(i32::from_be_bytes(
+            v.try_into().map_err(|_| bad_len.clone())?,
+        )),
+        ItemType::Enumeration => Value::Enumeration(u32::from_be_bytes(
+            v.try_into().map_err(|_| bad_len.clone())?,
+        )),
+        ItemType::Interval => Value::Interval(u32::from_be_bytes(
+            v.try_into().map_err(|_| bad_len.clone())?,
+        )),
+        ItemType::LongInteger => Value::LongInteger(i64::from_be_bytes(
+            v.try_into().map_err(|_| bad_len.clone())?,
+        )),
+        ItemType::DateTime => Value::DateTime(i64::from_be_bytes(
+            v.try_into().map_err(|_| bad_len.clone())?,
+        )),
         ItemType::Boolean => match u64::from_be_bytes(v.try_into().map_err(|_| bad_len.clone())?) {
             0 => Value::Boolean(false),
             1 => Value::Boolean(true),
@@ -489,8 +517,14 @@ mod tests {
     fn kmip_spec_examples_encode_exactly() {
         // KMIP 1.4 section 9.1.2 examples.
         let cases: Vec<(Ttlv, &str)> = vec![
-            (Ttlv::integer(0x420020, 8), "42002002000000040000000800000000"),
-            (Ttlv::long(0x420020, 123456789000000000), "420020030000000801B69B4BA5749200"),
+            (
+                Ttlv::integer(0x420020, 8),
+                "42002002000000040000000800000000",
+            ),
+            (
+                Ttlv::long(0x420020, 123456789000000000),
+                "420020030000000801B69B4BA5749200",
+            ),
             (
                 Ttlv::new(
                     0x420020,
@@ -498,14 +532,26 @@ mod tests {
                 ),
                 "42002004000000100000000003FD35EB6BC2DF4618080000",
             ),
-            (Ttlv::enumeration(0x420020, 255), "4200200500000004000000FF00000000"),
-            (Ttlv::boolean(0x420020, true), "42002006000000080000000000000001"),
+            (
+                Ttlv::enumeration(0x420020, 255),
+                "4200200500000004000000FF00000000",
+            ),
+            (
+                Ttlv::boolean(0x420020, true),
+                "42002006000000080000000000000001",
+            ),
             (
                 Ttlv::text(0x420020, "Hello World"),
                 "420020070000000B48656C6C6F20576F726C640000000000",
             ),
-            (Ttlv::bytes(0x420020, &[1, 2, 3]), "42002008000000030102030000000000"),
-            (Ttlv::datetime(0x420020, 0x47DA67F8), "42002009000000080000000047DA67F8"),
+            (
+                Ttlv::bytes(0x420020, &[1, 2, 3]),
+                "42002008000000030102030000000000",
+            ),
+            (
+                Ttlv::datetime(0x420020, 0x47DA67F8),
+                "42002009000000080000000047DA67F8",
+            ),
             (
                 Ttlv::new(0x420020, Value::Interval(864000)),
                 "4200200A00000004000D2F0000000000",
@@ -513,7 +559,10 @@ mod tests {
             (
                 Ttlv::structure(
                     0x420020,
-                    vec![Ttlv::enumeration(0x420004, 254), Ttlv::integer(0x420005, 255)],
+                    vec![
+                        Ttlv::enumeration(0x420004, 254),
+                        Ttlv::integer(0x420005, 255),
+                    ],
                 ),
                 "42002001000000204200040500000004000000FE000000004200050200000004000000FF00000000",
             ),
@@ -536,15 +585,24 @@ mod tests {
             ],
         );
         let s = format!("{t:?}");
-        assert!(s.contains("alice") && s.contains("<32 bytes>") && s.contains("<redacted>"), "{s}");
-        assert!(!s.contains("hunter2") && !s.to_lowercase().contains("ab, ab") && !s.contains("171"), "{s}");
+        assert!(
+            s.contains("alice") && s.contains("<32 bytes>") && s.contains("<redacted>"),
+            "{s}"
+        );
+        assert!(
+            !s.contains("hunter2") && !s.to_lowercase().contains("ab, ab") && !s.contains("171"),
+            "{s}"
+        );
     }
 
     #[test]
     fn malformed_input_gives_errors() {
         let good = Ttlv::structure(
             tag::REQUEST_PAYLOAD,
-            vec![Ttlv::text(tag::UNIQUE_IDENTIFIER, "12"), Ttlv::integer(tag::BATCH_COUNT, 1)],
+            vec![
+                Ttlv::text(tag::UNIQUE_IDENTIFIER, "12"),
+                Ttlv::integer(tag::BATCH_COUNT, 1),
+            ],
         )
         .to_bytes();
         // Every truncation fails.
@@ -554,7 +612,10 @@ mod tests {
         // Trailing garbage.
         let mut long = good.to_vec();
         long.extend_from_slice(&[0; 8]);
-        assert!(matches!(Ttlv::decode(&long), Err(TtlvError::Trailing { count: 8 })));
+        assert!(matches!(
+            Ttlv::decode(&long),
+            Err(TtlvError::Trailing { count: 8 })
+        ));
         // Integer with length 8.
         let e = Ttlv::decode(&unhex("42002002000000080000000800000000")).unwrap_err();
         assert!(matches!(e, TtlvError::BadLength { .. }), "{e}");
@@ -585,11 +646,22 @@ mod tests {
 
     #[test]
     fn navigation_errors_name_the_tag() {
-        let t = Ttlv::structure(tag::RESPONSE_PAYLOAD, vec![Ttlv::integer(tag::UNIQUE_IDENTIFIER, 5)]);
+        let t = Ttlv::structure(
+            tag::RESPONSE_PAYLOAD,
+            vec![Ttlv::integer(tag::UNIQUE_IDENTIFIER, 5)],
+        );
         let e = t.child(tag::DATA).unwrap_err().to_string();
         assert!(e.contains("Data") && e.contains("ResponsePayload"), "{e}");
-        let e = t.child(tag::UNIQUE_IDENTIFIER).unwrap().as_text().unwrap_err().to_string();
-        assert!(e.contains("UniqueIdentifier") && e.contains("Integer"), "{e}");
+        let e = t
+            .child(tag::UNIQUE_IDENTIFIER)
+            .unwrap()
+            .as_text()
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("UniqueIdentifier") && e.contains("Integer"),
+            "{e}"
+        );
     }
 
     fn arb_ttlv() -> impl Strategy<Value = Ttlv> {

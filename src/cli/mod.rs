@@ -1,0 +1,193 @@
+//! The `kmfs` command line (SPEC.md section 6): argument parsing with clap,
+//! dispatch to one module per subcommand, and the mapping from typed errors to
+//! one-line messages and exit codes.
+
+pub mod header;
+pub mod init;
+pub mod mount;
+
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::config::{ConfigError, VolumeConfig};
+use crate::exitcode;
+use crate::kms::keyfile::KeyfileProvider;
+use crate::kms::{KeyProvider, KmsError};
+use crate::volume::VolumeError;
+use crate::volume::header::HeaderError;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "kmfs",
+    version,
+    about = "Transparent encrypted filesystem with keys on a KMIP key manager or HSM"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Create a new volume in an empty backing directory.
+    Init(init::InitArgs),
+    /// Mount a volume (also reached as `kmfs BACKING MOUNTPOINT -o OPTS` from mount.fuse3).
+    Mount(mount::MountArgs),
+    /// Inspect, back up or restore the volume header.
+    #[command(subcommand)]
+    Header(header::HeaderCommand),
+    /// Tamper-evident log files.
+    #[command(subcommand)]
+    Log(LogCommand),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum LogCommand {
+    /// Recompute a log file's hash chain; names the first broken line.
+    Verify {
+        /// The log file to check.
+        file: PathBuf,
+    },
+}
+
+/// How the key provider is chosen: a volume config or, for development, a key file.
+#[derive(Args, Debug, Clone, Default)]
+pub struct KeySource {
+    /// Volume configuration file (TOML).
+    #[arg(long, value_name = "FILE", conflicts_with = "keyfile")]
+    pub config: Option<PathBuf>,
+    /// Development only: 32 raw key bytes, mode 0600, outside the backing directory.
+    #[arg(long, value_name = "PATH")]
+    pub keyfile: Option<PathBuf>,
+}
+
+/// A failure with the exit code of its class. Display is the one-line message.
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Volume(#[from] VolumeError),
+    #[error(transparent)]
+    Kms(#[from] KmsError),
+    #[error("{msg}")]
+    Other { msg: String, code: i32 },
+}
+
+impl CliError {
+    pub fn other(code: i32, msg: impl Into<String>) -> CliError {
+        CliError::Other {
+            msg: msg.into(),
+            code,
+        }
+    }
+
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            CliError::Config(_) => exitcode::CONFIG,
+            CliError::Kms(k) => kms_code(k),
+            CliError::Volume(v) => match v {
+                VolumeError::Kms(k) => kms_code(k),
+                VolumeError::Header(HeaderError::FutureVersion { .. }) => exitcode::FUTURE_VERSION,
+                VolumeError::Header(HeaderError::Io { .. }) => exitcode::BACKING_DIR,
+                VolumeError::Header(_) => exitcode::HEADER,
+                VolumeError::ProviderMismatch { .. } => exitcode::CONFIG,
+                VolumeError::Io { .. }
+                | VolumeError::AlreadyInitialized(_)
+                | VolumeError::NotEmpty(_)
+                | VolumeError::NotADirectory(_) => exitcode::BACKING_DIR,
+            },
+            CliError::Other { code, .. } => *code,
+        }
+    }
+}
+
+fn kms_code(k: &KmsError) -> i32 {
+    match k {
+        KmsError::Unreachable(_) => exitcode::KEY_SERVER,
+        KmsError::AccessDenied(_) | KmsError::WrongKey(_) | KmsError::KeyNotFound(_) => {
+            exitcode::WRONG_KEY
+        }
+        KmsError::Config(_) => exitcode::CREDENTIALS,
+        KmsError::Protocol(_) | KmsError::Unsupported { .. } => exitcode::OTHER,
+    }
+}
+
+impl KeySource {
+    /// Loads the config (if any) and builds the key provider.
+    pub fn open(
+        &self,
+        backing: Option<&Path>,
+    ) -> Result<(Option<VolumeConfig>, Box<dyn KeyProvider>), CliError> {
+        match (&self.config, &self.keyfile) {
+            (Some(c), _) => {
+                let cfg = VolumeConfig::load(c)?;
+                let p = cfg.provider(backing)?;
+                Ok((Some(cfg), p))
+            }
+            (None, Some(k)) => Ok((None, Box::new(KeyfileProvider::open(k, backing)?))),
+            (None, None) => Err(CliError::other(
+                exitcode::USAGE,
+                "no key source: pass --config FILE (or --keyfile PATH for development)",
+            )),
+        }
+    }
+}
+
+/// Rewrites mount.fuse3's calling convention `kmfs SRC MNT -o OPTS` into
+/// `kmfs mount SRC MNT -o OPTS`; other argument lists pass through.
+pub fn normalize_args(mut args: Vec<OsString>) -> Vec<OsString> {
+    const SUBCOMMANDS: &[&str] = &["init", "mount", "header", "log", "help"];
+    if let Some(first) = args.get(1) {
+        let s = first.to_string_lossy();
+        if !s.starts_with('-') && !SUBCOMMANDS.contains(&s.as_ref()) {
+            args.insert(1, OsString::from("mount"));
+        }
+    }
+    args
+}
+
+/// Runs a parsed command.
+pub fn run(cli: Cli) -> Result<(), CliError> {
+    match cli.command {
+        Command::Init(a) => init::run(a),
+        Command::Mount(a) => mount::run(a),
+        Command::Header(h) => header::run(h),
+        Command::Log(LogCommand::Verify { file }) => {
+            match crate::logging::verify::verify_file(&file) {
+                Ok(report) => {
+                    println!("{report}");
+                    Ok(())
+                }
+                Err(e) => Err(CliError::other(
+                    exitcode::LOG_VERIFY,
+                    format!("{}: {e}", file.display()),
+                )),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mount_fuse3_form_is_rewritten() {
+        let a: Vec<OsString> = ["kmfs", "/srv/c", "/srv/p", "-o", "config=/x"]
+            .iter()
+            .map(OsString::from)
+            .collect();
+        let n = normalize_args(a);
+        assert_eq!(n[1], "mount");
+        let cli = Cli::try_parse_from(n).unwrap();
+        assert!(matches!(cli.command, Command::Mount(_)));
+        let a: Vec<OsString> = ["kmfs", "header", "dump", "/srv/c"]
+            .iter()
+            .map(OsString::from)
+            .collect();
+        assert_eq!(normalize_args(a.clone()), a);
+    }
+}

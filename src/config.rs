@@ -1,0 +1,199 @@
+//! The per-volume TOML configuration (config/kmfs.toml is the annotated example).
+//!
+//! ```toml
+//! provider = "keyfile"          # keyfile | kmip | pkcs11
+//! [volume]
+//! name = "vol1"
+//! plaintext_names = false
+//! [keyfile]
+//! path = "/etc/kmfs/vol1.key"
+//! [log]
+//! level = "basic"
+//! ```
+//!
+//! Unknown fields are errors (a typo must not silently change behaviour), and the
+//! file itself must pass the credential-file permission checks.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::credfile;
+use crate::kms::keyfile::KeyfileProvider;
+use crate::kms::{KeyProvider, KmsError};
+use crate::logging::LoggingConfig;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error(transparent)]
+    Permissions(#[from] credfile::CredFileError),
+    #[error("cannot read volume config {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("volume config {path}: {msg}")]
+    Parse { path: PathBuf, msg: String },
+    #[error(
+        "volume config {path}: provider is \"{provider}\" but there is no [{provider}] section"
+    )]
+    MissingSection {
+        path: PathBuf,
+        provider: &'static str,
+    },
+}
+
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum ProviderKind {
+    Keyfile,
+    Kmip,
+    Pkcs11,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VolumeSection {
+    /// Name used in logs, the audit trail and the systemd instance.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// Keep file names in plain text (set at init; later changes are ignored).
+    #[serde(default)]
+    pub plaintext_names: bool,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeyfileSection {
+    pub path: PathBuf,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MountSection {
+    #[serde(default)]
+    pub allow_other: bool,
+    #[serde(default)]
+    pub read_only: bool,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VolumeConfig {
+    pub provider: ProviderKind,
+    #[serde(default)]
+    pub volume: VolumeSection,
+    #[serde(default)]
+    pub keyfile: Option<KeyfileSection>,
+    #[serde(default)]
+    pub log: LoggingConfig,
+    #[serde(default)]
+    pub mount: MountSection,
+    #[serde(skip)]
+    pub path: PathBuf,
+}
+
+impl VolumeConfig {
+    /// Loads and validates a config file (permissions first).
+    pub fn load(path: &Path) -> Result<VolumeConfig, ConfigError> {
+        credfile::check_private(path, "volume config")?;
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        VolumeConfig::parse(&text, path)
+    }
+
+    /// Parses config text; `path` is for messages.
+    pub fn parse(text: &str, path: &Path) -> Result<VolumeConfig, ConfigError> {
+        let mut cfg: VolumeConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            msg: e.message().replace('\n', " "),
+        })?;
+        cfg.path = path.to_path_buf();
+        let missing = |provider| ConfigError::MissingSection {
+            path: path.to_path_buf(),
+            provider,
+        };
+        match cfg.provider {
+            ProviderKind::Keyfile if cfg.keyfile.is_none() => return Err(missing("keyfile")),
+            ProviderKind::Kmip | ProviderKind::Pkcs11 => {
+                return Err(ConfigError::Parse {
+                    path: path.to_path_buf(),
+                    msg: format!("provider {:?} is not available in this build", cfg.provider),
+                });
+            }
+            _ => {}
+        }
+        Ok(cfg)
+    }
+
+    /// The volume name for logs: configured, or the config file's stem.
+    pub fn volume_name(&self) -> String {
+        self.volume.name.clone().unwrap_or_else(|| {
+            self.path
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_else(|| "kmfs".into())
+        })
+    }
+
+    /// Builds the configured key provider. `backing` lets the keyfile provider
+    /// refuse a key stored beside the data.
+    pub fn provider(&self, backing: Option<&Path>) -> Result<Box<dyn KeyProvider>, KmsError> {
+        match self.provider {
+            ProviderKind::Keyfile => {
+                let k = self.keyfile.as_ref().expect("checked in parse");
+                Ok(Box::new(KeyfileProvider::open(&k.path, backing)?))
+            }
+            ProviderKind::Kmip | ProviderKind::Pkcs11 => {
+                Err(KmsError::Config("provider not available".into()))
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(t: &str) -> Result<VolumeConfig, ConfigError> {
+        VolumeConfig::parse(t, Path::new("/etc/kmfs/t.toml"))
+    }
+
+    #[test]
+    fn minimal_keyfile_config() {
+        let c = parse("provider = \"keyfile\"\n[keyfile]\npath = \"/k\"\n").unwrap();
+        assert_eq!(c.provider, ProviderKind::Keyfile);
+        assert_eq!(c.volume_name(), "t");
+    }
+
+    #[test]
+    fn unknown_fields_and_missing_values_are_named() {
+        let e = parse("provider = \"keyfile\"\nkeyfle = 1\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("keyfle") && e.contains("t.toml"), "{e}");
+        let e = parse("[keyfile]\npath = \"/k\"\n").unwrap_err().to_string();
+        assert!(e.contains("provider"), "{e}");
+        let e = parse("provider = \"keyfile\"\n").unwrap_err().to_string();
+        assert!(e.contains("[keyfile]"), "{e}");
+        let e = parse("provider = \"vault\"\n").unwrap_err().to_string();
+        assert!(e.contains("vault"), "{e}");
+        let e = parse("provider = \"keyfile\"\n[keyfile]\npath = \"/k\"\n[volume]\nnmae = \"x\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("nmae"), "{e}");
+    }
+
+    #[test]
+    fn config_with_loose_permissions_is_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("v.toml");
+        std::fs::write(&p, "provider = \"keyfile\"\n[keyfile]\npath = \"/k\"\n").unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let e = VolumeConfig::load(&p).unwrap_err().to_string();
+        assert!(e.contains("volume config") && e.contains("0644"), "{e}");
+    }
+}
