@@ -72,6 +72,18 @@ fn intact_log_verifies_with_count() {
 }
 
 #[test]
+fn log_file_mode_tightened_to_0600() {
+    let (_d, path) = log_with(1);
+    fs::set_permissions(&path, fs::Permissions::from_mode(0o644)).unwrap();
+    write_log(&path, 1);
+    assert_eq!(
+        fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    assert_eq!(verify_file(&path).unwrap().lines, 3);
+}
+
+#[test]
 fn deleted_line_is_named() {
     let (_d, path) = log_with(20);
     let mut l = lines(&path);

@@ -57,7 +57,7 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
-use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
@@ -281,6 +281,7 @@ impl ChainWriter {
     /// Opens (creating with mode 0600, and its directory with 0750) `path` for
     /// appending. If the file ends with a valid line, the chain continues from
     /// it; otherwise a new segment starts (and is written at once).
+    /// An existing file wider than 0600 is tightened to 0600.
     pub fn open(path: &Path) -> io::Result<ChainWriter> {
         let mut st = State {
             path: Some(path.to_path_buf()),
@@ -463,6 +464,13 @@ impl State {
             .mode(0o600)
             .open(path)?;
         let m = file.metadata()?;
+        if !m.is_file() {
+            return Err(io::Error::other("not a regular file"));
+        }
+        if m.permissions().mode() & 0o077 != 0 {
+            // Logs may hold file and key names: owner only.
+            file.set_permissions(fs::Permissions::from_mode(0o600))?;
+        }
         Ok(OpenFile {
             file,
             dev: m.dev(),
