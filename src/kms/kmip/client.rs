@@ -217,7 +217,12 @@ impl Failure {
                     reason: *reason,
                     message: message.clone(),
                 };
-                format!("{} refused: {r}", op.name())
+                let hint = if *reason == Some(reason::AUTHENTICATION_NOT_SUCCESSFUL) {
+                    " (check the client certificate: it needs the clientAuth extended key usage, and the KMIP credentials)"
+                } else {
+                    ""
+                };
+                format!("{} refused: {r}{hint}", op.name())
             }
         }
     }
@@ -276,10 +281,31 @@ fn describe_rustls(e: &rustls::Error, server: &ServerEndpoint) -> String {
             C::BadSignature => "TLS: bad signature on the server certificate".to_string(),
             other => format!("TLS: bad server certificate: {other}"),
         },
-        E::AlertReceived(a) => format!(
-            "TLS: the server refused the handshake (alert: {a:?}); check that the client certificate {} is valid and signed by a CA the server trusts",
-            server.client_cert
-        ),
+        E::AlertReceived(a) => {
+            use rustls::AlertDescription as A;
+            let cert = &server.client_cert;
+            match a {
+                A::UnknownCA => format!(
+                    "TLS: the server does not trust the CA that signed our client certificate {cert} (alert: unknown CA)"
+                ),
+                A::UnsupportedCertificate => format!(
+                    "TLS: the server refused our client certificate {cert} as unsuitable (alert: unsupported certificate); it needs the clientAuth extended key usage"
+                ),
+                A::CertificateExpired => {
+                    format!("TLS: the server says our client certificate {cert} has expired")
+                }
+                A::CertificateRevoked => {
+                    format!("TLS: the server says our client certificate {cert} is revoked")
+                }
+                A::BadCertificate | A::CertificateUnknown | A::AccessDenied => {
+                    format!("TLS: the server refused our client certificate {cert} (alert: {a:?})")
+                }
+                A::HandshakeFailure => format!(
+                    "TLS: handshake failure (alert from the server): no common cipher suite, or the client certificate {cert} was not accepted"
+                ),
+                _ => format!("TLS: the server aborted the handshake (alert: {a:?})"),
+            }
+        }
         E::PeerIncompatible(p) => format!(
             "TLS: no common protocol version or cipher suite with the server ({p:?}); kmfs needs TLS 1.2 or 1.3 with ECDHE and AES-GCM or ChaCha20"
         ),
@@ -528,6 +554,7 @@ impl Client {
         let mut skip = vec![false; n];
         let mut auth_only = true;
         let mut first = true;
+        let mut attempts = 0u32;
         for cycle in 0..self.policy.cycles.max(1) {
             for (i, server) in self.servers.iter().enumerate() {
                 if skip[i] {
@@ -537,6 +564,7 @@ impl Client {
                     std::thread::sleep(self.policy.retry_delay);
                 }
                 first = false;
+                attempts += 1;
                 let failure = match Conn::open(server, self.policy.timeouts) {
                     Err((ip, failure)) => {
                         record(
@@ -599,9 +627,8 @@ impl Client {
             .zip(&last)
             .map(|(s, why)| format!("{}: {}", s.label(), why.as_deref().unwrap_or("not tried")))
             .collect();
-        let cycles = self.policy.cycles.max(1);
         let msg = format!(
-            "{op} failed on all {n} key server(s) ({cycles} cycle(s)): {}",
+            "{op} failed on all {n} key server(s) after {attempts} attempt(s): {}",
             list.join("; ")
         );
         if auth_only {
