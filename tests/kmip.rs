@@ -264,6 +264,19 @@ fn create_activate_wrap_unwrap_and_versions() {
             .iter()
             .any(|l| l.contains("op=unwrap") && l.contains("result=fail"))
     );
+    // PyKMIP 0.10 has no RNG Retrieve: asked once, then the documented fallback.
+    let rng: Vec<&String> = audit.iter().filter(|l| l.contains("op=random")).collect();
+    eprintln!("{rng:#?}");
+    assert_eq!(
+        rng.iter().filter(|l| l.contains("result=fail")).count(),
+        1,
+        "{rng:#?}"
+    );
+    assert_eq!(
+        rng.iter().filter(|l| l.contains("keystream")).count(),
+        2,
+        "{rng:#?}"
+    );
     let all = LINES.lock().unwrap().join("\n");
     for secret in [hex(dek.as_bytes()), hex(&blob[13..45]), hex(&blob2[13..45])] {
         assert!(!all.contains(&secret), "key material in the log");
@@ -439,6 +452,18 @@ fn failover_to_secondary_when_primary_is_down_or_hung() {
     let blob2 = p3.wrap(&kek, &dek, AAD).unwrap();
     a.resume();
     assert!(p.unwrap(&kek, &blob2, AAD).unwrap().ct_eq(&dek));
+
+    // Restore scenario: a new key manager instance started from a copy (backup)
+    // of the key database unlocks the volume.
+    let copy = env.dir.join("restored.db");
+    std::fs::copy(&db, &copy).unwrap();
+    let c = PykmipServer::start(&env.pki, &env.pki.server, &copy, &env.dir.join("fc"));
+    let restored = provider(&config(
+        "fo-kek",
+        vec![server("km-restored", c.port, &env.pki.ca, &env.pki.client)],
+    ));
+    assert_eq!(restored.current_kek().unwrap(), kek);
+    assert!(restored.unwrap(&kek, &blob, AAD).unwrap().ct_eq(&dek));
 }
 
 #[test]
@@ -497,6 +522,12 @@ fn tls_failures_are_clear() {
         &env.dir.join("wn.db"),
         &env.dir.join("wn"),
     );
+    let expired = PykmipServer::start(
+        &env.pki,
+        &env.pki.server_expired,
+        &env.dir.join("ex.db"),
+        &env.dir.join("ex"),
+    );
     let one = |s: KmipServerConfig| {
         let mut c = config("tls-kek", vec![s]);
         c.failover_cycles = 3;
@@ -538,6 +569,28 @@ fn tls_failures_are_clear() {
             &env.pki.client,
         )),
         &["km-tls-name", "name mismatch", "127.0.0.1"],
+        unreachable,
+    );
+    // The server's certificate has expired.
+    check(
+        one(server(
+            "km-tls-expired",
+            expired.port,
+            &env.pki.ca,
+            &env.pki.client,
+        )),
+        &["km-tls-expired", "expired"],
+        unreachable,
+    );
+    // Our client certificate has expired.
+    check(
+        one(server(
+            "km-tls-cexp",
+            srv.port,
+            &env.pki.ca,
+            &env.pki.client_expired,
+        )),
+        &["km-tls-cexp", "client-expired.pem", "expired"],
         unreachable,
     );
     // The server does not trust our client certificate's CA.

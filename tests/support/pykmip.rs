@@ -102,6 +102,10 @@ pub struct Pki {
     pub client_no_eku: CertKey,
     /// Client certificate whose extended key usage is serverAuth only.
     pub client_server_eku: CertKey,
+    /// Server certificate for 127.0.0.1 that has expired.
+    pub server_expired: CertKey,
+    /// Client certificate that has expired.
+    pub client_expired: CertKey,
     /// Client certificate signed by `other_ca`.
     pub client_other_ca: CertKey,
 }
@@ -178,6 +182,63 @@ fn leaf(
     CertKey { cert: c, key: k }
 }
 
+/// A certificate from `ca` that expired long ago (valid 2020-01-01 to 2020-01-02).
+fn expired_leaf(
+    dir: &Path,
+    cnf: &Path,
+    ca: &(PathBuf, PathBuf),
+    name: &str,
+    cn: &str,
+    ext: &str,
+) -> CertKey {
+    let k = key(dir, name);
+    let csr = dir.join(format!("{name}.csr"));
+    let c = dir.join(format!("{name}.pem"));
+    run(Command::new("openssl")
+        .args(["req", "-new", "-subj"])
+        .arg(format!("/CN={cn}"))
+        .arg("-key")
+        .arg(&k)
+        .arg("-out")
+        .arg(&csr)
+        .arg("-config")
+        .arg(cnf));
+    let db = dir.join(format!("{name}-ca"));
+    std::fs::create_dir_all(&db).unwrap();
+    std::fs::write(db.join("index.txt"), "").unwrap();
+    std::fs::write(db.join("serial"), "4000\n").unwrap();
+    let ca_cnf = db.join("ca.cnf");
+    std::fs::write(
+        &ca_cnf,
+        format!(
+            "[ca]\ndefault_ca = t\n[t]\ndatabase = {d}/index.txt\nnew_certs_dir = {d}\nserial = {d}/serial\ndefault_md = sha256\npolicy = p\n[p]\ncommonName = supplied\n",
+            d = db.display()
+        ),
+    )
+    .unwrap();
+    run(Command::new("openssl")
+        .args(["ca", "-batch", "-notext", "-config"])
+        .arg(&ca_cnf)
+        .arg("-cert")
+        .arg(&ca.0)
+        .arg("-keyfile")
+        .arg(&ca.1)
+        .arg("-in")
+        .arg(&csr)
+        .arg("-out")
+        .arg(&c)
+        .args([
+            "-startdate",
+            "20200101000000Z",
+            "-enddate",
+            "20200102000000Z",
+            "-extfile",
+        ])
+        .arg(cnf)
+        .args(["-extensions", ext]));
+    CertKey { cert: c, key: k }
+}
+
 impl Pki {
     /// Generates the whole PKI under `dir` (a private directory).
     pub fn generate(dir: &Path) -> Pki {
@@ -223,6 +284,15 @@ impl Pki {
                 "kmfs-test",
                 "client_server_eku",
             ),
+            server_expired: expired_leaf(
+                dir,
+                &cnf,
+                &main,
+                "server-expired",
+                "kmip-server",
+                "server",
+            ),
+            client_expired: expired_leaf(dir, &cnf, &main, "client-expired", "kmfs-test", "client"),
             client_other_ca: leaf(dir, &cnf, &other, "client-other-ca", "kmfs-test", "client"),
             ca: main.0,
             other_ca: other.0,

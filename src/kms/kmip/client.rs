@@ -453,7 +453,8 @@ impl<'a> Conn<'a> {
             .map_err(|e| self.io_failure(e, &during))?;
         let (t, ty, len) = Ttlv::peek_header(&hdr);
         let len = len as usize;
-        if t != tag::RESPONSE_MESSAGE || ty != 0x01 || len % 8 != 0 || len > MAX_RESPONSE {
+        if t != tag::RESPONSE_MESSAGE || ty != 0x01 || !len.is_multiple_of(8) || len > MAX_RESPONSE
+        {
             return Err(Failure::Protocol(format!(
                 "not a KMIP response message (tag 0x{t:06x}, type 0x{ty:02x}, length {len})"
             )));

@@ -423,8 +423,8 @@ fn decode_at(buf: &[u8], at: usize, depth: usize) -> Result<(Ttlv, usize), TtlvE
         _ => None,
     };
     if fixed.is_some_and(|f| f != len)
-        || (ty == ItemType::BigInteger && (len == 0 || len % 8 != 0))
-        || (ty == ItemType::Structure && len % 8 != 0)
+        || (ty == ItemType::BigInteger && (len == 0 || !len.is_multiple_of(8)))
+        || (ty == ItemType::Structure && !len.is_multiple_of(8))
     {
         return Err(bad_len);
     }
