@@ -8,6 +8,7 @@
 
 pub mod keyfile;
 pub mod kmip;
+pub mod pkcs11;
 
 use std::fmt;
 
