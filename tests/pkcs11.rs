@@ -8,13 +8,16 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
+use cryptoki::error::{Error as CkError, RvError};
 use cryptoki::object::{Attribute, AttributeType, ObjectClass};
 use cryptoki::session::UserType;
 use cryptoki::types::AuthPin;
 use kmfs::crypto::keys::Secret;
 use kmfs::kms::pkcs11::{Pkcs11Config, Pkcs11Mode, Pkcs11Provider};
 use kmfs::kms::{KekRef, KeyProvider, KmsError, generate_dek};
-use softhsm::{Hsm, KEK, KEK_EXTRACTABLE, MODULE, OTHER_TOKEN, PIN, PIN_TOKEN, TOKEN};
+use softhsm::{
+    Hsm, KEK, KEK_EXTRACTABLE, MODULE, OTHER_TOKEN, PIN, PIN_TOKEN, RELOGIN_TOKEN, TOKEN,
+};
 
 fn provider(cfg: &Pkcs11Config) -> Pkcs11Provider {
     Pkcs11Provider::from_config(cfg).unwrap_or_else(|e| panic!("from_config: {e}"))
@@ -25,6 +28,27 @@ fn err(cfg: &Pkcs11Config) -> KmsError {
         Ok(_) => panic!("from_config succeeded"),
         Err(e) => e,
     }
+}
+
+/// A session of our own (cryptoki directly) on `token`, logged in.
+fn raw_session(token: &str) -> cryptoki::session::Session {
+    let ctx = Pkcs11::new(MODULE).unwrap();
+    match ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)) {
+        Ok(()) | Err(CkError::Pkcs11(RvError::CryptokiAlreadyInitialized, _)) => {}
+        Err(e) => panic!("{e}"),
+    }
+    let slot = ctx
+        .get_slots_with_token()
+        .unwrap()
+        .into_iter()
+        .find(|s| ctx.get_token_info(*s).unwrap().label().trim_end() == token)
+        .unwrap();
+    let s = ctx.open_rw_session(slot).unwrap();
+    match s.login(UserType::User, Some(&AuthPin::from(PIN))) {
+        Ok(()) | Err(CkError::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => {}
+        Err(e) => panic!("{e}"),
+    }
+    s
 }
 
 fn dek(byte: u8) -> Secret {
@@ -105,28 +129,7 @@ fn kek_value_cannot_be_read_and_stays_non_extractable() {
     let p = provider(&hsm.config(KEK));
     let kek = p.current_kek().unwrap();
 
-    let ctx = Pkcs11::new(MODULE).unwrap();
-    match ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)) {
-        Ok(())
-        | Err(cryptoki::error::Error::Pkcs11(
-            cryptoki::error::RvError::CryptokiAlreadyInitialized,
-            _,
-        )) => {}
-        Err(e) => panic!("{e}"),
-    }
-    let slot = ctx
-        .get_slots_with_token()
-        .unwrap()
-        .into_iter()
-        .find(|s| ctx.get_token_info(*s).unwrap().label().trim_end() == TOKEN)
-        .unwrap();
-    let s = ctx.open_rw_session(slot).unwrap();
-    match s.login(UserType::User, Some(&AuthPin::from(PIN))) {
-        Ok(())
-        | Err(cryptoki::error::Error::Pkcs11(cryptoki::error::RvError::UserAlreadyLoggedIn, _)) => {
-        }
-        Err(e) => panic!("{e}"),
-    }
+    let s = raw_session(TOKEN);
     let h = s
         .find_objects(&[
             Attribute::Class(ObjectClass::SECRET_KEY),
@@ -163,10 +166,7 @@ fn kek_value_cannot_be_read_and_stays_non_extractable() {
         .update_attributes(h[0], &[Attribute::Extractable(true)])
         .unwrap_err();
     assert!(
-        matches!(
-            e,
-            cryptoki::error::Error::Pkcs11(cryptoki::error::RvError::AttributeReadOnly, _)
-        ),
+        matches!(e, CkError::Pkcs11(RvError::AttributeReadOnly, _)),
         "{e}"
     );
     // ... and yet wrap mode works with it: wrapping happens inside the token.
@@ -431,6 +431,16 @@ fn revoke_disables_but_keeps_the_key() {
     assert!(e.to_string().contains("revoked"), "{e}");
     // Still on the token; the newer version is unaffected.
     assert_eq!(p.current_kek().unwrap(), v2);
+    // Extract mode honours the usage flags too.
+    let mut xc = hsm.config(name);
+    xc.mode = Pkcs11Mode::Extract;
+    let x = provider(&xc);
+    for e in [
+        x.unwrap(&v1, &blob, b"v").unwrap_err(),
+        x.wrap(&v1, &dek(4), b"v").unwrap_err(),
+    ] {
+        assert!(e.to_string().contains("revoked"), "{e}");
+    }
     let b2 = p.wrap(&v2, &dek(5), b"v").unwrap();
     assert!(p.unwrap(&v2, &b2, b"v").unwrap().ct_eq(&dek(5)));
     let out = std::process::Command::new(softhsm::PKCS11_TOOL)
@@ -587,4 +597,88 @@ fn volume_init_and_open_through_the_token() {
         "{e}"
     );
     assert_eq!(std::fs::read_dir(backing.path()).unwrap().count(), before);
+}
+
+#[test]
+fn session_logged_out_behind_our_back_is_reopened() {
+    if !softhsm::available() {
+        return;
+    }
+    let hsm = Hsm::shared();
+    let mut c = hsm.config(KEK);
+    c.token_label = Some(RELOGIN_TOKEN.into());
+    let p = provider(&c);
+    let kek = p.current_kek().unwrap();
+    let blob = p.wrap(&kek, &dek(2), b"r").unwrap();
+    // C_Logout logs out every session of this process on the token, and
+    // closing the last one of ours would too.
+    let s = raw_session(RELOGIN_TOKEN);
+    s.logout().unwrap();
+    assert!(p.unwrap(&kek, &blob, b"r").unwrap().ct_eq(&dek(2)));
+    drop(s);
+    assert!(p.unwrap(&kek, &blob, b"r").unwrap().ct_eq(&dek(2)));
+}
+
+#[test]
+fn every_hsm_operation_is_audited_without_key_material() {
+    if !softhsm::available() {
+        return;
+    }
+    use kmfs::audit::{AuditCsv, install_sink};
+    let hsm = Hsm::shared();
+    let csv = hsm.dir.join("audit.csv");
+    // Process-wide: rows of parallel tests land here too; look at ours only.
+    install_sink(Some(AuditCsv::open(&csv, "p11-test").unwrap()));
+    let name = "audit-kek";
+    let p = provider(&hsm.config(name));
+    let kek = p.create_kek(Some(name)).unwrap();
+    let d = dek(0xa5);
+    let blob = p.wrap(&kek, &d, b"aad").unwrap();
+    p.unwrap(&kek, &blob, b"aad").unwrap();
+    p.unwrap(&kek, &blob, b"other").unwrap_err();
+    p.random(32).unwrap();
+    p.revoke(&kek).unwrap();
+    p.unwrap(&kek, &blob, b"aad").unwrap_err();
+    let mut xc = hsm.config(name);
+    xc.mode = Pkcs11Mode::Extract;
+    provider(&xc).wrap(&kek, &d, b"aad").unwrap_err();
+
+    let text = std::fs::read_to_string(&csv).unwrap();
+    let ours: Vec<(String, String)> = text
+        .lines()
+        .filter(|l| l.contains(",audit-kek,"))
+        .map(|l| {
+            let f: Vec<&str> = l.splitn(12, ',').collect();
+            assert_eq!(f[4], TOKEN, "{l}");
+            (f[3].to_string(), f[10].to_string())
+        })
+        .collect();
+    let has = |op: &str, res: &str| ours.iter().any(|(o, r)| o == op && r == res);
+    for (op, res) in [
+        ("locate", "fail"), // create_kek(Some) looks first
+        ("create", "ok"),
+        ("locate", "ok"),
+        ("wrap", "ok"),
+        ("unwrap", "ok"),
+        ("unwrap", "fail"),
+        ("revoke", "ok"),
+        ("get", "fail"),
+    ] {
+        assert!(has(op, res), "no {op} {res} row in {ours:?}");
+    }
+    assert!(
+        !has("get", "ok"),
+        "wrap mode must never fetch the key: {ours:?}"
+    );
+    assert!(text.contains(",random,kmfs-test,"), "no random row");
+    assert!(text.contains(",login,kmfs-test,"), "no login row");
+    let hexed = |b: &[u8]| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
+    assert!(!text.contains(&hexed(&blob[13..29])), "wrapped key logged");
+    assert!(!text.contains(&hexed(d.as_bytes())), "DEK logged");
+    assert!(!text.contains(PIN), "PIN logged");
+    let wrong_aad = text
+        .lines()
+        .find(|l| l.contains(",unwrap,") && l.contains(",audit-kek,") && l.contains(",fail,"))
+        .unwrap();
+    assert!(wrong_aad.contains("CKR_"), "{wrong_aad}");
 }

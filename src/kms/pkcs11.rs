@@ -78,7 +78,7 @@ use cryptoki::error::{Error as CkError, RvError};
 use cryptoki::mechanism::Mechanism;
 use cryptoki::mechanism::aead::GcmParams;
 use cryptoki::object::{Attribute, AttributeType, KeyType, ObjectClass, ObjectHandle};
-use cryptoki::session::{Session, UserType};
+use cryptoki::session::{Session, SessionState, UserType};
 use cryptoki::slot::Slot;
 use cryptoki::types::RawAuthPin;
 use serde::{Deserialize, Serialize};
@@ -602,7 +602,16 @@ impl Pkcs11Provider {
     fn with_session<T>(&self, mut f: impl FnMut(&Session) -> OpResult<T>) -> Result<T, KmsError> {
         let mut guard = self.session.lock().unwrap_or_else(|e| e.into_inner());
         for attempt in 0..2 {
-            if guard.is_none() {
+            // A session that was closed or logged out behind our back (another
+            // part of the process called C_Logout, the token was re-inserted)
+            // would otherwise see no private objects and report the key as
+            // missing: check it is still a logged-in user session.
+            let usable = guard.as_ref().is_some_and(|s| {
+                s.get_session_info()
+                    .is_ok_and(|i| i.session_state() == SessionState::RwUser)
+            });
+            if !usable {
+                *guard = None;
                 *guard = Some(self.open_session()?);
             }
             let Some(session) = guard.as_ref() else {
@@ -795,8 +804,17 @@ impl Pkcs11Provider {
     }
 
     /// Extract mode: the KEK's value in locked memory.
-    fn extract(&self, s: &Session, name: &str, version: u32, key: &FoundKey) -> OpResult<Secret> {
-        let r = self.extract_inner(s, name, version, key);
+    /// `usage` is CKA_ENCRYPT (wrap) or CKA_DECRYPT (unwrap): the key's usage
+    /// flags apply to local use too, so a revoked key stays unusable.
+    fn extract(
+        &self,
+        s: &Session,
+        name: &str,
+        version: u32,
+        key: &FoundKey,
+        usage: AttributeType,
+    ) -> OpResult<Secret> {
+        let r = self.extract_inner(s, name, version, key, usage);
         self.audited("get", name, Some(version), r)
     }
 
@@ -806,8 +824,20 @@ impl Pkcs11Provider {
         name: &str,
         version: u32,
         key: &FoundKey,
+        usage: AttributeType,
     ) -> OpResult<Secret> {
         let kw = self.key_where(name, version);
+        if self.get_bool(s, key.handle, usage, &kw)? != Some(true) {
+            let (op, flag) = if usage == AttributeType::Encrypt {
+                ("encrypt", "CKA_ENCRYPT")
+            } else {
+                ("decrypt", "CKA_DECRYPT")
+            };
+            return Err(KmsError::KeyNotFound(format!(
+                "{kw} may not {op} ({flag} is false: revoked?)"
+            ))
+            .into());
+        }
         let sensitive = self.get_bool(s, key.handle, AttributeType::Sensitive, &kw)?;
         let extractable = self.get_bool(s, key.handle, AttributeType::Extractable, &kw)?;
         if sensitive != Some(false) || extractable != Some(true) {
@@ -1194,7 +1224,8 @@ impl KeyProvider for Pkcs11Provider {
             let r = match self.mode {
                 Pkcs11Mode::Wrap => self.gcm_wrap_in_token(s, kek, &key, dek, aad),
                 Pkcs11Mode::Extract => {
-                    let k = self.extract(s, &kek.name, kek.version, &key)?;
+                    let k =
+                        self.extract(s, &kek.name, kek.version, &key, AttributeType::Encrypt)?;
                     local_wrap(&k, dek, aad).map_err(OpError::from)
                 }
             };
@@ -1219,7 +1250,8 @@ impl KeyProvider for Pkcs11Provider {
             let r = match self.mode {
                 Pkcs11Mode::Wrap => self.gcm_unwrap_in_token(s, kek, &key, wrapped, aad),
                 Pkcs11Mode::Extract => {
-                    let k = self.extract(s, &kek.name, kek.version, &key)?;
+                    let k =
+                        self.extract(s, &kek.name, kek.version, &key, AttributeType::Decrypt)?;
                     let kw = self.key_where(&kek.name, kek.version);
                     local_unwrap(&k, wrapped, aad, &kw).map_err(OpError::from)
                 }

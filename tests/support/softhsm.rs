@@ -33,6 +33,8 @@ pub const TOKEN: &str = "kmfs-test";
 pub const PIN_TOKEN: &str = "kmfs-pin";
 /// A third token with its own [`KEK`] (same label, different key).
 pub const OTHER_TOKEN: &str = "kmfs-other";
+/// A token whose sessions a test logs out behind the provider's back.
+pub const RELOGIN_TOKEN: &str = "kmfs-relogin";
 pub const PIN: &str = "4711-kmfs";
 pub const SO_PIN: &str = "12345678";
 /// Non-extractable, sensitive, private AES-256 KEK (as the notes create it).
@@ -127,7 +129,7 @@ impl Hsm {
         write_private(&hsm.pin_file, &format!("{PIN}\n"));
         write_private(&hsm.dir.join("creds").join(PIN_CREDENTIAL), PIN);
 
-        for token in [TOKEN, PIN_TOKEN, OTHER_TOKEN] {
+        for token in [TOKEN, PIN_TOKEN, OTHER_TOKEN, RELOGIN_TOKEN] {
             run(Command::new(SOFTHSM_UTIL)
                 .env("SOFTHSM2_CONF", &hsm.conf)
                 .args(["--init-token", "--free", "--label", token])
@@ -137,6 +139,7 @@ impl Hsm {
         hsm.keygen(TOKEN, KEK_EXTRACTABLE, &["--extractable"]);
         hsm.keygen(PIN_TOKEN, KEK, &["--sensitive"]);
         hsm.keygen(OTHER_TOKEN, KEK, &["--sensitive"]);
+        hsm.keygen(RELOGIN_TOKEN, KEK, &["--sensitive"]);
 
         // SAFETY: runs once, before this process loads any PKCS#11 module (the
         // only C code that reads these variables) and while holding the
