@@ -20,6 +20,7 @@ use serde::Deserialize;
 
 use crate::credfile;
 use crate::kms::keyfile::KeyfileProvider;
+use crate::kms::kmip::{KmipConfig, KmipProvider};
 use crate::kms::{KeyProvider, KmsError};
 use crate::logging::LoggingConfig;
 
@@ -86,6 +87,8 @@ pub struct VolumeConfig {
     #[serde(default)]
     pub keyfile: Option<KeyfileSection>,
     #[serde(default)]
+    pub kmip: Option<KmipConfig>,
+    #[serde(default)]
     pub log: LoggingConfig,
     #[serde(default)]
     pub mount: MountSection,
@@ -117,7 +120,8 @@ impl VolumeConfig {
         };
         match cfg.provider {
             ProviderKind::Keyfile if cfg.keyfile.is_none() => return Err(missing("keyfile")),
-            ProviderKind::Kmip | ProviderKind::Pkcs11 => {
+            ProviderKind::Kmip if cfg.kmip.is_none() => return Err(missing("kmip")),
+            ProviderKind::Pkcs11 => {
                 return Err(ConfigError::Parse {
                     path: path.to_path_buf(),
                     msg: format!("provider {:?} is not available in this build", cfg.provider),
@@ -146,9 +150,19 @@ impl VolumeConfig {
                 let k = self.keyfile.as_ref().expect("checked in parse");
                 Ok(Box::new(KeyfileProvider::open(&k.path, backing)?))
             }
-            ProviderKind::Kmip | ProviderKind::Pkcs11 => {
-                Err(KmsError::Config("provider not available".into()))
-            }
+            ProviderKind::Kmip => Ok(Box::new(self.kmip_provider()?)),
+            ProviderKind::Pkcs11 => Err(KmsError::Config("provider not available".into())),
+        }
+    }
+
+    /// The KMIP provider of a `provider = "kmip"` config (for `keyserver check`).
+    pub fn kmip_provider(&self) -> Result<KmipProvider, KmsError> {
+        match (&self.provider, &self.kmip) {
+            (ProviderKind::Kmip, Some(k)) => KmipProvider::from_config(k),
+            _ => Err(KmsError::Config(format!(
+                "volume config {}: provider is not kmip; there are no key servers to check",
+                self.path.display()
+            ))),
         }
     }
 }

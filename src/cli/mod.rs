@@ -4,6 +4,7 @@
 
 pub mod header;
 pub mod init;
+pub mod keyserver;
 pub mod mount;
 
 use std::ffi::OsString;
@@ -41,6 +42,9 @@ pub enum Command {
     /// Tamper-evident log files.
     #[command(subcommand)]
     Log(LogCommand),
+    /// Key-server health.
+    #[command(subcommand)]
+    Keyserver(keyserver::KeyserverCommand),
 }
 
 #[derive(Subcommand, Debug)]
@@ -124,6 +128,9 @@ impl KeySource {
         match (&self.config, &self.keyfile) {
             (Some(c), _) => {
                 let cfg = VolumeConfig::load(c)?;
+                // Logging first, so the provider's own key-manager operations
+                // are audited.
+                start_logging(Some(&cfg))?;
                 let p = cfg.provider(backing)?;
                 Ok((Some(cfg), p))
             }
@@ -136,10 +143,28 @@ impl KeySource {
     }
 }
 
+/// Starts logging and the audit trail as the volume config says. Without a
+/// config (development key file) nothing is set up: messages go nowhere but the
+/// command's own stderr line.
+pub fn start_logging(cfg: Option<&VolumeConfig>) -> Result<(), CliError> {
+    if let Some(cfg) = cfg {
+        match crate::logging::init(&cfg.log, &cfg.volume_name()) {
+            Ok(()) | Err(crate::logging::LoggingError::AlreadyInitialized) => {}
+            Err(e) => {
+                return Err(CliError::other(
+                    exitcode::CONFIG,
+                    format!("volume config {}: {e}", cfg.path.display()),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Rewrites mount.fuse3's calling convention `kmfs SRC MNT -o OPTS` into
 /// `kmfs mount SRC MNT -o OPTS`; other argument lists pass through.
 pub fn normalize_args(mut args: Vec<OsString>) -> Vec<OsString> {
-    const SUBCOMMANDS: &[&str] = &["init", "mount", "header", "log", "help"];
+    const SUBCOMMANDS: &[&str] = &["init", "mount", "header", "log", "keyserver", "help"];
     if let Some(first) = args.get(1) {
         let s = first.to_string_lossy();
         if !s.starts_with('-') && !SUBCOMMANDS.contains(&s.as_ref()) {
@@ -155,6 +180,7 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
         Command::Init(a) => init::run(a),
         Command::Mount(a) => mount::run(a),
         Command::Header(h) => header::run(h),
+        Command::Keyserver(k) => keyserver::run(k),
         Command::Log(LogCommand::Verify { file }) => {
             match crate::logging::verify::verify_file(&file) {
                 Ok(report) => {
