@@ -11,6 +11,7 @@ pub mod config;
 pub mod credfile;
 pub mod crypto;
 pub mod exitcode;
+pub mod fs;
 pub mod kms;
 pub mod logging;
 pub mod volume;

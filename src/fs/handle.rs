@@ -1,0 +1,74 @@
+//! Open file and directory handles.
+
+use std::collections::HashMap;
+use std::ffi::{CString, OsString};
+use std::fs::File;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use super::inode::Inode;
+
+/// An open regular file: the backing file opened read-write (reads need it
+/// for read-modify-write anyway) or read-only on a read-only mount.
+pub struct OpenFile {
+    pub inode: Arc<Inode>,
+    pub file: File,
+    pub append: bool,
+}
+
+/// One entry of a directory listing snapshot.
+pub struct DirEntry {
+    pub name: OsString,
+    pub backing: CString,
+    pub ino: u64,
+    pub kind: fuser::FileType,
+}
+
+/// An open directory: a snapshot of its entries, taken at opendir and again
+/// whenever the listing restarts at offset 0 (rewinddir).
+pub struct OpenDir {
+    pub inode: Arc<Inode>,
+    pub entries: Mutex<Vec<DirEntry>>,
+}
+
+pub struct Handles<T> {
+    map: Mutex<HashMap<u64, Arc<T>>>,
+    next: AtomicU64,
+}
+
+impl<T> Default for Handles<T> {
+    fn default() -> Self {
+        Handles {
+            map: Mutex::new(HashMap::new()),
+            next: AtomicU64::new(1),
+        }
+    }
+}
+
+impl<T> Handles<T> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Arc<T>>> {
+        self.map.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn insert(&self, v: T) -> u64 {
+        let fh = self.next.fetch_add(1, Ordering::Relaxed);
+        self.lock().insert(fh, Arc::new(v));
+        fh
+    }
+
+    pub fn get(&self, fh: u64) -> Option<Arc<T>> {
+        self.lock().get(&fh).cloned()
+    }
+
+    pub fn remove(&self, fh: u64) -> Option<Arc<T>> {
+        self.lock().remove(&fh)
+    }
+
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}

@@ -1,0 +1,231 @@
+//! The inode table: FUSE node ids ↔ backing inodes.
+//!
+//! Every inode the kernel knows is held open as an `O_PATH` descriptor, so it
+//! stays reachable across renames, and hard links (same backing device and
+//! inode number) share one entry. The FUSE node id is the backing inode
+//! number, so `stat` shows stable inode numbers across remounts (tar and rsync
+//! rely on them for hard-link detection); the backing root is node 1, and a
+//! backing inode that would clash (inode number 1, or another device below the
+//! backing directory) gets a synthetic id from the top of the range. While an
+//! entry exists, its descriptor pins the backing inode, so the backing
+//! filesystem cannot reuse that number for another file.
+
+use std::collections::HashMap;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
+
+use fuser::FileType;
+
+use crate::crypto::names::DIR_ID_LEN;
+use crate::volume::layout::FileHeader;
+
+pub const ROOT: u64 = 1;
+const SYNTHETIC_BASE: u64 = 1 << 62;
+
+pub struct Inode {
+    pub ino: u64,
+    fd: OwnedFd,
+    pub kind: FileType,
+    /// Directory id (encrypted-names mode), read on first use.
+    pub dir_id: OnceLock<[u8; DIR_ID_LEN]>,
+    /// Per-file header, cached once read or written (it never changes).
+    pub header: OnceLock<FileHeader>,
+    /// Serialises writes/truncates of this file; reads share it.
+    pub io: RwLock<()>,
+}
+
+impl Inode {
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+}
+
+pub fn kind_of(mode: u32) -> FileType {
+    match mode & libc::S_IFMT {
+        libc::S_IFDIR => FileType::Directory,
+        libc::S_IFLNK => FileType::Symlink,
+        libc::S_IFIFO => FileType::NamedPipe,
+        libc::S_IFSOCK => FileType::Socket,
+        libc::S_IFCHR => FileType::CharDevice,
+        libc::S_IFBLK => FileType::BlockDevice,
+        _ => FileType::RegularFile,
+    }
+}
+
+struct Entry {
+    inode: Arc<Inode>,
+    nlookup: u64,
+    key: (u64, u64),
+}
+
+struct Tables {
+    by_ino: HashMap<u64, Entry>,
+    by_key: HashMap<(u64, u64), u64>,
+    next_synthetic: u64,
+    root_dev: u64,
+}
+
+pub struct InodeTable {
+    t: Mutex<Tables>,
+}
+
+impl InodeTable {
+    pub fn new(root_fd: OwnedFd, st: &libc::stat) -> InodeTable {
+        let key = (st.st_dev, st.st_ino);
+        let root = Arc::new(Inode {
+            ino: ROOT,
+            fd: root_fd,
+            kind: FileType::Directory,
+            dir_id: OnceLock::new(),
+            header: OnceLock::new(),
+            io: RwLock::new(()),
+        });
+        let mut by_ino = HashMap::new();
+        by_ino.insert(
+            ROOT,
+            Entry {
+                inode: root,
+                nlookup: 1,
+                key,
+            },
+        );
+        let mut by_key = HashMap::new();
+        by_key.insert(key, ROOT);
+        InodeTable {
+            t: Mutex::new(Tables {
+                by_ino,
+                by_key,
+                next_synthetic: SYNTHETIC_BASE,
+                root_dev: st.st_dev,
+            }),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Tables> {
+        self.t.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn get(&self, ino: u64) -> Option<Arc<Inode>> {
+        self.lock().by_ino.get(&ino).map(|e| e.inode.clone())
+    }
+
+    pub fn root(&self) -> Arc<Inode> {
+        self.get(ROOT).expect("the root is never forgotten")
+    }
+
+    /// The node id for a backing inode as readdir reports it (no reference taken).
+    pub fn ino_for(&self, dev: u64, ino: u64) -> u64 {
+        let t = self.lock();
+        if let Some(&i) = t.by_key.get(&(dev, ino)) {
+            return i;
+        }
+        if dev == t.root_dev && ino != ROOT && ino < SYNTHETIC_BASE {
+            ino
+        } else {
+            // Not known yet; lookup will assign an id. Readdir ids are advisory.
+            u64::MAX
+        }
+    }
+
+    /// Registers one kernel reference (a lookup) to the backing inode behind
+    /// `fd`, whose stat is `st`. Returns the shared entry.
+    pub fn lookup(&self, fd: OwnedFd, st: &libc::stat) -> Arc<Inode> {
+        let key = (st.st_dev, st.st_ino);
+        let mut t = self.lock();
+        if let Some(&ino) = t.by_key.get(&key)
+            && let Some(e) = t.by_ino.get_mut(&ino)
+        {
+            e.nlookup += 1;
+            return e.inode.clone();
+        }
+        let ino = if st.st_dev == t.root_dev
+            && st.st_ino != ROOT
+            && st.st_ino < SYNTHETIC_BASE
+            && !t.by_ino.contains_key(&st.st_ino)
+        {
+            st.st_ino
+        } else {
+            t.next_synthetic += 1;
+            t.next_synthetic
+        };
+        let inode = Arc::new(Inode {
+            ino,
+            fd,
+            kind: kind_of(st.st_mode),
+            dir_id: OnceLock::new(),
+            header: OnceLock::new(),
+            io: RwLock::new(()),
+        });
+        t.by_ino.insert(
+            ino,
+            Entry {
+                inode: inode.clone(),
+                nlookup: 1,
+                key,
+            },
+        );
+        t.by_key.insert(key, ino);
+        inode
+    }
+
+    /// Drops `n` kernel references; the entry goes when none are left.
+    pub fn forget(&self, ino: u64, n: u64) {
+        if ino == ROOT {
+            return;
+        }
+        let mut t = self.lock();
+        let gone = match t.by_ino.get_mut(&ino) {
+            Some(e) => {
+                e.nlookup = e.nlookup.saturating_sub(n);
+                (e.nlookup == 0).then_some(e.key)
+            }
+            None => None,
+        };
+        if let Some(key) = gone {
+            t.by_ino.remove(&ino);
+            if t.by_key.get(&key) == Some(&ino) {
+                t.by_key.remove(&key);
+            }
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.lock().by_ino.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fs::sys;
+
+    #[test]
+    fn lookup_shares_hard_links_and_forget_drops() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::write(d.path().join("a"), b"x").unwrap();
+        std::fs::hard_link(d.path().join("a"), d.path().join("b")).unwrap();
+        let root = std::fs::File::open(d.path()).unwrap();
+        let rst = sys::fstat(root.as_fd()).unwrap();
+        let t = InodeTable::new(OwnedFd::from(root), &rst);
+        let r = t.root();
+        let fa = sys::open_path(r.fd(), c"a").unwrap();
+        let sa = sys::fstat(fa.as_fd()).unwrap();
+        let a = t.lookup(fa, &sa);
+        let fb = sys::open_path(r.fd(), c"b").unwrap();
+        let sb = sys::fstat(fb.as_fd()).unwrap();
+        let b = t.lookup(fb, &sb);
+        assert_eq!(a.ino, b.ino);
+        assert_eq!(a.ino, sa.st_ino);
+        assert_eq!(t.len(), 2);
+        t.forget(a.ino, 1);
+        assert!(t.get(a.ino).is_some());
+        t.forget(a.ino, 1);
+        assert!(t.get(a.ino).is_none());
+        t.forget(ROOT, 10);
+        assert!(t.get(ROOT).is_some());
+    }
+}

@@ -1,0 +1,1533 @@
+//! The FUSE filesystem: the plaintext view of a volume.
+//!
+//! Design (see also the module docs of [`inode`], [`names`], [`xattr`]):
+//! * every known inode is an `O_PATH` descriptor into the backing directory;
+//!   all operations are `*at` system calls relative to those descriptors;
+//! * node ids are backing inode numbers (root = 1), hard links share one;
+//! * the daemon runs as root with `default_permissions`, so the kernel checks
+//!   permissions; new entries are chowned to the caller;
+//! * requests are served by several fuser worker threads; a per-inode RwLock
+//!   lets reads of one file run in parallel and serialises its writes and
+//!   truncates (read-modify-write of partial units); multi-unit requests are
+//!   encrypted/decrypted in parallel by rayon inside the content cipher;
+//! * no writeback cache: the kernel sends every write (and O_APPEND writes are
+//!   placed at the current size under the write lock), attribute and entry
+//!   timeouts are 1 s, max_write is 1 MiB;
+//! * fallocate: mode 0 and FALLOC_FL_KEEP_SIZE are supported (extending the
+//!   plaintext size as truncate does, then preallocating backing space, which
+//!   reads back as zeros since all-zero ciphertext units are holes); punching
+//!   holes, zeroing and collapsing ranges return EOPNOTSUPP;
+//! * lseek SEEK_DATA/SEEK_HOLE map to the backing file's holes (shifted by the
+//!   40-byte file header): a reported hole always reads as zeros;
+//! * damaged headers, units, names: EIO for that file or entry, logged with the
+//!   backing path, never a panic.
+
+pub mod handle;
+pub mod inode;
+pub mod names;
+pub mod sys;
+pub mod xattr;
+
+use std::ffi::{CStr, OsStr};
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsFd, AsRawFd};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use fuser::{
+    AccessFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation,
+    INodeNo, InitFlags, KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate,
+    ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyLseek, ReplyOpen,
+    ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
+};
+
+use crate::crypto::names::DIR_ID_LEN;
+use crate::volume::Volume;
+use crate::volume::content::BackingFile;
+use crate::volume::dirid;
+use crate::volume::layout::{FileHeader, HEADER_LEN, plain_size};
+use handle::{DirEntry, Handles, OpenDir, OpenFile};
+use inode::{Inode, InodeTable};
+use names::{BackingName, Names};
+use xattr::{Mapped, XattrCipher, XattrError};
+
+/// Mount-time behaviour of the filesystem.
+#[derive(Clone, Debug)]
+pub struct FsOptions {
+    pub read_only: bool,
+    /// Attribute and entry cache timeout.
+    pub ttl: Duration,
+}
+
+impl Default for FsOptions {
+    fn default() -> Self {
+        FsOptions {
+            read_only: false,
+            ttl: Duration::from_secs(1),
+        }
+    }
+}
+
+pub struct KmfsFs {
+    vol: Arc<Volume>,
+    inodes: InodeTable,
+    files: Handles<OpenFile>,
+    dirs: Handles<OpenDir>,
+    names: Names,
+    xattrs: XattrCipher,
+    root_dir: File,
+    opts: FsOptions,
+}
+
+type R<T> = Result<T, Errno>;
+
+fn ts(sec: i64, nsec: i64) -> SystemTime {
+    let nsec = nsec.clamp(0, 999_999_999) as u32;
+    if sec >= 0 {
+        UNIX_EPOCH + Duration::new(sec as u64, nsec)
+    } else {
+        UNIX_EPOCH - Duration::new(sec.unsigned_abs(), 0) + Duration::new(0, nsec)
+    }
+}
+
+fn timespec(t: Option<TimeOrNow>) -> libc::timespec {
+    match t {
+        None => libc::timespec {
+            tv_sec: 0,
+            tv_nsec: libc::UTIME_OMIT,
+        },
+        Some(TimeOrNow::Now) => libc::timespec {
+            tv_sec: 0,
+            tv_nsec: libc::UTIME_NOW,
+        },
+        Some(TimeOrNow::SpecificTime(t)) => match t.duration_since(UNIX_EPOCH) {
+            Ok(d) => libc::timespec {
+                tv_sec: d.as_secs() as libc::time_t,
+                tv_nsec: d.subsec_nanos() as libc::c_long,
+            },
+            Err(e) => {
+                let d = e.duration();
+                let mut sec = -(d.as_secs() as libc::time_t);
+                let mut nsec = d.subsec_nanos() as libc::c_long;
+                if nsec > 0 {
+                    sec -= 1;
+                    nsec = 1_000_000_000 - nsec;
+                }
+                libc::timespec {
+                    tv_sec: sec,
+                    tv_nsec: nsec,
+                }
+            }
+        },
+    }
+}
+
+fn is_crypto_error(e: &io::Error) -> bool {
+    e.raw_os_error().is_none()
+}
+
+impl KmfsFs {
+    /// Builds the filesystem for an unlocked volume. Checks that the backing
+    /// root is a directory (and, with encrypted names, has its directory id).
+    pub fn new(vol: Arc<Volume>, opts: FsOptions) -> io::Result<KmfsFs> {
+        let root_dir = File::open(&vol.backing)?;
+        let root_path = sys::openat(root_dir.as_fd(), c".", libc::O_PATH | libc::O_DIRECTORY, 0)?;
+        let st = sys::fstat(root_path.as_fd())?;
+        if st.st_mode & libc::S_IFMT != libc::S_IFDIR {
+            return Err(io::Error::from_raw_os_error(libc::ENOTDIR));
+        }
+        let inodes = InodeTable::new(root_path, &st);
+        let names = Names::new(vol.clone());
+        if !names.plaintext() {
+            let id = dirid::read(&vol.backing)?;
+            let _ = inodes.root().dir_id.set(id);
+        }
+        let xattrs = XattrCipher::new(&vol.keys.metadata);
+        Ok(KmfsFs {
+            vol,
+            inodes,
+            files: Handles::default(),
+            dirs: Handles::default(),
+            names,
+            xattrs,
+            root_dir,
+            opts,
+        })
+    }
+
+    fn inode(&self, ino: INodeNo) -> R<Arc<Inode>> {
+        self.inodes.get(ino.0).ok_or(Errno::ESTALE)
+    }
+
+    fn ro(&self) -> R<()> {
+        if self.opts.read_only {
+            Err(Errno::EROFS)
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Logs a damaged-data error and turns it into EIO; passes OS errors on.
+    fn fail(&self, op: &str, inode: &Inode, e: io::Error) -> Errno {
+        if is_crypto_error(&e) {
+            log::error!(
+                "op={op} path={} error=\"{e}\" result=eio",
+                sys::fd_path(inode.fd())
+            );
+            Errno::EIO
+        } else {
+            Errno::from(e)
+        }
+    }
+
+    fn attr(&self, inode: &Inode, st: &libc::stat) -> FileAttr {
+        let kind = inode::kind_of(st.st_mode);
+        let size = match kind {
+            FileType::RegularFile => plain_size(st.st_size as u64),
+            FileType::Symlink => sys::readlink_fd(inode.fd())
+                .ok()
+                .and_then(|t| self.names.decrypt_target(&t).ok())
+                .map(|t| t.len() as u64)
+                .unwrap_or(st.st_size as u64),
+            _ => st.st_size as u64,
+        };
+        FileAttr {
+            ino: INodeNo(inode.ino),
+            size,
+            blocks: st.st_blocks as u64,
+            atime: ts(st.st_atime, st.st_atime_nsec),
+            mtime: ts(st.st_mtime, st.st_mtime_nsec),
+            ctime: ts(st.st_ctime, st.st_ctime_nsec),
+            crtime: UNIX_EPOCH,
+            kind,
+            perm: (st.st_mode & 0o7777) as u16,
+            nlink: st.st_nlink as u32,
+            uid: st.st_uid,
+            gid: st.st_gid,
+            rdev: st.st_rdev as u32,
+            blksize: st.st_blksize as u32,
+            flags: 0,
+        }
+    }
+
+    fn stat_attr(&self, inode: &Inode) -> R<FileAttr> {
+        let st = sys::fstat(inode.fd()).map_err(Errno::from)?;
+        Ok(self.attr(inode, &st))
+    }
+
+    /// Takes a kernel reference to the backing entry `backing` of `parent`.
+    fn lookup_backing(&self, parent: &Inode, backing: &CStr) -> R<(Arc<Inode>, FileAttr)> {
+        let fd = sys::open_path(parent.fd(), backing).map_err(Errno::from)?;
+        let st = sys::fstat(fd.as_fd()).map_err(Errno::from)?;
+        let inode = self.inodes.lookup(fd, &st);
+        let attr = self.attr(&inode, &st);
+        Ok((inode, attr))
+    }
+
+    fn do_lookup(&self, parent: &Inode, name: &OsStr) -> R<(Arc<Inode>, FileAttr)> {
+        if parent.kind != FileType::Directory {
+            return Err(Errno::ENOTDIR);
+        }
+        let b = match self.names.encode(parent, name) {
+            Ok(b) => b,
+            // A reserved name cannot exist in plaintext-names mode.
+            Err(e) if e == Errno::EPERM => return Err(Errno::ENOENT),
+            Err(e) => return Err(e),
+        };
+        self.lookup_backing(parent, &b.name)
+    }
+
+    /// Mode for a new entry: the caller's umask applies unless the backing
+    /// parent has a default ACL (then the backing filesystem applies the ACL).
+    fn create_mode(&self, parent: &Inode, mode: u32, umask: u32) -> u32 {
+        let has_default_acl =
+            sys::getxattr(parent.fd(), c"system.posix_acl_default").is_ok_and(|v| !v.is_empty());
+        if has_default_acl {
+            mode & 0o7777
+        } else {
+            mode & 0o7777 & !umask
+        }
+    }
+
+    /// Gives a new entry to the caller (uid, and gid unless the directory is
+    /// set-group-id), keeping set-id bits the chown would clear.
+    fn set_owner(&self, parent: &Inode, fd: std::os::fd::BorrowedFd<'_>, req: &Request, mode: u32) {
+        let pst = sys::fstat(parent.fd()).ok();
+        let gid = match pst {
+            Some(p) if p.st_mode & libc::S_ISGID != 0 => None,
+            _ => Some(req.gid()),
+        };
+        if req.uid() == 0 && gid.is_none_or(|g| g == 0) {
+            return;
+        }
+        if let Err(e) = sys::fchownat(fd, Some(req.uid()), gid) {
+            log::warn!("op=chown path={} error=\"{e}\"", sys::fd_path(fd));
+        }
+        if mode & (libc::S_ISUID | libc::S_ISGID) != 0
+            && let Ok(st) = sys::fstat(fd)
+            && st.st_mode & libc::S_IFMT != libc::S_IFLNK
+        {
+            let _ = sys::chmod_fd(fd, mode & 0o7777);
+        }
+    }
+
+    /// Header of an open file; `None` if it has none yet (empty file).
+    fn header(&self, h: &OpenFile, op: &str) -> R<Option<FileHeader>> {
+        if let Some(hd) = h.inode.header.get() {
+            return Ok(Some(hd.clone()));
+        }
+        match FileHeader::read_from(&h.file) {
+            Ok(Some(hd)) => {
+                let _ = h.inode.header.set(hd.clone());
+                Ok(Some(hd))
+            }
+            Ok(None) => Ok(None),
+            Err(e) => {
+                log::error!(
+                    "op={op} path={} error=\"damaged file header: {e}\" result=eio",
+                    sys::fd_path(h.inode.fd())
+                );
+                Err(Errno::EIO)
+            }
+        }
+    }
+
+    /// Header of a file about to be written (write lock held): written now if
+    /// the file has none yet.
+    fn ensure_header(&self, inode: &Inode, file: &File, op: &str) -> R<FileHeader> {
+        if let Some(hd) = inode.header.get() {
+            return Ok(hd.clone());
+        }
+        match FileHeader::read_from(file) {
+            Ok(Some(hd)) => {
+                let _ = inode.header.set(hd.clone());
+                Ok(hd)
+            }
+            Ok(None) => {
+                let hd = FileHeader::generate().map_err(Errno::from)?;
+                file.write_all_at(&hd.to_bytes(), 0)
+                    .map_err(|e| self.fail(op, inode, e))?;
+                let _ = inode.header.set(hd.clone());
+                Ok(hd)
+            }
+            Err(e) => {
+                log::error!(
+                    "op={op} path={} error=\"damaged file header: {e}\" result=eio",
+                    sys::fd_path(inode.fd())
+                );
+                Err(Errno::EIO)
+            }
+        }
+    }
+
+    fn file_size(file: &File) -> R<u64> {
+        Ok(plain_size(file.metadata().map_err(Errno::from)?.len()))
+    }
+
+    fn truncate(&self, inode: &Inode, fh: Option<FileHandle>, new_size: u64) -> R<()> {
+        if inode.kind == FileType::Directory {
+            return Err(Errno::EISDIR);
+        }
+        if inode.kind != FileType::RegularFile {
+            return Err(Errno::EINVAL);
+        }
+        let held;
+        let file = match fh.and_then(|f| self.files.get(f.0)) {
+            Some(h) => {
+                held = h;
+                &held.file
+            }
+            None => &sys::reopen(inode.fd(), libc::O_RDWR).map_err(Errno::from)?,
+        };
+        let _g = inode.io.write().unwrap_or_else(|p| p.into_inner());
+        let size = Self::file_size(file)?;
+        if new_size == size {
+            return Ok(());
+        }
+        let header = self.ensure_header(inode, file, "truncate")?;
+        BackingFile {
+            file,
+            cipher: &self.vol.keys.content,
+            header: &header,
+        }
+        .truncate(size, new_size)
+        .map_err(|e| self.fail("truncate", inode, e))
+    }
+
+    fn open_backing(&self, inode: &Inode, flags: i32) -> R<File> {
+        let want_write = flags & libc::O_ACCMODE != libc::O_RDONLY;
+        if self.opts.read_only {
+            if want_write {
+                return Err(Errno::EROFS);
+            }
+            return sys::reopen(inode.fd(), libc::O_RDONLY).map_err(Errno::from);
+        }
+        match sys::reopen(inode.fd(), libc::O_RDWR) {
+            Ok(f) => Ok(f),
+            Err(e) if !want_write => {
+                sys::reopen(inode.fd(), libc::O_RDONLY).map_err(|_| Errno::from(e))
+            }
+            Err(e) => Err(Errno::from(e)),
+        }
+    }
+
+    fn reply_entry(&self, reply: ReplyEntry, r: R<(Arc<Inode>, FileAttr)>) {
+        match r {
+            Ok((_, attr)) => reply.entry(&self.opts.ttl, &attr, Generation(0)),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    /// Registers a freshly created entry `b` of `parent`.
+    fn finish_new(
+        &self,
+        parent: &Inode,
+        b: &BackingName,
+        req: &Request,
+        mode: u32,
+    ) -> R<(Arc<Inode>, FileAttr)> {
+        let fd = sys::open_path(parent.fd(), &b.name).map_err(Errno::from)?;
+        self.set_owner(parent, fd.as_fd(), req, mode);
+        let st = sys::fstat(fd.as_fd()).map_err(Errno::from)?;
+        let inode = self.inodes.lookup(fd, &st);
+        let attr = self.attr(&inode, &st);
+        Ok((inode, attr))
+    }
+
+    /// Runs `make` to create entry `b` in `parent`, with the long-name sidecar
+    /// written before and removed again if the entry could not be made.
+    fn with_sidecar(
+        &self,
+        parent: &Inode,
+        b: &BackingName,
+        make: impl FnOnce() -> io::Result<()>,
+    ) -> R<()> {
+        self.names
+            .write_sidecar(parent, b)
+            .map_err(|e| self.fail("sidecar", parent, e))?;
+        match make() {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                if e.raw_os_error() != Some(libc::EEXIST) {
+                    self.names.remove_sidecar(parent, b);
+                }
+                Err(Errno::from(e))
+            }
+        }
+    }
+
+    fn do_mknod(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        rdev: u32,
+    ) -> R<(Arc<Inode>, FileAttr)> {
+        self.ro()?;
+        let parent = self.inode(parent)?;
+        let b = self.names.encode(&parent, name)?;
+        let perm = self.create_mode(&parent, mode, umask);
+        let fmt = mode & libc::S_IFMT;
+        self.with_sidecar(&parent, &b, || {
+            if fmt == libc::S_IFREG || fmt == 0 {
+                sys::openat(
+                    parent.fd(),
+                    &b.name,
+                    libc::O_CREAT | libc::O_EXCL | libc::O_WRONLY | libc::O_NOFOLLOW,
+                    perm,
+                )
+                .map(drop)
+            } else {
+                sys::mknodat(parent.fd(), &b.name, fmt | perm, rdev as u64)
+            }
+        })?;
+        self.finish_new(&parent, &b, req, perm)
+    }
+
+    fn do_mkdir(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+    ) -> R<(Arc<Inode>, FileAttr)> {
+        self.ro()?;
+        let parent = self.inode(parent)?;
+        let b = self.names.encode(&parent, name)?;
+        let perm = self.create_mode(&parent, mode, umask);
+        if self.names.plaintext() {
+            sys::mkdirat(parent.fd(), &b.name, perm).map_err(Errno::from)?;
+            return self.finish_new(&parent, &b, req, perm);
+        }
+        // Made under a reserved temporary name with its id, then renamed into
+        // place, so no directory is ever visible without an id.
+        let mut rnd = [0u8; 8];
+        getrandom::fill(&mut rnd).map_err(|_| Errno::EIO)?;
+        let tmp = sys::cstr(format!("kmfs.tmp.{}", crate::volume::hex(&rnd)).as_bytes())
+            .map_err(Errno::from)?;
+        sys::mkdirat(parent.fd(), &tmp, perm).map_err(Errno::from)?;
+        let cleanup = |fd: Option<&std::os::fd::OwnedFd>| {
+            if let Some(fd) = fd {
+                let _ = sys::unlinkat(fd.as_fd(), c"kmfs.dirid", 0);
+                let _ = sys::unlinkat(fd.as_fd(), c"kmfs.dirid.tmp", 0);
+            }
+            let _ = sys::unlinkat(parent.fd(), &tmp, libc::AT_REMOVEDIR);
+        };
+        let tfd = match sys::open_path(parent.fd(), &tmp) {
+            Ok(f) => f,
+            Err(e) => {
+                cleanup(None);
+                return Err(Errno::from(e));
+            }
+        };
+        let tpath = sys::proc_path(tfd.as_raw_fd());
+        let id: [u8; DIR_ID_LEN] =
+            match dirid::create(Path::new(OsStr::from_bytes(tpath.as_bytes()))) {
+                Ok(id) => id,
+                Err(e) => {
+                    cleanup(Some(&tfd));
+                    return Err(self.fail("mkdir", &parent, e));
+                }
+            };
+        self.set_owner(&parent, tfd.as_fd(), req, perm);
+        let placed = self.with_sidecar(&parent, &b, || {
+            match sys::renameat2(
+                parent.fd(),
+                &tmp,
+                parent.fd(),
+                &b.name,
+                libc::RENAME_NOREPLACE,
+            ) {
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                    // Backing filesystem without RENAME_NOREPLACE.
+                    match sys::fstatat(parent.fd(), &b.name, libc::AT_SYMLINK_NOFOLLOW) {
+                        Ok(_) => Err(io::Error::from_raw_os_error(libc::EEXIST)),
+                        Err(_) => sys::renameat2(parent.fd(), &tmp, parent.fd(), &b.name, 0),
+                    }
+                }
+                r => r,
+            }
+        });
+        if let Err(e) = placed {
+            cleanup(Some(&tfd));
+            return Err(e);
+        }
+        let st = sys::fstat(tfd.as_fd()).map_err(Errno::from)?;
+        let inode = self.inodes.lookup(tfd, &st);
+        let _ = inode.dir_id.set(id);
+        let attr = self.attr(&inode, &st);
+        Ok((inode, attr))
+    }
+
+    /// Removes the bookkeeping of an empty backing directory so that the
+    /// backing rmdir/rename-over can succeed; returns its id for restoring.
+    fn strip_empty_dir(&self, dir_fd: std::os::fd::BorrowedFd<'_>) -> R<Option<[u8; DIR_ID_LEN]>> {
+        if !self.names.dir_is_empty(dir_fd)? {
+            return Err(Errno::ENOTEMPTY);
+        }
+        if self.names.plaintext() {
+            return Ok(None);
+        }
+        let p = sys::proc_path(dir_fd.as_raw_fd());
+        let path = Path::new(OsStr::from_bytes(p.as_bytes()));
+        let id = dirid::read(path).ok();
+        let _ = sys::unlinkat(dir_fd, c"kmfs.dirid.tmp", 0);
+        match sys::unlinkat(dir_fd, c"kmfs.dirid", 0) {
+            Ok(()) => {}
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
+            Err(e) => return Err(Errno::from(e)),
+        }
+        Ok(id)
+    }
+
+    fn restore_dirid(&self, dir_fd: std::os::fd::BorrowedFd<'_>, id: Option<[u8; DIR_ID_LEN]>) {
+        if let Some(id) = id {
+            let p = sys::proc_path(dir_fd.as_raw_fd());
+            if let Err(e) = dirid::write(Path::new(OsStr::from_bytes(p.as_bytes())), &id) {
+                log::error!(
+                    "op=restore_dirid path={} error=\"{e}\"",
+                    sys::fd_path(dir_fd)
+                );
+            }
+        }
+    }
+
+    fn do_rmdir(&self, parent: INodeNo, name: &OsStr) -> R<()> {
+        self.ro()?;
+        let parent = self.inode(parent)?;
+        let b = self.names.encode(&parent, name)?;
+        let cfd = sys::open_path(parent.fd(), &b.name).map_err(Errno::from)?;
+        let st = sys::fstat(cfd.as_fd()).map_err(Errno::from)?;
+        if st.st_mode & libc::S_IFMT != libc::S_IFDIR {
+            return Err(Errno::ENOTDIR);
+        }
+        let id = self.strip_empty_dir(cfd.as_fd())?;
+        if let Err(e) = sys::unlinkat(parent.fd(), &b.name, libc::AT_REMOVEDIR) {
+            self.restore_dirid(cfd.as_fd(), id);
+            return Err(Errno::from(e));
+        }
+        self.names.remove_sidecar(&parent, &b);
+        Ok(())
+    }
+
+    fn do_unlink(&self, parent: INodeNo, name: &OsStr) -> R<()> {
+        self.ro()?;
+        let parent = self.inode(parent)?;
+        let b = self.names.encode(&parent, name)?;
+        sys::unlinkat(parent.fd(), &b.name, 0).map_err(Errno::from)?;
+        self.names.remove_sidecar(&parent, &b);
+        Ok(())
+    }
+
+    fn do_rename(
+        &self,
+        parent: INodeNo,
+        name: &OsStr,
+        newparent: INodeNo,
+        newname: &OsStr,
+        flags: RenameFlags,
+    ) -> R<()> {
+        self.ro()?;
+        if flags.contains(RenameFlags::RENAME_WHITEOUT) {
+            return Err(Errno::EINVAL);
+        }
+        let p = self.inode(parent)?;
+        let np = self.inode(newparent)?;
+        let ob = self.names.encode(&p, name)?;
+        let nb = self.names.encode(&np, newname)?;
+        let exchange = flags.contains(RenameFlags::RENAME_EXCHANGE);
+        let noreplace = flags.contains(RenameFlags::RENAME_NOREPLACE);
+        let src = sys::fstatat(p.fd(), &ob.name, libc::AT_SYMLINK_NOFOLLOW).map_err(Errno::from)?;
+        let mut stripped: Option<(std::os::fd::OwnedFd, Option<[u8; DIR_ID_LEN]>)> = None;
+        let target_existed;
+        match sys::fstatat(np.fd(), &nb.name, libc::AT_SYMLINK_NOFOLLOW) {
+            Ok(tst) => {
+                target_existed = true;
+                if (tst.st_dev, tst.st_ino) == (src.st_dev, src.st_ino) && !exchange {
+                    // Same inode (same entry or hard links): POSIX says do nothing.
+                    if noreplace {
+                        return Err(Errno::EEXIST);
+                    }
+                    return Ok(());
+                }
+                let both_dirs = tst.st_mode & libc::S_IFMT == libc::S_IFDIR
+                    && src.st_mode & libc::S_IFMT == libc::S_IFDIR;
+                if both_dirs && !exchange && !noreplace {
+                    let tfd = sys::open_path(np.fd(), &nb.name).map_err(Errno::from)?;
+                    let id = self.strip_empty_dir(tfd.as_fd())?;
+                    stripped = Some((tfd, id));
+                }
+            }
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
+                target_existed = false;
+                if exchange {
+                    return Err(Errno::ENOENT);
+                }
+            }
+            Err(e) => return Err(Errno::from(e)),
+        }
+        if !exchange {
+            self.names
+                .write_sidecar(&np, &nb)
+                .map_err(|e| self.fail("rename", &np, e))?;
+        }
+        let r = sys::renameat2(p.fd(), &ob.name, np.fd(), &nb.name, flags.bits());
+        if let Err(e) = r {
+            if let Some((tfd, id)) = stripped {
+                self.restore_dirid(tfd.as_fd(), id);
+            }
+            if !exchange && !target_existed {
+                self.names.remove_sidecar(&np, &nb);
+            }
+            return Err(Errno::from(e));
+        }
+        if !exchange {
+            self.names.remove_sidecar(&p, &ob);
+        }
+        Ok(())
+    }
+
+    fn do_create(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        flags: i32,
+    ) -> R<(FileAttr, u64)> {
+        self.ro()?;
+        let parent = self.inode(parent)?;
+        let b = self.names.encode(&parent, name)?;
+        let perm = self.create_mode(&parent, mode, umask);
+        let mut created = false;
+        let made = self.with_sidecar(&parent, &b, || {
+            sys::openat(
+                parent.fd(),
+                &b.name,
+                libc::O_CREAT | libc::O_EXCL | libc::O_RDWR | libc::O_NOFOLLOW,
+                perm,
+            )
+            .map(|fd| {
+                created = true;
+                drop(fd)
+            })
+        });
+        match made {
+            Ok(()) => {}
+            Err(e) if e == Errno::EEXIST && flags & libc::O_EXCL == 0 => {}
+            Err(e) => return Err(e),
+        }
+        let (inode, _) = if created {
+            self.finish_new(&parent, &b, req, perm)?
+        } else {
+            self.lookup_backing(&parent, &b.name)?
+        };
+        let file = match self.open_backing(&inode, flags) {
+            Ok(f) => f,
+            Err(e) => {
+                self.inodes.forget(inode.ino, 1);
+                return Err(e);
+            }
+        };
+        if created {
+            let _g = inode.io.write().unwrap_or_else(|p| p.into_inner());
+            if let Err(e) = self.ensure_header(&inode, &file, "create") {
+                self.inodes.forget(inode.ino, 1);
+                return Err(e);
+            }
+        } else if flags & libc::O_TRUNC != 0
+            && let Err(e) = self.truncate(&inode, None, 0)
+        {
+            self.inodes.forget(inode.ino, 1);
+            return Err(e);
+        }
+        let attr = self.stat_attr(&inode)?;
+        let fh = self.files.insert(OpenFile {
+            inode,
+            file,
+            append: flags & libc::O_APPEND != 0,
+        });
+        Ok((attr, fh))
+    }
+
+    fn do_read(&self, fh: FileHandle, offset: u64, size: u32) -> R<Vec<u8>> {
+        let h = self.files.get(fh.0).ok_or(Errno::EBADF)?;
+        let _g = h.inode.io.read().unwrap_or_else(|p| p.into_inner());
+        let fsize = Self::file_size(&h.file)?;
+        if offset >= fsize {
+            return Ok(Vec::new());
+        }
+        let Some(header) = self.header(&h, "read")? else {
+            return Ok(Vec::new());
+        };
+        BackingFile {
+            file: &h.file,
+            cipher: &self.vol.keys.content,
+            header: &header,
+        }
+        .read(fsize, offset, size as usize)
+        .map_err(|e| self.fail("read", &h.inode, e))
+    }
+
+    fn do_write(&self, fh: FileHandle, offset: u64, data: &[u8]) -> R<u32> {
+        self.ro()?;
+        let h = self.files.get(fh.0).ok_or(Errno::EBADF)?;
+        let _g = h.inode.io.write().unwrap_or_else(|p| p.into_inner());
+        let header = self.ensure_header(&h.inode, &h.file, "write")?;
+        let size = Self::file_size(&h.file)?;
+        let off = if h.append { size } else { offset };
+        BackingFile {
+            file: &h.file,
+            cipher: &self.vol.keys.content,
+            header: &header,
+        }
+        .write(size, off, data)
+        .map_err(|e| self.fail("write", &h.inode, e))?;
+        Ok(data.len() as u32)
+    }
+
+    fn do_fallocate(&self, fh: FileHandle, offset: u64, length: u64, mode: i32) -> R<()> {
+        self.ro()?;
+        if mode & !libc::FALLOC_FL_KEEP_SIZE != 0 {
+            return Err(Errno::EOPNOTSUPP);
+        }
+        let h = self.files.get(fh.0).ok_or(Errno::EBADF)?;
+        let end = offset.checked_add(length).ok_or(Errno::EFBIG)?;
+        let _g = h.inode.io.write().unwrap_or_else(|p| p.into_inner());
+        let header = self.ensure_header(&h.inode, &h.file, "fallocate")?;
+        let size = Self::file_size(&h.file)?;
+        if mode & libc::FALLOC_FL_KEEP_SIZE == 0 && end > size {
+            BackingFile {
+                file: &h.file,
+                cipher: &self.vol.keys.content,
+                header: &header,
+            }
+            .truncate(size, end)
+            .map_err(|e| self.fail("fallocate", &h.inode, e))?;
+        }
+        match sys::fallocate(&h.file, mode, HEADER_LEN + offset, length) {
+            Ok(()) => Ok(()),
+            Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => Ok(()),
+            Err(e) => Err(Errno::from(e)),
+        }
+    }
+
+    fn do_lseek(&self, fh: FileHandle, offset: i64, whence: i32) -> R<i64> {
+        let h = self.files.get(fh.0).ok_or(Errno::EBADF)?;
+        let _g = h.inode.io.read().unwrap_or_else(|p| p.into_inner());
+        let size = Self::file_size(&h.file)?;
+        if offset < 0 {
+            return Err(Errno::EINVAL);
+        }
+        let off = offset as u64;
+        match whence {
+            libc::SEEK_DATA | libc::SEEK_HOLE => {}
+            libc::SEEK_SET => return Ok(offset),
+            libc::SEEK_END => return Ok(size as i64 + offset),
+            _ => return Err(Errno::EINVAL),
+        }
+        if off >= size {
+            return Err(Errno::ENXIO);
+        }
+        let pos = match sys::lseek(&h.file, HEADER_LEN + off, whence) {
+            Ok(p) => p.saturating_sub(HEADER_LEN).max(off),
+            Err(e) if e.raw_os_error() == Some(libc::ENXIO) && whence == libc::SEEK_HOLE => size,
+            Err(e) => return Err(Errno::from(e)),
+        };
+        if whence == libc::SEEK_HOLE {
+            Ok(pos.min(size) as i64)
+        } else if pos >= size {
+            Err(Errno::ENXIO)
+        } else {
+            Ok(pos as i64)
+        }
+    }
+
+    fn snapshot(&self, dir: &Inode) -> R<Vec<DirEntry>> {
+        let list = self.names.list(dir)?;
+        let dev = sys::fstat(dir.fd()).map_err(Errno::from)?.st_dev;
+        Ok(list
+            .into_iter()
+            .map(|e| DirEntry {
+                ino: self.inodes.ino_for(dev, e.d_ino),
+                name: e.name,
+                backing: e.backing,
+                kind: e.kind,
+            })
+            .collect())
+    }
+
+    fn xattr_name(&self, name: &OsStr) -> R<Mapped> {
+        self.xattrs.map_name(name.as_bytes()).map_err(|e| match e {
+            XattrError::Unsupported => Errno::EOPNOTSUPP,
+            XattrError::Invalid => Errno::ERANGE,
+        })
+    }
+
+    fn do_getxattr(&self, ino: INodeNo, name: &OsStr) -> R<Vec<u8>> {
+        let inode = self.inode(ino)?;
+        match self.xattr_name(name)? {
+            Mapped::Clear(n) => {
+                sys::getxattr(inode.fd(), &sys::cstr(&n).map_err(Errno::from)?).map_err(Errno::from)
+            }
+            Mapped::Encrypted(b) => {
+                let blob = sys::getxattr(inode.fd(), &sys::cstr(&b).map_err(Errno::from)?)
+                    .map_err(Errno::from)?;
+                match self.xattrs.open(&b, &blob) {
+                    Some((n, v)) if n == name.as_bytes() => Ok(v),
+                    _ => {
+                        log::error!(
+                            "op=getxattr path={} attr={} error=\"value does not authenticate\" result=eio",
+                            sys::fd_path(inode.fd()),
+                            String::from_utf8_lossy(&b)
+                        );
+                        Err(Errno::EIO)
+                    }
+                }
+            }
+        }
+    }
+
+    fn do_listxattr(&self, ino: INodeNo) -> R<Vec<u8>> {
+        let inode = self.inode(ino)?;
+        let raw = match sys::listxattr(inode.fd()) {
+            Ok(r) => r,
+            Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => Vec::new(),
+            Err(e) => return Err(Errno::from(e)),
+        };
+        let mut out = Vec::new();
+        for n in raw.split(|&c| c == 0).filter(|n| !n.is_empty()) {
+            if n == xattr::ACL_ACCESS || n == xattr::ACL_DEFAULT {
+                out.extend_from_slice(n);
+                out.push(0);
+            } else if n.starts_with(xattr::BACKING_PREFIX) {
+                let Ok(c) = sys::cstr(n) else { continue };
+                let Ok(blob) = sys::getxattr(inode.fd(), &c) else {
+                    continue;
+                };
+                match self.xattrs.open(n, &blob) {
+                    Some((name, _)) => {
+                        out.extend_from_slice(&name);
+                        out.push(0);
+                    }
+                    None => log::error!(
+                        "op=listxattr path={} attr={} error=\"value does not authenticate\"",
+                        sys::fd_path(inode.fd()),
+                        String::from_utf8_lossy(n)
+                    ),
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    fn reply_xattr(reply: ReplyXattr, size: u32, r: R<Vec<u8>>) {
+        match r {
+            Ok(v) if size == 0 => reply.size(v.len() as u32),
+            Ok(v) if v.len() > size as usize => reply.error(Errno::ERANGE),
+            Ok(v) => reply.data(&v),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn do_setattr(
+        &self,
+        ino: INodeNo,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        size: Option<u64>,
+        atime: Option<TimeOrNow>,
+        mtime: Option<TimeOrNow>,
+        fh: Option<FileHandle>,
+    ) -> R<FileAttr> {
+        let inode = self.inode(ino)?;
+        if mode.is_some()
+            || uid.is_some()
+            || gid.is_some()
+            || size.is_some()
+            || atime.is_some()
+            || mtime.is_some()
+        {
+            self.ro()?;
+        }
+        if uid.is_some() || gid.is_some() {
+            sys::fchownat(inode.fd(), uid, gid).map_err(Errno::from)?;
+        }
+        if let Some(m) = mode {
+            if inode.kind == FileType::Symlink {
+                return Err(Errno::EOPNOTSUPP);
+            }
+            sys::chmod_fd(inode.fd(), m & 0o7777).map_err(Errno::from)?;
+        }
+        if let Some(s) = size {
+            self.truncate(&inode, fh, s)?;
+        }
+        if atime.is_some() || mtime.is_some() {
+            let t = [timespec(atime), timespec(mtime)];
+            sys::utimens_fd(inode.fd(), &t).map_err(Errno::from)?;
+        }
+        self.stat_attr(&inode)
+    }
+
+    fn do_symlink(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        link_name: &OsStr,
+        target: &Path,
+    ) -> R<(Arc<Inode>, FileAttr)> {
+        self.ro()?;
+        let parent = self.inode(parent)?;
+        let b = self.names.encode(&parent, link_name)?;
+        let t = self.names.encrypt_target(target.as_os_str().as_bytes())?;
+        self.with_sidecar(&parent, &b, || sys::symlinkat(&t, parent.fd(), &b.name))?;
+        self.finish_new(&parent, &b, req, 0o777)
+    }
+
+    fn do_link(
+        &self,
+        ino: INodeNo,
+        newparent: INodeNo,
+        newname: &OsStr,
+    ) -> R<(Arc<Inode>, FileAttr)> {
+        self.ro()?;
+        let inode = self.inode(ino)?;
+        let np = self.inode(newparent)?;
+        let b = self.names.encode(&np, newname)?;
+        self.with_sidecar(&np, &b, || sys::link_fd(inode.fd(), np.fd(), &b.name))?;
+        self.lookup_backing(&np, &b.name)
+    }
+
+    fn do_readdirplus(
+        &self,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        reply: &mut ReplyDirectoryPlus,
+    ) -> R<()> {
+        let d = self.dirs.get(fh.0).ok_or(Errno::EBADF)?;
+        if offset == 0 {
+            let fresh = self.snapshot(&d.inode)?;
+            *d.entries.lock().unwrap_or_else(|p| p.into_inner()) = fresh;
+        }
+        let entries = d.entries.lock().unwrap_or_else(|p| p.into_inner());
+        let dattr = self.stat_attr(&d.inode)?;
+        let ttl = self.opts.ttl;
+        let mut i = offset;
+        loop {
+            let full = match i {
+                0 => reply.add(ino, 1, ".", &ttl, &dattr, Generation(0)),
+                1 => reply.add(ino, 2, "..", &ttl, &dattr, Generation(0)),
+                _ => {
+                    let Some(e) = entries.get((i - 2) as usize) else {
+                        break;
+                    };
+                    match self.lookup_backing(&d.inode, &e.backing) {
+                        Ok((inode, attr)) => {
+                            let full = reply.add(
+                                INodeNo(inode.ino),
+                                i + 1,
+                                &e.name,
+                                &ttl,
+                                &attr,
+                                Generation(0),
+                            );
+                            if full {
+                                self.inodes.forget(inode.ino, 1);
+                            }
+                            full
+                        }
+                        Err(_) => false,
+                    }
+                }
+            };
+            if full {
+                break;
+            }
+            i += 1;
+        }
+        Ok(())
+    }
+}
+
+impl Filesystem for KmfsFs {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> io::Result<()> {
+        let _ = config.set_max_write(1 << 20);
+        let _ = config.set_max_readahead(1 << 20);
+        let _ = config.set_max_background(64);
+        for cap in [
+            InitFlags::FUSE_DO_READDIRPLUS,
+            InitFlags::FUSE_READDIRPLUS_AUTO,
+            InitFlags::FUSE_PARALLEL_DIROPS,
+            InitFlags::FUSE_POSIX_ACL,
+            InitFlags::FUSE_DONT_MASK,
+            InitFlags::FUSE_MAX_PAGES,
+        ] {
+            let _ = config.add_capabilities(cap);
+        }
+        Ok(())
+    }
+
+    fn destroy(&mut self) {
+        log::info!(
+            "op=destroy volume={} open_files={} inodes={}",
+            self.vol.id_hex(),
+            self.files.len(),
+            self.inodes.len()
+        );
+    }
+
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        let r = self.inode(parent).and_then(|p| self.do_lookup(&p, name));
+        self.reply_entry(reply, r);
+    }
+
+    fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
+        self.inodes.forget(ino.0, nlookup);
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        match self.inode(ino).and_then(|i| self.stat_attr(&i)) {
+            Ok(a) => reply.attr(&self.opts.ttl, &a),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn setattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        size: Option<u64>,
+        atime: Option<TimeOrNow>,
+        mtime: Option<TimeOrNow>,
+        _ctime: Option<SystemTime>,
+        fh: Option<FileHandle>,
+        _crtime: Option<SystemTime>,
+        _chgtime: Option<SystemTime>,
+        _bkuptime: Option<SystemTime>,
+        _flags: Option<fuser::BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        match self.do_setattr(ino, mode, uid, gid, size, atime, mtime, fh) {
+            Ok(a) => reply.attr(&self.opts.ttl, &a),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        let r = self.inode(ino).and_then(|i| {
+            let stored = sys::readlink_fd(i.fd()).map_err(Errno::from)?;
+            self.names.decrypt_target(&stored).map_err(|e| {
+                log::error!(
+                    "op=readlink path={} error=\"{e}\" result=eio",
+                    sys::fd_path(i.fd())
+                );
+                Errno::EIO
+            })
+        });
+        match r {
+            Ok(t) => reply.data(&t),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn mknod(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        rdev: u32,
+        reply: ReplyEntry,
+    ) {
+        let r = self.do_mknod(req, parent, name, mode, umask, rdev);
+        self.reply_entry(reply, r);
+    }
+
+    fn mkdir(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        reply: ReplyEntry,
+    ) {
+        let r = self.do_mkdir(req, parent, name, mode, umask);
+        self.reply_entry(reply, r);
+    }
+
+    fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        match self.do_unlink(parent, name) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        match self.do_rmdir(parent, name) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn symlink(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        link_name: &OsStr,
+        target: &Path,
+        reply: ReplyEntry,
+    ) {
+        let r = self.do_symlink(req, parent, link_name, target);
+        self.reply_entry(reply, r);
+    }
+
+    fn rename(
+        &self,
+        _req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        newparent: INodeNo,
+        newname: &OsStr,
+        flags: RenameFlags,
+        reply: ReplyEmpty,
+    ) {
+        match self.do_rename(parent, name, newparent, newname, flags) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn link(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        newparent: INodeNo,
+        newname: &OsStr,
+        reply: ReplyEntry,
+    ) {
+        let r = self.do_link(ino, newparent, newname);
+        self.reply_entry(reply, r);
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        let r = (|| {
+            let inode = self.inode(ino)?;
+            if inode.kind == FileType::Directory {
+                return Err(Errno::EISDIR);
+            }
+            let file = self.open_backing(&inode, flags.0)?;
+            if flags.0 & libc::O_TRUNC != 0 && inode.kind == FileType::RegularFile {
+                self.ro()?;
+                self.truncate(&inode, None, 0)?;
+            }
+            Ok(self.files.insert(OpenFile {
+                inode,
+                file,
+                append: flags.0 & libc::O_APPEND != 0,
+            }))
+        })();
+        match r {
+            Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        match self.do_read(fh, offset, size) {
+            Ok(d) => reply.data(&d),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn write(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        data: &[u8],
+        _write_flags: WriteFlags,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        match self.do_write(fh, offset, data) {
+            Ok(n) => reply.written(n),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn flush(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _lock_owner: LockOwner,
+        reply: ReplyEmpty,
+    ) {
+        reply.ok();
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        self.files.remove(fh.0);
+        reply.ok();
+    }
+
+    fn fsync(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        let r = self.files.get(fh.0).ok_or(Errno::EBADF).and_then(|h| {
+            if datasync {
+                h.file.sync_data()
+            } else {
+                h.file.sync_all()
+            }
+            .map_err(Errno::from)
+        });
+        match r {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        let r = (|| {
+            let inode = self.inode(ino)?;
+            if inode.kind != FileType::Directory {
+                return Err(Errno::ENOTDIR);
+            }
+            let entries = self.snapshot(&inode)?;
+            Ok(self.dirs.insert(OpenDir {
+                inode,
+                entries: std::sync::Mutex::new(entries),
+            }))
+        })();
+        match r {
+            Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn readdir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
+        let Some(d) = self.dirs.get(fh.0) else {
+            return reply.error(Errno::EBADF);
+        };
+        if offset == 0 {
+            match self.snapshot(&d.inode) {
+                Ok(fresh) => *d.entries.lock().unwrap_or_else(|p| p.into_inner()) = fresh,
+                Err(e) => return reply.error(e),
+            }
+        }
+        let entries = d.entries.lock().unwrap_or_else(|p| p.into_inner());
+        let mut i = offset;
+        loop {
+            let full = match i {
+                0 => reply.add(ino, 1, FileType::Directory, "."),
+                1 => reply.add(ino, 2, FileType::Directory, ".."),
+                _ => match entries.get((i - 2) as usize) {
+                    Some(e) => reply.add(INodeNo(e.ino), i + 1, e.kind, &e.name),
+                    None => break,
+                },
+            };
+            if full {
+                break;
+            }
+            i += 1;
+        }
+        drop(entries);
+        reply.ok();
+    }
+
+    fn readdirplus(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectoryPlus,
+    ) {
+        match self.do_readdirplus(ino, fh, offset, &mut reply) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn releasedir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        reply: ReplyEmpty,
+    ) {
+        self.dirs.remove(fh.0);
+        reply.ok();
+    }
+
+    fn fsyncdir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        let r = self.inode(ino).and_then(|i| {
+            sys::reopen(i.fd(), libc::O_RDONLY | libc::O_DIRECTORY)
+                .and_then(|f| f.sync_all())
+                .map_err(Errno::from)
+        });
+        match r {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        match sys::fstatvfs(&self.root_dir) {
+            Ok(s) => reply.statfs(
+                s.f_blocks,
+                s.f_bfree,
+                s.f_bavail,
+                s.f_files,
+                s.f_ffree,
+                s.f_bsize as u32,
+                255,
+                s.f_frsize as u32,
+            ),
+            Err(e) => reply.error(Errno::from(e)),
+        }
+    }
+
+    fn setxattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        name: &OsStr,
+        value: &[u8],
+        flags: i32,
+        _position: u32,
+        reply: ReplyEmpty,
+    ) {
+        let r = (|| {
+            self.ro()?;
+            let inode = self.inode(ino)?;
+            match self.xattr_name(name)? {
+                Mapped::Clear(n) => sys::setxattr(
+                    inode.fd(),
+                    &sys::cstr(&n).map_err(Errno::from)?,
+                    value,
+                    flags,
+                ),
+                Mapped::Encrypted(b) => {
+                    let blob = self
+                        .xattrs
+                        .seal(&b, name.as_bytes(), value)
+                        .map_err(Errno::from)?;
+                    sys::setxattr(
+                        inode.fd(),
+                        &sys::cstr(&b).map_err(Errno::from)?,
+                        &blob,
+                        flags,
+                    )
+                }
+            }
+            .map_err(Errno::from)
+        })();
+        match r {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        Self::reply_xattr(reply, size, self.do_getxattr(ino, name));
+    }
+
+    fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        Self::reply_xattr(reply, size, self.do_listxattr(ino));
+    }
+
+    fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let r = (|| {
+            self.ro()?;
+            let inode = self.inode(ino)?;
+            let n = match self.xattr_name(name)? {
+                Mapped::Clear(n) | Mapped::Encrypted(n) => n,
+            };
+            sys::removexattr(inode.fd(), &sys::cstr(&n).map_err(Errno::from)?).map_err(Errno::from)
+        })();
+        match r {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn access(&self, _req: &Request, ino: INodeNo, _mask: AccessFlags, reply: ReplyEmpty) {
+        // The kernel checks permissions (default_permissions); this only
+        // answers whether the inode still exists.
+        match self.inode(ino) {
+            Ok(_) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn create(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        flags: i32,
+        reply: ReplyCreate,
+    ) {
+        match self.do_create(req, parent, name, mode, umask, flags) {
+            Ok((attr, fh)) => reply.created(
+                &self.opts.ttl,
+                &attr,
+                Generation(0),
+                FileHandle(fh),
+                FopenFlags::empty(),
+            ),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn fallocate(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        length: u64,
+        mode: i32,
+        reply: ReplyEmpty,
+    ) {
+        match self.do_fallocate(fh, offset, length, mode) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn lseek(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: i64,
+        whence: i32,
+        reply: ReplyLseek,
+    ) {
+        match self.do_lseek(fh, offset, whence) {
+            Ok(o) => reply.offset(o),
+            Err(e) => reply.error(e),
+        }
+    }
+}

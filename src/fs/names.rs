@@ -1,0 +1,268 @@
+//! Plaintext directory entries ↔ backing entries.
+//!
+//! Encrypted-names mode: a name is AES-SIV encrypted under the parent
+//! directory's id (`kmfs.dirid`, cached per directory inode). Names whose
+//! encoding is too long for one backing name live under `kmfs.long.<hash>`
+//! with the full encoding in the sidecar `kmfs.long.<hash>.name`. Sidecars
+//! belong to *names*, not files: they are written before the entry appears
+//! and removed after it goes.
+//!
+//! Plaintext-names mode: backing names are the plaintext names; names with the
+//! reserved `kmfs.` prefix are refused (EPERM), so they never collide with
+//! kmfs's own files.
+
+use std::ffi::{CString, OsStr, OsString};
+use std::io::{self, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::path::Path;
+use std::sync::Arc;
+
+use fuser::Errno;
+
+use super::inode::Inode;
+use super::sys;
+use crate::crypto::names::{
+    self as cn, DIR_ID_LEN, EncodedName, NameError, is_long, is_reserved, long_backing,
+    long_sidecar,
+};
+use crate::volume::Volume;
+use crate::volume::dirid;
+
+/// Where a plaintext name lives in its backing directory.
+#[derive(Debug, Clone)]
+pub struct BackingName {
+    pub name: CString,
+    /// For long names: the sidecar name and its content.
+    pub long: Option<(CString, String)>,
+}
+
+/// One directory entry as the user sees it.
+pub struct ListedEntry {
+    pub name: OsString,
+    pub backing: CString,
+    pub d_ino: u64,
+    pub kind: fuser::FileType,
+}
+
+pub struct Names {
+    vol: Arc<Volume>,
+    plaintext: bool,
+}
+
+fn name_errno(e: NameError) -> Errno {
+    match e {
+        NameError::Invalid => Errno::EINVAL,
+        NameError::TooLong => Errno::ENAMETOOLONG,
+        NameError::Corrupt => Errno::EIO,
+    }
+}
+
+impl Names {
+    pub fn new(vol: Arc<Volume>) -> Names {
+        let plaintext = vol.header.plaintext_names();
+        Names { vol, plaintext }
+    }
+
+    pub fn plaintext(&self) -> bool {
+        self.plaintext
+    }
+
+    /// The directory id of `dir` (cached). EIO if it is missing or damaged.
+    pub fn dir_id(&self, dir: &Inode) -> Result<[u8; DIR_ID_LEN], Errno> {
+        if let Some(id) = dir.dir_id.get() {
+            return Ok(*id);
+        }
+        let p = sys::proc_path(dir.fd().as_raw_fd());
+        match dirid::read(Path::new(OsStr::from_bytes(p.as_bytes()))) {
+            Ok(id) => {
+                let _ = dir.dir_id.set(id);
+                Ok(id)
+            }
+            Err(e) => {
+                log::error!(
+                    "op=dirid path={} error=\"{}\" result=eio",
+                    sys::fd_path(dir.fd()),
+                    e
+                );
+                Err(Errno::EIO)
+            }
+        }
+    }
+
+    /// The backing entry for plaintext `name` in `dir`.
+    pub fn encode(&self, dir: &Inode, name: &OsStr) -> Result<BackingName, Errno> {
+        let b = name.as_bytes();
+        cn::validate(b).map_err(name_errno)?;
+        if self.plaintext {
+            if is_reserved(b) {
+                return Err(Errno::EPERM);
+            }
+            return Ok(BackingName {
+                name: sys::cstr(b).map_err(Errno::from)?,
+                long: None,
+            });
+        }
+        let id = self.dir_id(dir)?;
+        match self.vol.keys.names.encrypt(&id, b).map_err(name_errno)? {
+            EncodedName::Short(s) => Ok(BackingName {
+                name: sys::cstr(s.as_bytes()).map_err(Errno::from)?,
+                long: None,
+            }),
+            EncodedName::Long { backing, full } => Ok(BackingName {
+                name: sys::cstr(backing.as_bytes()).map_err(Errno::from)?,
+                long: Some((
+                    sys::cstr(long_sidecar(&backing).as_bytes()).map_err(Errno::from)?,
+                    full,
+                )),
+            }),
+        }
+    }
+
+    /// Writes the sidecar of a long name (idempotent: same name, same content).
+    pub fn write_sidecar(&self, dir: &Inode, b: &BackingName) -> io::Result<()> {
+        let Some((side, full)) = &b.long else {
+            return Ok(());
+        };
+        let fd = sys::openat(
+            dir.fd(),
+            side,
+            libc::O_WRONLY | libc::O_CREAT | libc::O_TRUNC | libc::O_NOFOLLOW,
+            0o444,
+        )?;
+        let mut f = std::fs::File::from(fd);
+        f.write_all(full.as_bytes())
+    }
+
+    /// Removes the sidecar of a long name that no longer exists.
+    pub fn remove_sidecar(&self, dir: &Inode, b: &BackingName) {
+        if let Some((side, _)) = &b.long
+            && let Err(e) = sys::unlinkat(dir.fd(), side, 0)
+            && e.raw_os_error() != Some(libc::ENOENT)
+        {
+            log::warn!(
+                "op=remove_sidecar path={}/{} error=\"{e}\"",
+                sys::fd_path(dir.fd()),
+                side.to_string_lossy()
+            );
+        }
+    }
+
+    /// Decodes one backing entry name of `dir`; `None` for kmfs's own files and
+    /// for entries that do not decrypt (logged).
+    fn decode(&self, dir: &Inode, id: &[u8; DIR_ID_LEN], backing: &[u8]) -> Option<OsString> {
+        if self.plaintext {
+            if is_reserved(backing) {
+                return None;
+            }
+            return Some(OsString::from_vec(backing.to_vec()));
+        }
+        let full = if is_long(backing) {
+            let side = long_sidecar(std::str::from_utf8(backing).ok()?);
+            let p = sys::proc_path(dir.fd().as_raw_fd());
+            let path = Path::new(OsStr::from_bytes(p.as_bytes())).join(&side);
+            match std::fs::read_to_string(&path) {
+                Ok(s) if long_backing(s.trim_end()) == std::str::from_utf8(backing).ok()? => {
+                    s.trim_end().to_string()
+                }
+                Ok(_) | Err(_) => {
+                    log::error!(
+                        "op=readdir path={}/{} error=\"long-name sidecar missing or does not match\"",
+                        sys::fd_path(dir.fd()),
+                        String::from_utf8_lossy(backing)
+                    );
+                    return None;
+                }
+            }
+        } else if is_reserved(backing) {
+            return None;
+        } else {
+            std::str::from_utf8(backing).ok()?.to_string()
+        };
+        match self.vol.keys.names.decrypt(id, &full) {
+            Ok(n) => Some(OsString::from_vec(n)),
+            Err(_) => {
+                if !(dir.ino == super::inode::ROOT && backing == b"lost+found") {
+                    log::error!(
+                        "op=readdir path={}/{} error=\"name does not decrypt\"",
+                        sys::fd_path(dir.fd()),
+                        String::from_utf8_lossy(backing)
+                    );
+                }
+                None
+            }
+        }
+    }
+
+    /// All user-visible entries of `dir` (without `.` and `..`).
+    pub fn list(&self, dir: &Inode) -> Result<Vec<ListedEntry>, Errno> {
+        let id = if self.plaintext {
+            [0u8; DIR_ID_LEN]
+        } else {
+            self.dir_id(dir)?
+        };
+        let p = sys::proc_path(dir.fd().as_raw_fd());
+        let rd =
+            std::fs::read_dir(Path::new(OsStr::from_bytes(p.as_bytes()))).map_err(Errno::from)?;
+        let mut out = Vec::new();
+        for e in rd {
+            let e = e.map_err(Errno::from)?;
+            let bname = e.file_name();
+            if let Some(name) = self.decode(dir, &id, bname.as_bytes()) {
+                out.push(ListedEntry {
+                    name,
+                    backing: match CString::new(bname.into_vec()) {
+                        Ok(c) => c,
+                        Err(_) => continue,
+                    },
+                    d_ino: std::os::unix::fs::DirEntryExt::ino(&e),
+                    kind: e
+                        .file_type()
+                        .ok()
+                        .and_then(fuser::FileType::from_std)
+                        .unwrap_or(fuser::FileType::RegularFile),
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    /// Whether a backing directory holds nothing but kmfs's own bookkeeping.
+    pub fn dir_is_empty(&self, dir_fd: std::os::fd::BorrowedFd<'_>) -> Result<bool, Errno> {
+        let p = sys::proc_path(dir_fd.as_raw_fd());
+        let rd =
+            std::fs::read_dir(Path::new(OsStr::from_bytes(p.as_bytes()))).map_err(Errno::from)?;
+        for e in rd {
+            let e = e.map_err(Errno::from)?;
+            let n = e.file_name();
+            let n = n.as_bytes();
+            if n == dirid::DIRID_FILE.as_bytes() || n == b"kmfs.dirid.tmp" {
+                continue;
+            }
+            if !self.plaintext && is_long(n) {
+                return Ok(false);
+            }
+            if !self.plaintext && is_reserved(n) && n.ends_with(cn::LONG_SUFFIX.as_bytes()) {
+                // A stray sidecar without its entry does not make a directory non-empty.
+                continue;
+            }
+            return Ok(false);
+        }
+        Ok(true)
+    }
+
+    /// The symlink target as stored in the backing symlink.
+    pub fn encrypt_target(&self, target: &[u8]) -> Result<CString, Errno> {
+        let s = self
+            .vol
+            .keys
+            .names
+            .encrypt_symlink(target)
+            .map_err(name_errno)?;
+        sys::cstr(s.as_bytes()).map_err(Errno::from)
+    }
+
+    pub fn decrypt_target(&self, stored: &[u8]) -> Result<Vec<u8>, NameError> {
+        self.vol.keys.names.decrypt_symlink(stored)
+    }
+}
