@@ -8,10 +8,12 @@
 pub mod audit;
 pub mod cli;
 pub mod config;
+pub mod control;
 pub mod credfile;
 pub mod crypto;
 pub mod exitcode;
 pub mod fs;
 pub mod kms;
 pub mod logging;
+pub mod rotation;
 pub mod volume;

@@ -11,6 +11,7 @@ pub mod header;
 pub mod layout;
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::crypto::content::ContentCipher;
@@ -66,7 +67,8 @@ pub struct VolumeKeys {
 pub struct Volume {
     pub backing: PathBuf,
     pub header: VolumeHeader,
-    pub keys: VolumeKeys,
+    /// Shared with the filesystem layer; rotation never changes them.
+    pub keys: Arc<VolumeKeys>,
     dek: Secret,
 }
 
@@ -82,13 +84,13 @@ fn io_err(path: &Path, what: &'static str) -> impl FnOnce(std::io::Error) -> Vol
     move |source| VolumeError::Io { path, what, source }
 }
 
-fn derive_keys(dek: &Secret, volume_id: &[u8; 16]) -> VolumeKeys {
+fn derive_keys(dek: &Secret, volume_id: &[u8; 16]) -> Arc<VolumeKeys> {
     use crate::crypto::keys::{derive, labels};
-    VolumeKeys {
+    Arc::new(VolumeKeys {
         content: ContentCipher::new(dek, volume_id),
         names: NameCipher::new(dek, volume_id),
         metadata: derive(dek, volume_id, labels::METADATA_GCM, 32),
-    }
+    })
 }
 
 /// Reads and checksums the header of `backing` without any key.

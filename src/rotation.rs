@@ -1,0 +1,264 @@
+//! KEK rotation: re-wrap the volume's DEK under a new KEK and swap the header.
+//!
+//! The same steps run offline (`kmfs rotate-kek BACKING`) and inside the mount
+//! daemon (over the control socket), where the DEK is already in memory and I/O
+//! goes on untouched — the DEK, and so every file, stays the same.
+//!
+//! 1. obtain the new KEK (a new version on the key manager / in the HSM, a named
+//!    existing key, or another key file);
+//! 2. wrap the DEK with it;
+//! 3. verify: unwrap with the new KEK and compare with the DEK in memory;
+//! 4. save a dated copy of the current header (`kmfs.volume.<UTC>.bak`);
+//! 5. swap the header atomically, recording the old KEK in the history;
+//! 6. only if asked: revoke the old KEK on the key manager.
+//!
+//! A failure in steps 1–4 changes nothing on disk; step 5 is one rename, so the
+//! committed header always names a KEK that unwraps the DEK. The old KEK is never
+//! destroyed.
+
+use crate::audit::{self, AuditRecord};
+use crate::kms::{KekRef, KeyProvider, KmsError};
+use crate::volume::header::{self, RotationEntry};
+use crate::volume::{Volume, VolumeError, hex, now_secs};
+
+/// What to rotate to.
+#[derive(Clone, Debug, Default)]
+pub struct RotateRequest {
+    /// Use (or create) the key with this name instead of a new version of the
+    /// current one.
+    pub new_key: Option<String>,
+    /// Revoke the old KEK on the key manager after the swap.
+    pub revoke_old: bool,
+}
+
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct RotateReport {
+    pub volume_id: String,
+    pub old_kek: KekRef,
+    pub new_kek: KekRef,
+    /// The dated copy of the header from before the rotation.
+    pub backup: String,
+    pub revoked_old: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RotateError {
+    #[error("rotation failed at step \"{step}\": {source}; the volume still uses {old}")]
+    Kms {
+        step: &'static str,
+        old: KekRef,
+        source: KmsError,
+    },
+    #[error("rotation failed: the new key-encryption key {new} did not unwrap the volume key it had just wrapped; the volume still uses {old}")]
+    VerifyFailed { old: KekRef, new: KekRef },
+    #[error("rotation failed while writing the header: {source}; the volume still uses {old}")]
+    Store { old: KekRef, source: VolumeError },
+    #[error("the new key-encryption key is the current one ({0}); nothing to rotate")]
+    SameKey(KekRef),
+}
+
+fn audit_step(vol: &Volume, op: &str, kek: &KekRef, result: Result<(), &str>) {
+    audit::record(&AuditRecord {
+        op: op.into(),
+        server: kek.provider.clone(),
+        key: kek.name.clone(),
+        version: Some(kek.version),
+        result: if result.is_ok() { "ok" } else { "fail" }.into(),
+        reason: match result {
+            Ok(()) => format!("volume={}", vol.id_hex()),
+            Err(e) => format!("volume={} {e}", vol.id_hex()),
+        },
+        ..Default::default()
+    });
+}
+
+/// Rotates `vol` to a new KEK from `provider` (the volume's own provider for
+/// kmip/pkcs11; for key files, a provider opened on the new key file with
+/// `new_from_provider = true`).
+pub fn rotate(
+    vol: &mut Volume,
+    provider: &dyn KeyProvider,
+    req: &RotateRequest,
+    new_from_provider: bool,
+) -> Result<RotateReport, RotateError> {
+    let old = vol.header.kek.clone();
+    let kms = |step: &'static str, old: &KekRef| {
+        let old = old.clone();
+        move |source| RotateError::Kms { step, old, source }
+    };
+    log::info!("op=rotate_start volume={} key={} version={}", vol.id_hex(), old.name, old.version);
+    audit_step(vol, "rotate_start", &old, Ok(()));
+
+    // 1. The new KEK.
+    let new = if new_from_provider {
+        provider.current_kek()
+    } else {
+        provider.create_kek(req.new_key.as_deref())
+    };
+    let new = match new {
+        Ok(k) => k,
+        Err(e) => {
+            audit_step(vol, "rotate_new_kek", &old, Err(&e.to_string()));
+            return Err(kms("obtain new KEK", &old)(e));
+        }
+    };
+    if new == old {
+        return Err(RotateError::SameKey(new));
+    }
+    audit_step(vol, "rotate_new_kek", &new, Ok(()));
+
+    // 2. Wrap, 3. verify.
+    let aad = header::dek_aad(&vol.header.volume_id);
+    let wrapped = provider.wrap(&new, vol.dek(), &aad).map_err(|e| {
+        audit_step(vol, "rotate_wrap", &new, Err(&e.to_string()));
+        kms("wrap with new KEK", &old)(e)
+    })?;
+    let check = provider.unwrap(&new, &wrapped, &aad).map_err(|e| {
+        audit_step(vol, "rotate_verify", &new, Err(&e.to_string()));
+        kms("verify new wrap", &old)(e)
+    })?;
+    if !check.ct_eq(vol.dek()) {
+        audit_step(vol, "rotate_verify", &new, Err("unwrapped key differs"));
+        return Err(RotateError::VerifyFailed { old, new });
+    }
+    drop(check);
+    audit_step(vol, "rotate_verify", &new, Ok(()));
+
+    // 4. Dated backup of the current header, 5. atomic swap.
+    let now = now_secs();
+    let backup = backup_name(now);
+    let store_err = |old: &KekRef| {
+        let old = old.clone();
+        move |source| RotateError::Store { old, source }
+    };
+    let current = header::read_file(&header::header_path(&vol.backing))
+        .map_err(VolumeError::from)
+        .map_err(store_err(&old))?;
+    header::write_atomic(&vol.backing, &format!("{backup}.tmp"), &backup, &current)
+        .map_err(VolumeError::from)
+        .map_err(store_err(&old))?;
+    let mut hdr = vol.header.clone();
+    hdr.history.push(RotationEntry {
+        retired_at: now,
+        kek: old.clone(),
+    });
+    hdr.kek = new.clone();
+    hdr.wrapped_dek = wrapped;
+    hdr.updated = now;
+    if let Err(e) = vol.store_header(hdr) {
+        audit_step(vol, "rotate_commit", &new, Err(&e.to_string()));
+        return Err(store_err(&old)(e));
+    }
+    audit_step(vol, "rotate_commit", &new, Ok(()));
+    log::info!(
+        "op=rotate_commit volume={} key={} version={} result=ok",
+        vol.id_hex(),
+        new.name,
+        new.version
+    );
+
+    // 6. Revoke only on request; a failure here does not undo the rotation.
+    let mut revoked_old = false;
+    if req.revoke_old {
+        match provider.revoke(&old) {
+            Ok(()) => {
+                revoked_old = true;
+                audit_step(vol, "rotate_revoke_old", &old, Ok(()));
+            }
+            Err(e) => {
+                audit_step(vol, "rotate_revoke_old", &old, Err(&e.to_string()));
+                log::warn!(
+                    "op=rotate_revoke_old volume={} key={} version={} result=fail error={:?}",
+                    vol.id_hex(),
+                    old.name,
+                    old.version,
+                    e.to_string()
+                );
+            }
+        }
+    }
+    Ok(RotateReport {
+        volume_id: hex(&vol.header.volume_id),
+        old_kek: old,
+        new_kek: new,
+        backup,
+        revoked_old,
+    })
+}
+
+/// `kmfs.volume.<UTC time>.bak`, e.g. `kmfs.volume.20261122T213000Z.bak`.
+pub fn backup_name(t: u64) -> String {
+    let d = time::OffsetDateTime::from_unix_timestamp(t as i64).unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
+    format!(
+        "kmfs.volume.{:04}{:02}{:02}T{:02}{:02}{:02}Z.bak",
+        d.year(),
+        d.month() as u8,
+        d.day(),
+        d.hour(),
+        d.minute(),
+        d.second()
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kms::keyfile::KeyfileProvider;
+    use crate::volume::InitOptions;
+    use std::os::unix::fs::PermissionsExt;
+
+    fn key(dir: &std::path::Path, name: &str, b: u8) -> std::path::PathBuf {
+        let p = dir.join(name);
+        std::fs::write(&p, [b; 32]).unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
+        p
+    }
+
+    #[test]
+    fn keyfile_rotation_swaps_header_keeps_dek_and_backup() {
+        let d = tempfile::tempdir().unwrap();
+        let back = d.path().join("back");
+        std::fs::create_dir(&back).unwrap();
+        let k1 = KeyfileProvider::open(&key(d.path(), "k1", 1), None).unwrap();
+        let k2 = KeyfileProvider::open(&key(d.path(), "k2", 2), None).unwrap();
+        let mut vol = Volume::init(&back, &k1, &InitOptions::default()).unwrap();
+        let dek = vol.dek().clone();
+        let rep = rotate(&mut vol, &k2, &RotateRequest::default(), true).unwrap();
+        assert_eq!(rep.old_kek.name, k1.current_kek().unwrap().name);
+        assert!(back.join(&rep.backup).exists());
+        // Only the new key opens the volume now; the DEK is unchanged.
+        let v2 = Volume::open(&back, &k2).unwrap();
+        assert!(v2.dek().ct_eq(&dek));
+        assert_eq!(v2.header.history.len(), 1);
+        assert!(Volume::open(&back, &k1).is_err());
+        // Rotating to the same key is refused and changes nothing.
+        let mut v2 = v2;
+        let before = std::fs::read(back.join("kmfs.volume")).unwrap();
+        assert!(matches!(
+            rotate(&mut v2, &k2, &RotateRequest::default(), true),
+            Err(RotateError::SameKey(_))
+        ));
+        assert_eq!(std::fs::read(back.join("kmfs.volume")).unwrap(), before);
+    }
+
+    #[test]
+    fn failure_to_obtain_a_new_kek_changes_nothing() {
+        let d = tempfile::tempdir().unwrap();
+        let back = d.path().join("back");
+        std::fs::create_dir(&back).unwrap();
+        let k1 = KeyfileProvider::open(&key(d.path(), "k1", 1), None).unwrap();
+        let mut vol = Volume::init(&back, &k1, &InitOptions::default()).unwrap();
+        let before = std::fs::read(back.join("kmfs.volume")).unwrap();
+        // The keyfile provider cannot create keys: step 1 fails.
+        let e = rotate(&mut vol, &k1, &RotateRequest::default(), false).unwrap_err();
+        assert!(e.to_string().contains("still uses"), "{e}");
+        assert_eq!(std::fs::read(back.join("kmfs.volume")).unwrap(), before);
+        Volume::open(&back, &k1).unwrap();
+    }
+
+    #[test]
+    fn backup_names_sort_by_time() {
+        assert_eq!(backup_name(0), "kmfs.volume.19700101T000000Z.bak");
+        assert!(backup_name(1_800_000_000) > backup_name(1_700_000_000));
+    }
+}
