@@ -43,6 +43,8 @@ pub enum Request {
         new_key: Option<String>,
         #[serde(default)]
         revoke_old: bool,
+        #[serde(default)]
+        new_keyfile: Option<PathBuf>,
     },
 }
 
@@ -97,12 +99,16 @@ pub struct ControlServer {
 
 fn peer_allowed(stream: &UnixStream) -> Result<u32, String> {
     use nix::sys::socket::{getsockopt, sockopt::PeerCredentials};
-    let cred = getsockopt(stream, PeerCredentials).map_err(|e| format!("cannot read peer credentials: {e}"))?;
+    let cred = getsockopt(stream, PeerCredentials)
+        .map_err(|e| format!("cannot read peer credentials: {e}"))?;
     let me = nix::unistd::geteuid().as_raw();
     if cred.uid() == 0 || cred.uid() == me {
         Ok(cred.uid())
     } else {
-        Err(format!("permission denied: uid {} may not control this volume", cred.uid()))
+        Err(format!(
+            "permission denied: uid {} may not control this volume",
+            cred.uid()
+        ))
     }
 }
 
@@ -149,14 +155,22 @@ fn handle(mut stream: UnixStream, handler: &dyn ControlHandler) {
             result: Some(handler.status()),
             error: None,
         },
-        Ok(Request::RotateKek { new_key, revoke_old }) => {
+        Ok(Request::RotateKek {
+            new_key,
+            revoke_old,
+            new_keyfile,
+        }) => {
             let name = nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid))
                 .ok()
                 .flatten()
                 .map(|u| u.name)
                 .unwrap_or_default();
             let _actor = crate::audit::acting_as(uid, &name);
-            match handler.rotate(&RotateRequest { new_key, revoke_old }) {
+            match handler.rotate(&RotateRequest {
+                new_key,
+                revoke_old,
+                new_keyfile,
+            }) {
                 Ok(v) => Response {
                     ok: true,
                     result: Some(v),
@@ -175,7 +189,10 @@ fn handle(mut stream: UnixStream, handler: &dyn ControlHandler) {
 
 impl ControlServer {
     /// Binds the socket for volume `id` and serves requests on a thread.
-    pub fn start(id: &str, handler: Arc<dyn ControlHandler>) -> Result<ControlServer, ControlError> {
+    pub fn start(
+        id: &str,
+        handler: Arc<dyn ControlHandler>,
+    ) -> Result<ControlServer, ControlError> {
         let path = socket_path(id);
         let dir = path.parent().unwrap_or(Path::new("/")).to_path_buf();
         let io_err = |p: &Path| {
@@ -194,7 +211,8 @@ impl ControlServer {
             std::fs::remove_file(&path).map_err(io_err(&path))?;
         }
         let listener = UnixListener::bind(&path).map_err(io_err(&path))?;
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).map_err(io_err(&path))?;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
+            .map_err(io_err(&path))?;
         listener.set_nonblocking(true).map_err(io_err(&path))?;
         let stop = Arc::new(AtomicBool::new(false));
         let stop2 = stop.clone();
@@ -238,7 +256,11 @@ impl Drop for ControlServer {
 }
 
 /// Sends one request to the daemon serving volume `id`.
-pub fn request(id: &str, req: &Request, timeout: Duration) -> Result<serde_json::Value, ControlError> {
+pub fn request(
+    id: &str,
+    req: &Request,
+    timeout: Duration,
+) -> Result<serde_json::Value, ControlError> {
     let path = socket_path(id);
     let io_err = |source| ControlError::Io {
         path: path.clone(),
@@ -246,7 +268,12 @@ pub fn request(id: &str, req: &Request, timeout: Duration) -> Result<serde_json:
     };
     let mut s = match UnixStream::connect(&path) {
         Ok(s) => s,
-        Err(e) if matches!(e.kind(), io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused) => {
+        Err(e)
+            if matches!(
+                e.kind(),
+                io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused
+            ) =>
+        {
             return Err(ControlError::NotRunning {
                 id: id.to_string(),
                 path: path.clone(),
@@ -259,12 +286,17 @@ pub fn request(id: &str, req: &Request, timeout: Duration) -> Result<serde_json:
     line.push(b'\n');
     s.write_all(&line).map_err(io_err)?;
     let mut answer = String::new();
-    BufReader::new(s.take(16 << 20)).read_line(&mut answer).map_err(io_err)?;
-    let resp: Response = serde_json::from_str(answer.trim()).map_err(|_| ControlError::BadAnswer { path: path.clone() })?;
+    BufReader::new(s.take(16 << 20))
+        .read_line(&mut answer)
+        .map_err(io_err)?;
+    let resp: Response = serde_json::from_str(answer.trim())
+        .map_err(|_| ControlError::BadAnswer { path: path.clone() })?;
     if resp.ok {
         Ok(resp.result.unwrap_or(serde_json::Value::Null))
     } else {
-        Err(ControlError::Refused(resp.error.unwrap_or_else(|| "unknown error".into())))
+        Err(ControlError::Refused(
+            resp.error.unwrap_or_else(|| "unknown error".into()),
+        ))
     }
 }
 
@@ -308,17 +340,25 @@ mod tests {
         let r = Request::RotateKek {
             new_key: None,
             revoke_old: false,
+            new_keyfile: None,
         };
         assert_eq!(request("v1", &r, t).unwrap()["done"], true);
         let bad = Request::RotateKek {
             new_key: Some("bad".into()),
             revoke_old: false,
+            new_keyfile: None,
         };
-        assert!(matches!(request("v1", &bad, t), Err(ControlError::Refused(e)) if e == "no such key"));
+        assert!(
+            matches!(request("v1", &bad, t), Err(ControlError::Refused(e)) if e == "no such key")
+        );
 
         // Garbage, an unknown command and an over-long line get errors; the
         // server keeps serving.
-        for junk in [&b"not json\n"[..], b"{\"cmd\":\"format_disk\"}\n", &[b'x'; 70_000][..]] {
+        for junk in [
+            &b"not json\n"[..],
+            b"{\"cmd\":\"format_disk\"}\n",
+            &[b'x'; 70_000][..],
+        ] {
             let mut s = UnixStream::connect(srv.path()).unwrap();
             let _ = s.write_all(junk);
             let _ = s.shutdown(std::net::Shutdown::Write);

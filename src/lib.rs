@@ -11,6 +11,7 @@ pub mod config;
 pub mod control;
 pub mod credfile;
 pub mod crypto;
+pub mod daemon;
 pub mod exitcode;
 pub mod fs;
 pub mod kms;

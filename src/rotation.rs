@@ -29,6 +29,8 @@ pub struct RotateRequest {
     pub new_key: Option<String>,
     /// Revoke the old KEK on the key manager after the swap.
     pub revoke_old: bool,
+    /// Development provider: rotate to this key file.
+    pub new_keyfile: Option<std::path::PathBuf>,
 }
 
 #[derive(Clone, Debug, serde::Serialize)]
@@ -49,7 +51,9 @@ pub enum RotateError {
         old: KekRef,
         source: KmsError,
     },
-    #[error("rotation failed: the new key-encryption key {new} did not unwrap the volume key it had just wrapped; the volume still uses {old}")]
+    #[error(
+        "rotation failed: the new key-encryption key {new} did not unwrap the volume key it had just wrapped; the volume still uses {old}"
+    )]
     VerifyFailed { old: KekRef, new: KekRef },
     #[error("rotation failed while writing the header: {source}; the volume still uses {old}")]
     Store { old: KekRef, source: VolumeError },
@@ -86,7 +90,12 @@ pub fn rotate(
         let old = old.clone();
         move |source| RotateError::Kms { step, old, source }
     };
-    log::info!("op=rotate_start volume={} key={} version={}", vol.id_hex(), old.name, old.version);
+    log::info!(
+        "op=rotate_start volume={} key={} version={}",
+        vol.id_hex(),
+        old.name,
+        old.version
+    );
     audit_step(vol, "rotate_start", &old, Ok(()));
 
     // 1. The new KEK.
@@ -188,7 +197,8 @@ pub fn rotate(
 
 /// `kmfs.volume.<UTC time>.bak`, e.g. `kmfs.volume.20261122T213000Z.bak`.
 pub fn backup_name(t: u64) -> String {
-    let d = time::OffsetDateTime::from_unix_timestamp(t as i64).unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
+    let d = time::OffsetDateTime::from_unix_timestamp(t as i64)
+        .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
     format!(
         "kmfs.volume.{:04}{:02}{:02}T{:02}{:02}{:02}Z.bak",
         d.year(),

@@ -6,6 +6,7 @@ pub mod header;
 pub mod init;
 pub mod keyserver;
 pub mod mount;
+pub mod rotate;
 
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
@@ -42,6 +43,10 @@ pub enum Command {
     /// Tamper-evident log files.
     #[command(subcommand)]
     Log(LogCommand),
+    /// Rotate the key-encryption key (online through the daemon, or offline).
+    RotateKek(rotate::RotateArgs),
+    /// Status of a mounted volume.
+    Status(rotate::StatusArgs),
     /// Key-server health.
     #[command(subcommand)]
     Keyserver(keyserver::KeyserverCommand),
@@ -164,7 +169,16 @@ pub fn start_logging(cfg: Option<&VolumeConfig>) -> Result<(), CliError> {
 /// Rewrites mount.fuse3's calling convention `kmfs SRC MNT -o OPTS` into
 /// `kmfs mount SRC MNT -o OPTS`; other argument lists pass through.
 pub fn normalize_args(mut args: Vec<OsString>) -> Vec<OsString> {
-    const SUBCOMMANDS: &[&str] = &["init", "mount", "header", "log", "keyserver", "help"];
+    const SUBCOMMANDS: &[&str] = &[
+        "init",
+        "mount",
+        "header",
+        "log",
+        "keyserver",
+        "rotate-kek",
+        "status",
+        "help",
+    ];
     if let Some(first) = args.get(1) {
         let s = first.to_string_lossy();
         if !s.starts_with('-') && !SUBCOMMANDS.contains(&s.as_ref()) {
@@ -181,6 +195,8 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
         Command::Mount(a) => mount::run(a),
         Command::Header(h) => header::run(h),
         Command::Keyserver(k) => keyserver::run(k),
+        Command::RotateKek(a) => rotate::run_rotate(a),
+        Command::Status(a) => rotate::run_status(a),
         Command::Log(LogCommand::Verify { file }) => {
             match crate::logging::verify::verify_file(&file) {
                 Ok(report) => {
