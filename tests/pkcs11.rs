@@ -682,3 +682,20 @@ fn every_hsm_operation_is_audited_without_key_material() {
         .unwrap();
     assert!(wrong_aad.contains("CKR_"), "{wrong_aad}");
 }
+
+#[test]
+fn token_by_slot_id() {
+    if !softhsm::available() {
+        return;
+    }
+    let hsm = Hsm::shared();
+    let slot = raw_session(TOKEN).get_session_info().unwrap().slot_id();
+    let mut c = hsm.config(KEK);
+    c.token_label = None;
+    c.slot = Some(slot.id());
+    let p = provider(&c);
+    assert!(p.describe().contains(TOKEN), "{}", p.describe());
+    let kek = p.current_kek().unwrap();
+    let blob = p.wrap(&kek, &dek(1), b"s").unwrap();
+    assert!(p.unwrap(&kek, &blob, b"s").unwrap().ct_eq(&dek(1)));
+}

@@ -69,12 +69,12 @@ use std::ffi::{CString, c_char, c_int, c_ulong, c_void};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Mutex, RwLock};
 
 use aes_gcm::aead::{Aead, KeyInit, Payload};
 use aes_gcm::{Aes256Gcm, Nonce};
 use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11 as Module};
-use cryptoki::error::{Error as CkError, RvError};
+use cryptoki::error::{Error as CkError, Rv, RvError};
 use cryptoki::mechanism::Mechanism;
 use cryptoki::mechanism::aead::GcmParams;
 use cryptoki::object::{Attribute, AttributeType, KeyType, ObjectClass, ObjectHandle};
@@ -447,6 +447,10 @@ fn find_slot(module: &Module, cfg: &Pkcs11Config) -> Result<(Slot, String), KmsE
     }
 }
 
+/// Taken shared by every provider operation and exclusively by those that
+/// create or modify token objects (see `with_session_exclusive`).
+static OBJECTS_CHANGE: RwLock<()> = RwLock::new(());
+
 /// A key object found on the token.
 struct FoundKey {
     handle: ObjectHandle,
@@ -599,7 +603,29 @@ impl Pkcs11Provider {
 
     /// Runs `f` with the provider's session, reopening it once if the token
     /// dropped it.
-    fn with_session<T>(&self, mut f: impl FnMut(&Session) -> OpResult<T>) -> Result<T, KmsError> {
+    fn with_session<T>(&self, f: impl FnMut(&Session) -> OpResult<T>) -> Result<T, KmsError> {
+        let _shared = OBJECTS_CHANGE.read().unwrap_or_else(|e| e.into_inner());
+        self.with_session_inner(f)
+    }
+
+    /// [`with_session`](Self::with_session) for operations that create or
+    /// modify token objects: no other PKCS#11 operation of this process runs
+    /// meanwhile. SoftHSM 2.6 races otherwise: an object being created is seen
+    /// half-written by a concurrent C_FindObjects, which then fails with
+    /// CKR_OBJECT_HANDLE_INVALID and the C_GenerateKey with CKR_GENERAL_ERROR.
+    /// Key creation and revocation are rare, so this costs nothing in practice.
+    fn with_session_exclusive<T>(
+        &self,
+        f: impl FnMut(&Session) -> OpResult<T>,
+    ) -> Result<T, KmsError> {
+        let _exclusive = OBJECTS_CHANGE.write().unwrap_or_else(|e| e.into_inner());
+        self.with_session_inner(f)
+    }
+
+    fn with_session_inner<T>(
+        &self,
+        mut f: impl FnMut(&Session) -> OpResult<T>,
+    ) -> Result<T, KmsError> {
         let mut guard = self.session.lock().unwrap_or_else(|e| e.into_inner());
         for attempt in 0..2 {
             // A session that was closed or logged out behind our back (another
@@ -697,15 +723,18 @@ impl Pkcs11Provider {
         let mut matching = Vec::new();
         let mut other_ids = Vec::new();
         for h in handles {
-            let attrs = s
-                .get_attributes(h, &[AttributeType::Id, AttributeType::KeyType])
-                .map_err(|e| {
-                    self.ck_fail(
+            let attrs = match s.get_attributes(h, &[AttributeType::Id, AttributeType::KeyType]) {
+                Ok(a) => a,
+                // Deleted (or still being created) since C_FindObjects.
+                Err(CkError::Pkcs11(RvError::ObjectHandleInvalid, _)) => continue,
+                Err(e) => {
+                    return Err(self.ck_fail(
                         &e,
                         |m| KmsError::Protocol(format!("{kw}: {m}")),
                         "C_GetAttributeValue",
-                    )
-                })?;
+                    ));
+                }
+            };
             let mut id = Vec::new();
             let mut key_type = None;
             for a in attrs {
@@ -756,13 +785,24 @@ impl Pkcs11Provider {
                 })?;
             let mut out = Vec::new();
             for h in handles {
-                let attrs = s.get_attributes(h, &[AttributeType::Label]).map_err(|e| {
-                    self.ck_fail(
-                        &e,
-                        |m| KmsError::Protocol(format!("listing keys on {}: {m}", self.where_())),
-                        "C_GetAttributeValue",
-                    )
-                })?;
+                let attrs = match s.get_attributes(h, &[AttributeType::Label]) {
+                    Ok(a) => a,
+                    // Another session (or process) deleted or is still
+                    // creating this object: it is not one of ours to count.
+                    Err(CkError::Pkcs11(RvError::ObjectHandleInvalid, _)) => continue,
+                    Err(e) => {
+                        return Err(self.ck_fail(
+                            &e,
+                            |m| {
+                                KmsError::Protocol(format!(
+                                    "listing keys on {}: {m}",
+                                    self.where_()
+                                ))
+                            },
+                            "C_GetAttributeValue",
+                        ));
+                    }
+                };
                 for a in attrs {
                     if let Attribute::Label(l) = a
                         && let Ok(l) = std::str::from_utf8(&l)
@@ -1152,12 +1192,10 @@ fn raw_get_value(
         } else if rv == 0 {
             Err(RawGet::Rv(RvError::AttributeSensitive))
         } else {
-            Err(RawGet::Rv(
-                match cryptoki::error::Rv::from(rv as cryptoki_rv) {
-                    cryptoki::error::Rv::Error(e) => e,
-                    cryptoki::error::Rv::Ok => RvError::GeneralError,
-                },
-            ))
+            Err(RawGet::Rv(match Rv::from(rv) {
+                Rv::Error(e) => e,
+                Rv::Ok => RvError::GeneralError,
+            }))
         }
     };
     // SAFETY: balances the dlopen above; cryptoki keeps its own reference, so
@@ -1165,9 +1203,6 @@ fn raw_get_value(
     unsafe { libc::dlclose(handle) };
     rv
 }
-
-#[allow(non_camel_case_types)]
-type cryptoki_rv = c_ulong;
 
 impl KeyProvider for Pkcs11Provider {
     fn kind(&self) -> &'static str {
@@ -1287,7 +1322,7 @@ impl KeyProvider for Pkcs11Provider {
         match name {
             Some(label) => {
                 check_key_name(label)?;
-                self.with_session(|s| {
+                self.with_session_exclusive(|s| {
                     match self.find_key(s, label, 1, "") {
                         Ok(key) => {
                             return Ok(KekRef {
@@ -1308,7 +1343,7 @@ impl KeyProvider for Pkcs11Provider {
             }
             None => {
                 let name = self.key_label.clone();
-                self.with_session(|s| {
+                self.with_session_exclusive(|s| {
                     let next = self
                         .versions(s, &name)?
                         .last()
@@ -1324,7 +1359,7 @@ impl KeyProvider for Pkcs11Provider {
 
     fn revoke(&self, kek: &KekRef) -> Result<(), KmsError> {
         self.check_ref(kek)?;
-        self.with_session(|s| {
+        self.with_session_exclusive(|s| {
             let key = self.find_key(s, &kek.name, kek.version, &kek.uid)?;
             let kw = self.key_where(&kek.name, kek.version);
             let r = s
