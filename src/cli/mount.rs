@@ -284,8 +284,13 @@ fn serve_inner(plan: &Plan, notify: &mut Option<Notify>) -> Result<(), CliError>
     let sigs = block_signals();
     crate::crypto::keys::harden_process()
         .map_err(|e| CliError::other(exitcode::OTHER, format!("cannot disable core dumps: {e}")))?;
-    let (cfg, provider) = plan.keys.open(Some(&plan.backing))?;
-    let mut log_cfg = match &cfg {
+    // Logging first (with the -o overrides), so that the key provider's own
+    // operations are logged and audited; KeySource::open then finds it set up.
+    let pre_cfg = match &plan.keys.config {
+        Some(c) => Some(crate::config::VolumeConfig::load(c)?),
+        None => None,
+    };
+    let mut log_cfg = match &pre_cfg {
         Some(c) => c.log.clone(),
         None => LoggingConfig::default(),
     };
@@ -295,12 +300,20 @@ fn serve_inner(plan: &Plan, notify: &mut Option<Notify>) -> Result<(), CliError>
     if plan.foreground {
         log_cfg.stderr = true;
     }
-    let name = cfg
+    let name = pre_cfg
         .as_ref()
         .map(|c| c.volume_name())
         .unwrap_or_else(|| plan.backing.display().to_string());
-    crate::logging::init(&log_cfg, &name)
-        .map_err(|e| CliError::other(exitcode::CONFIG, format!("cannot set up logging: {e}")))?;
+    match crate::logging::init(&log_cfg, &name) {
+        Ok(()) | Err(crate::logging::LoggingError::AlreadyInitialized) => {}
+        Err(e) => {
+            return Err(CliError::other(
+                exitcode::CONFIG,
+                format!("cannot set up logging: {e}"),
+            ));
+        }
+    }
+    let (cfg, provider) = plan.keys.open(Some(&plan.backing))?;
     let allow_other = plan.opts.allow_other || cfg.as_ref().is_some_and(|c| c.mount.allow_other);
     let read_only = plan.opts.read_only || cfg.as_ref().is_some_and(|c| c.mount.read_only);
     let vol = match Volume::open(&plan.backing, provider.as_ref()) {
