@@ -5,7 +5,7 @@
 //!
 //! ```toml
 //! [pkcs11]
-//! module = "/usr/lib/softhsm/libsofthsm2.so"   # absolute path, required
+//! module = "/usr/lib/x86_64-linux-gnu/vendor-pkcs11.so"  # absolute, required
 //! token_label = "kmfs"              # or: slot = 3   (exactly one of them)
 //! pin_file = "/etc/kmfs/hsm.pin"    # or: pin_credential = "hsm-pin" (systemd credential)
 //! key_label = "vol1-kek"            # KEK label (version 1)
@@ -29,11 +29,18 @@
 //! - `wrap` (default): `CKM_AES_GCM` encryption/decryption inside the token with
 //!   a sensitive, private, non-extractable AES-256 key. Every wrap uses a fresh
 //!   12-byte IV from the OS CSPRNG (never the token's, and SoftHSM would accept
-//!   any length) and a 16-byte tag; the caller's `aad` is the GCM AAD.
+//!   any length) and a 16-byte tag; the caller's `aad` is the GCM AAD. A
+//!   failed tag check is [`KmsError::WrongKey`]; SoftHSM reports it as
+//!   CKR_GENERAL_ERROR (other tokens as CKR_ENCRYPTED_DATA_INVALID), so those
+//!   codes from C_Decrypt count as a wrong key or tampered blob. GCM rather
+//!   than CKM_AES_KEY_WRAP_PAD because it binds `aad` (the volume id), which
+//!   key wrap cannot.
 //! - `extract`: reads an extractable, non-sensitive KEK's CKA_VALUE into a
 //!   [`Secret`] and runs AES-256-GCM locally, then drops (zeroizes) the key.
 //!   The value is read with a direct `C_GetAttributeValue` into locked memory,
-//!   so no unzeroized copy is left on the heap.
+//!   so no unzeroized copy is left on the heap. The key's CKA_ENCRYPT /
+//!   CKA_DECRYPT flags are honoured here too. In this mode `create_kek`
+//!   generates extractable, non-sensitive keys (the mode cannot use others).
 //!
 //! Both modes write the same blob, `0x01 ‖ IV (12) ‖ ciphertext ‖ tag (16)`, so
 //! a volume can move between them when the key allows it.
@@ -52,9 +59,11 @@
 //! its canonical path; it is never finalised, because other providers in the
 //! process may share it). Each provider keeps one logged-in read/write session
 //! behind a mutex (cryptoki sessions are `Send` but not `Sync`); operations take
-//! microseconds, so serialising them costs nothing measurable. A session lost
-//! to the token (closed, logged out, token removed) is reopened once
-//! automatically. PKCS#11 state does not survive `fork`: create the provider in
+//! microseconds, so serialising them costs nothing measurable. Creating or
+//! revoking a key excludes every other PKCS#11 operation of the process for
+//! its duration (SoftHSM 2.6 otherwise races object creation against
+//! concurrent searches). A session lost to the token (closed, logged out,
+//! token removed) is reopened once automatically. PKCS#11 state does not survive `fork`: create the provider in
 //! the process that uses it (after daemonising).
 //!
 //! Login state in PKCS#11 is per process and token: if another session of this
