@@ -1243,14 +1243,12 @@ impl KeyProvider for Pkcs11Provider {
                 })?,
             };
             let key = self.find_key(s, &name, version, "")?;
-            if self.mode == Pkcs11Mode::Wrap {
-                let kw = self.key_where(&name, version);
-                if self.get_bool(s, key.handle, AttributeType::Encrypt, &kw)? == Some(false) {
-                    return Err(KmsError::KeyNotFound(format!(
-                        "{kw} may not encrypt (CKA_ENCRYPT is false: revoked?)"
-                    ))
-                    .into());
-                }
+            let kw = self.key_where(&name, version);
+            if self.get_bool(s, key.handle, AttributeType::Encrypt, &kw)? == Some(false) {
+                return Err(KmsError::KeyNotFound(format!(
+                    "{kw} may not encrypt (CKA_ENCRYPT is false: revoked?)"
+                ))
+                .into());
             }
             Ok(KekRef {
                 provider: KIND.into(),
