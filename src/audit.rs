@@ -250,6 +250,16 @@ impl AuditCsv {
     /// writes the header if the file is empty. Existing rows are never
     /// touched.
     pub fn open(path: &Path, volume: &str) -> io::Result<AuditCsv> {
+        let file = Self::open_file(path)?;
+        Ok(AuditCsv {
+            file: Mutex::new(file),
+            path: path.to_path_buf(),
+            volume: volume.to_string(),
+            rows: AtomicU64::new(0),
+        })
+    }
+
+    fn open_file(path: &Path) -> io::Result<File> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             fs::DirBuilder::new()
                 .recursive(true)
@@ -277,12 +287,18 @@ impl AuditCsv {
             file.sync_data()?;
         }
         drop(lock);
-        Ok(AuditCsv {
-            file: Mutex::new(file),
-            path: path.to_path_buf(),
-            volume: volume.to_string(),
-            rows: AtomicU64::new(0),
-        })
+        Ok(file)
+    }
+
+    /// Whether the path no longer names the open file (logrotate renamed or
+    /// removed it): then the next row goes to a new file at the path.
+    fn rotated(&self, f: &File) -> bool {
+        use std::os::unix::fs::MetadataExt;
+        match (fs::metadata(&self.path), f.metadata()) {
+            (Ok(p), Ok(o)) => p.dev() != o.dev() || p.ino() != o.ino(),
+            (Err(_), _) => true,
+            _ => false,
+        }
     }
 
     pub fn path(&self) -> &Path {
@@ -303,6 +319,9 @@ impl AuditCsv {
     pub fn append_at(&self, rec: &AuditRecord, user: &str, now: OffsetDateTime) -> io::Result<()> {
         let row = csv_row(rec, &self.volume, user, now);
         let mut f = self.file.lock().unwrap_or_else(|e| e.into_inner());
+        if self.rotated(&f) {
+            *f = Self::open_file(&self.path)?;
+        }
         f.write_all(row.as_bytes())?;
         f.sync_data()?;
         self.rows.fetch_add(1, Ordering::Relaxed);
@@ -396,6 +415,26 @@ mod tests {
         assert_eq!(csv_field("say \"x\""), "\"say \"\"x\"\"\"");
         assert_eq!(csv_field("l1\nl2"), "\"l1\nl2\"");
         assert_eq!(csv_field("esc\x1b"), "esc\\u{1b}");
+    }
+
+    #[test]
+    fn rotation_by_rename_continues_in_a_new_file_with_header() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("audit.csv");
+        let a = AuditCsv::open(&p, "v").unwrap();
+        let rec = AuditRecord {
+            op: "wrap".into(),
+            result: "ok".into(),
+            ..Default::default()
+        };
+        a.append(&rec, "0(root)").unwrap();
+        fs::rename(&p, d.path().join("audit.csv.1")).unwrap();
+        a.append(&rec, "0(root)").unwrap();
+        let old = fs::read_to_string(d.path().join("audit.csv.1")).unwrap();
+        let new = fs::read_to_string(&p).unwrap();
+        assert_eq!(old.lines().count(), 2);
+        assert_eq!(new.lines().count(), 2);
+        assert!(new.starts_with(CSV_HEADER));
     }
 
     #[test]
