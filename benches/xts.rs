@@ -45,7 +45,11 @@ fn criterion_benches(c: &mut Criterion) {
     let mut big = vec![9u8; 1 << 20];
     g.throughput(Throughput::Bytes(big.len() as u64));
     g.bench_function("encrypt 1MiB request, rayon", |b| {
-        b.iter(|| content.encrypt_units(&[3u8; 16], 0, black_box(&mut big)).unwrap())
+        b.iter(|| {
+            content
+                .encrypt_units(&[3u8; 16], 0, black_box(&mut big))
+                .unwrap()
+        })
     });
     g.finish();
 }
@@ -68,12 +72,23 @@ fn our_rate(dur: Duration) -> f64 {
 /// `openssl speed -evp aes-256-xts -bytes 4096` in bytes/s (single process).
 fn openssl_rate(secs: u32) -> Option<f64> {
     let out = Command::new("openssl")
-        .args(["speed", "-evp", "aes-256-xts", "-bytes", "4096", "-seconds", &secs.to_string()])
+        .args([
+            "speed",
+            "-evp",
+            "aes-256-xts",
+            "-bytes",
+            "4096",
+            "-seconds",
+            &secs.to_string(),
+        ])
         .output()
         .ok()?;
     let text = String::from_utf8_lossy(&out.stdout);
     // Last line: "AES-256-XTS   123456.78k" (1000s of bytes per second).
-    let line = text.lines().rev().find(|l| l.to_ascii_lowercase().contains("xts"))?;
+    let line = text
+        .lines()
+        .rev()
+        .find(|l| l.to_ascii_lowercase().contains("xts"))?;
     let k = line.split_whitespace().last()?.trim_end_matches('k');
     k.parse::<f64>().ok().map(|v| v * 1000.0)
 }

@@ -17,7 +17,11 @@ impl Env {
         let dir = tempfile::tempdir().unwrap();
         std::fs::create_dir(dir.path().join("back")).unwrap();
         std::fs::create_dir(dir.path().join("keys")).unwrap();
-        std::fs::set_permissions(dir.path().join("keys"), std::fs::Permissions::from_mode(0o700)).unwrap();
+        std::fs::set_permissions(
+            dir.path().join("keys"),
+            std::fs::Permissions::from_mode(0o700),
+        )
+        .unwrap();
         let e = Env { dir };
         e.key("k", 1);
         e
@@ -64,7 +68,10 @@ fn snapshot(dir: &Path) -> Vec<(String, Vec<u8>)> {
         .unwrap()
         .map(|e| {
             let e = e.unwrap();
-            (e.file_name().to_string_lossy().into_owned(), std::fs::read(e.path()).unwrap_or_default())
+            (
+                e.file_name().to_string_lossy().into_owned(),
+                std::fs::read(e.path()).unwrap_or_default(),
+            )
         })
         .collect();
     v.sort();
@@ -78,7 +85,13 @@ fn init_then_dump_shows_non_secret_fields() {
     let o = kmfs(&[&"header", &"dump", &e.back()]);
     assert!(o.status.success(), "{}", stderr(&o));
     let out = String::from_utf8_lossy(&o.stdout);
-    for want in ["volume id:", "AES-256-XTS", "KEK provider:     keyfile", "KEK version:      1", "file names:       encrypted"] {
+    for want in [
+        "volume id:",
+        "AES-256-XTS",
+        "KEK provider:     keyfile",
+        "KEK version:      1",
+        "file names:       encrypted",
+    ] {
         assert!(out.contains(want), "missing {want:?} in\n{out}");
     }
     let o = kmfs(&[&"header", &"dump", &"--json", &e.back()]);
@@ -103,7 +116,11 @@ fn init_refuses_non_empty_or_initialised_directories() {
     let o = kmfs(&[&"init", &"--keyfile", &e.p("keys/k"), &e.back()]);
     assert_eq!(o.status.code(), Some(16));
     assert!(err_line(&o).contains("already holds a kmfs volume"));
-    assert_eq!(snapshot(&e.back()), before, "a refused init must not modify anything");
+    assert_eq!(
+        snapshot(&e.back()),
+        before,
+        "a refused init must not modify anything"
+    );
 }
 
 #[test]
@@ -114,8 +131,14 @@ fn loose_key_file_permissions_are_refused_naming_the_file() {
     let o = kmfs(&[&"init", &"--keyfile", &k, &e.back()]);
     assert_eq!(o.status.code(), Some(11));
     let line = err_line(&o);
-    assert!(line.contains(&k.display().to_string()) && line.contains("0644"), "{line}");
-    assert!(std::fs::read_dir(e.back()).unwrap().next().is_none(), "nothing written");
+    assert!(
+        line.contains(&k.display().to_string()) && line.contains("0644"),
+        "{line}"
+    );
+    assert!(
+        std::fs::read_dir(e.back()).unwrap().next().is_none(),
+        "nothing written"
+    );
 }
 
 #[test]
@@ -127,7 +150,11 @@ fn key_file_inside_backing_dir_is_refused() {
     std::fs::set_permissions(e.back(), std::fs::Permissions::from_mode(0o700)).unwrap();
     let o = kmfs(&[&"init", &"--keyfile", &inside, &e.back()]);
     assert_eq!(o.status.code(), Some(11));
-    assert!(err_line(&o).contains("inside the backing directory"), "{}", stderr(&o));
+    assert!(
+        err_line(&o).contains("inside the backing directory"),
+        "{}",
+        stderr(&o)
+    );
 }
 
 #[test]
@@ -155,7 +182,11 @@ fn damaged_truncated_and_future_headers_give_one_line_errors() {
     std::fs::write(&path, &future).unwrap();
     let o = kmfs(&[&"header", &"dump", &e.back()]);
     assert_eq!(o.status.code(), Some(15));
-    assert!(err_line(&o).contains("version 7 is newer"), "{}", stderr(&o));
+    assert!(
+        err_line(&o).contains("version 7 is newer"),
+        "{}",
+        stderr(&o)
+    );
 
     std::fs::remove_file(&path).unwrap();
     let o = kmfs(&[&"header", &"dump", &e.back()]);
@@ -182,13 +213,31 @@ fn backup_and_restore_with_the_right_key_only() {
     let wrong = e.key("wrong", 2);
     let o = kmfs(&[&"header", &"restore", &"--keyfile", &wrong, &e.back(), &bak]);
     assert_eq!(o.status.code(), Some(13), "{}", stderr(&o));
-    assert!(err_line(&o).contains("wrong key-encryption key"), "{}", stderr(&o));
-    assert_eq!(std::fs::read(&live).unwrap(), b"garbage", "failed restore changes nothing");
+    assert!(
+        err_line(&o).contains("wrong key-encryption key"),
+        "{}",
+        stderr(&o)
+    );
+    assert_eq!(
+        std::fs::read(&live).unwrap(),
+        b"garbage",
+        "failed restore changes nothing"
+    );
 
-    let o = kmfs(&[&"header", &"restore", &"--keyfile", &e.p("keys/k"), &e.back(), &bak]);
+    let o = kmfs(&[
+        &"header",
+        &"restore",
+        &"--keyfile",
+        &e.p("keys/k"),
+        &e.back(),
+        &bak,
+    ]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert_eq!(std::fs::read(&live).unwrap(), good);
-    assert_eq!(std::fs::read(e.back().join("kmfs.volume.bak")).unwrap(), b"garbage");
+    assert_eq!(
+        std::fs::read(e.back().join("kmfs.volume.bak")).unwrap(),
+        b"garbage"
+    );
 }
 
 #[test]
@@ -198,7 +247,14 @@ fn restore_refuses_another_volumes_header() {
     let b = Env::new();
     let o = kmfs(&[&"init", &"--keyfile", &b.p("keys/k"), &b.back()]);
     assert!(o.status.success());
-    let o = kmfs(&[&"header", &"restore", &"--keyfile", &a.p("keys/k"), &a.back(), &b.back().join("kmfs.volume")]);
+    let o = kmfs(&[
+        &"header",
+        &"restore",
+        &"--keyfile",
+        &a.p("keys/k"),
+        &a.back(),
+        &b.back().join("kmfs.volume"),
+    ]);
     assert_eq!(o.status.code(), Some(14));
     assert!(err_line(&o).contains("belongs to volume"), "{}", stderr(&o));
 }
@@ -211,18 +267,27 @@ fn config_errors_name_the_field_and_file() {
         std::fs::write(&cfg, text).unwrap();
         std::fs::set_permissions(&cfg, std::fs::Permissions::from_mode(0o600)).unwrap();
     };
-    write(&format!("provider = \"keyfile\"\n[keyfile]\npath = \"{}\"\ncolour = 1\n", e.p("keys/k").display()));
+    write(&format!(
+        "provider = \"keyfile\"\n[keyfile]\npath = \"{}\"\ncolour = 1\n",
+        e.p("keys/k").display()
+    ));
     let o = kmfs(&[&"init", &"--config", &cfg, &e.back()]);
     assert_eq!(o.status.code(), Some(10));
     let line = err_line(&o);
-    assert!(line.contains("colour") && line.contains("vol.toml"), "{line}");
+    assert!(
+        line.contains("colour") && line.contains("vol.toml"),
+        "{line}"
+    );
 
     write("provider = \"keyfile\"\n");
     let o = kmfs(&[&"init", &"--config", &cfg, &e.back()]);
     assert_eq!(o.status.code(), Some(10));
     assert!(err_line(&o).contains("[keyfile]"), "{}", stderr(&o));
 
-    write(&format!("provider = \"keyfile\"\n[keyfile]\npath = \"{}\"\n", e.p("keys/k").display()));
+    write(&format!(
+        "provider = \"keyfile\"\n[keyfile]\npath = \"{}\"\n",
+        e.p("keys/k").display()
+    ));
     std::fs::set_permissions(&cfg, std::fs::Permissions::from_mode(0o640)).unwrap();
     let o = kmfs(&[&"init", &"--config", &cfg, &e.back()]);
     assert_eq!(o.status.code(), Some(10));

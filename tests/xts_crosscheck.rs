@@ -88,7 +88,10 @@ fn matches_openssl() {
         return;
     }
     let mut cases = Vec::new();
-    for (i, len) in [16usize, 17, 31, 32, 100, 512, 4095, 4096, 4097, 4111].into_iter().enumerate() {
+    for (i, len) in [16usize, 17, 31, 32, 100, 512, 4095, 4096, 4097, 4111]
+        .into_iter()
+        .enumerate()
+    {
         let mut key = [0u8; 64];
         for (j, b) in key.iter_mut().enumerate() {
             *b = (j * 13 + i * 7 + 1) as u8;
@@ -112,7 +115,11 @@ fn matches_openssl() {
     }
     let out = child.wait_with_output().unwrap();
     assert!(out.status.success());
-    let lines: Vec<String> = String::from_utf8(out.stdout).unwrap().lines().map(String::from).collect();
+    let lines: Vec<String> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(String::from)
+        .collect();
     assert_eq!(lines.len(), cases.len());
     for ((k, t, p), want) in cases.iter().zip(lines) {
         let mut buf = p.clone();
