@@ -21,6 +21,7 @@ use serde::Deserialize;
 use crate::credfile;
 use crate::kms::keyfile::KeyfileProvider;
 use crate::kms::kmip::{KmipConfig, KmipProvider};
+use crate::kms::pkcs11::{Pkcs11Config, Pkcs11Provider};
 use crate::kms::{KeyProvider, KmsError};
 use crate::logging::LoggingConfig;
 
@@ -89,6 +90,8 @@ pub struct VolumeConfig {
     #[serde(default)]
     pub kmip: Option<KmipConfig>,
     #[serde(default)]
+    pub pkcs11: Option<Pkcs11Config>,
+    #[serde(default)]
     pub log: LoggingConfig,
     #[serde(default)]
     pub mount: MountSection,
@@ -121,12 +124,7 @@ impl VolumeConfig {
         match cfg.provider {
             ProviderKind::Keyfile if cfg.keyfile.is_none() => return Err(missing("keyfile")),
             ProviderKind::Kmip if cfg.kmip.is_none() => return Err(missing("kmip")),
-            ProviderKind::Pkcs11 => {
-                return Err(ConfigError::Parse {
-                    path: path.to_path_buf(),
-                    msg: format!("provider {:?} is not available in this build", cfg.provider),
-                });
-            }
+            ProviderKind::Pkcs11 if cfg.pkcs11.is_none() => return Err(missing("pkcs11")),
             _ => {}
         }
         Ok(cfg)
@@ -151,7 +149,10 @@ impl VolumeConfig {
                 Ok(Box::new(KeyfileProvider::open(&k.path, backing)?))
             }
             ProviderKind::Kmip => Ok(Box::new(self.kmip_provider()?)),
-            ProviderKind::Pkcs11 => Err(KmsError::Config("provider not available".into())),
+            ProviderKind::Pkcs11 => {
+                let p = self.pkcs11.as_ref().expect("checked in parse");
+                Ok(Box::new(Pkcs11Provider::from_config(p)?))
+            }
         }
     }
 
