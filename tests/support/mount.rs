@@ -225,7 +225,6 @@ impl Mounted {
         let c = self.child.as_mut()?;
         loop {
             if let Ok(Some(st)) = c.try_wait() {
-                self.child = None;
                 return Some(st);
             }
             if Instant::now() > deadline {
