@@ -898,6 +898,7 @@ impl KmfsFs {
         }
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn do_setattr(
         &self,
         ino: INodeNo,
