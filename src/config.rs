@@ -176,6 +176,19 @@ mod tests {
         VolumeConfig::parse(t, Path::new("/etc/kmfs/t.toml"))
     }
 
+    /// The shipped annotated example must stay valid: every documented field
+    /// exists, none is misspelt.
+    #[test]
+    fn annotated_example_parses_with_every_section() {
+        let c = VolumeConfig::parse(include_str!("../config/kmfs.toml"), Path::new("kmfs.toml")).unwrap();
+        assert_eq!(c.volume_name(), "vol1");
+        let k = c.kmip.expect("kmip section");
+        assert_eq!(k.servers.len(), 2);
+        assert!(c.pkcs11.is_some());
+        assert!(c.keyfile.is_some());
+        assert!(c.log.file.is_some());
+    }
+
     #[test]
     fn minimal_keyfile_config() {
         let c = parse("provider = \"keyfile\"\n[keyfile]\npath = \"/k\"\n").unwrap();
