@@ -8,5 +8,7 @@ scripts/install-deps.sh
 
 echo "== build"
 cargo build --release --locked
+echo "== benches compile (run them with: cargo bench)"
+cargo build --locked --benches
 echo "== tests"
-cargo test --locked --all-targets -- --test-threads=2
+cargo test --locked --lib --bins --tests -- --test-threads=2
