@@ -327,6 +327,7 @@ fn serve_inner(plan: &Plan, notify: &mut Option<Notify>) -> Result<(), CliError>
         }
     };
     let vol = Arc::new(vol);
+    raise_fd_limit();
     // New entries get exactly the mode the caller asked for (see fs::create_mode).
     // SAFETY: umask only changes this process's file creation mask.
     unsafe {
@@ -379,6 +380,15 @@ fn serve_inner(plan: &Plan, notify: &mut Option<Notify>) -> Result<(), CliError>
         if r.is_ok() { "ok" } else { "error" }
     );
     r.map_err(|e| mount_err(format!("FUSE session ended with an error: {e}")))
+}
+
+/// Every inode the kernel holds is an open O_PATH descriptor: allow as many
+/// descriptors as the hard limit permits.
+fn raise_fd_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    if let Ok((_, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
+    }
 }
 
 fn fuse_config(plan: &Plan, allow_other: bool, read_only: bool) -> fuser::Config {
