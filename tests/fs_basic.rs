@@ -697,3 +697,84 @@ fn plaintext_names_volume_works_and_refuses_reserved_names() {
     fs::remove_file(m.p("docs/readme")).unwrap();
     fs::remove_dir(m.p("docs")).unwrap();
 }
+
+#[test]
+fn rsync_and_tar_roundtrip_with_acls_and_xattrs() {
+    let m = Volume::create(false).mount();
+    let src = m.vol().dir.path().join("src");
+    fs::create_dir_all(src.join("sub/deeper")).unwrap();
+    fs::write(src.join("sub/a.bin"), pattern(11, 300_000)).unwrap();
+    fs::write(src.join("sub/deeper/tiny"), b"t").unwrap();
+    fs::write(src.join("empty"), b"").unwrap();
+    std::os::unix::fs::symlink("sub/a.bin", src.join("link")).unwrap();
+    fs::hard_link(src.join("empty"), src.join("empty-hl")).unwrap();
+    assert_eq!(setx(&src.join("sub/a.bin"), "user.tag", b"backup"), 0);
+    let st = Command::new("setfacl")
+        .args(["-m", "u:nobody:rx"])
+        .arg(src.join("sub"))
+        .status()
+        .unwrap();
+    assert!(st.success());
+    // rsync -aHAX into the mount and back out again.
+    let out = m.vol().dir.path().join("out");
+    for (from, to) in [(src.clone(), m.p("r")), (m.p("r"), out.clone())] {
+        let o = Command::new("rsync")
+            .arg("-aHAX")
+            .arg(format!("{}/", from.display()))
+            .arg(&to)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    }
+    let diff = Command::new("diff")
+        .arg("-r")
+        .arg(&src)
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(
+        diff.status.success(),
+        "{}",
+        String::from_utf8_lossy(&diff.stdout)
+    );
+    assert_eq!(getx(&out.join("sub/a.bin"), "user.tag").unwrap(), b"backup");
+    let acl = Command::new("getfacl")
+        .arg("-c")
+        .arg(out.join("sub"))
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&acl.stdout).contains("user:nobody:r-x"));
+    assert_eq!(
+        fs::metadata(out.join("empty")).unwrap().ino(),
+        fs::metadata(out.join("empty-hl")).unwrap().ino()
+    );
+    // tar with xattrs and ACLs, from the mount, extracted elsewhere.
+    let tarball = m.vol().dir.path().join("t.tar");
+    let st = Command::new("tar")
+        .args(["--xattrs", "--acls", "-cf"])
+        .arg(&tarball)
+        .arg("-C")
+        .arg(m.p("r"))
+        .arg(".")
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let x = m.vol().dir.path().join("x");
+    fs::create_dir(&x).unwrap();
+    let st = Command::new("tar")
+        .args(["--xattrs", "--xattrs-include=user.*", "--acls", "-xf"])
+        .arg(&tarball)
+        .arg("-C")
+        .arg(&x)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let diff = Command::new("diff")
+        .arg("-r")
+        .arg(&src)
+        .arg(&x)
+        .output()
+        .unwrap();
+    assert!(diff.status.success());
+    assert_eq!(getx(&x.join("sub/a.bin"), "user.tag").unwrap(), b"backup");
+}
