@@ -180,7 +180,8 @@ mod tests {
     /// exists, none is misspelt.
     #[test]
     fn annotated_example_parses_with_every_section() {
-        let c = VolumeConfig::parse(include_str!("../config/kmfs.toml"), Path::new("kmfs.toml")).unwrap();
+        let c = VolumeConfig::parse(include_str!("../config/kmfs.toml"), Path::new("kmfs.toml"))
+            .unwrap();
         assert_eq!(c.volume_name(), "vol1");
         let k = c.kmip.expect("kmip section");
         assert_eq!(k.servers.len(), 2);

@@ -15,6 +15,8 @@ use std::sync::Arc;
 use clap::Args;
 
 use super::{CliError, KeySource};
+use crate::control::ControlServer;
+use crate::daemon::{IoStats, VolumeControl};
 use crate::exitcode;
 use crate::fs::{FsOptions, KmfsFs};
 use crate::logging::{LogLevel, LoggingConfig};
@@ -326,7 +328,24 @@ fn serve_inner(plan: &Plan, notify: &mut Option<Notify>) -> Result<(), CliError>
             return Err(e.into());
         }
     };
-    let vol = Arc::new(vol);
+    // The daemon's control side (status, online rotation) keeps the volume and
+    // the provider; the filesystem gets only the derived keys. Claiming the
+    // control socket first also refuses a second daemon for the same volume.
+    let view = Arc::new(vol.view());
+    let stats = Arc::new(IoStats::default());
+    let mountpoint =
+        std::fs::canonicalize(&plan.mountpoint).unwrap_or_else(|_| plan.mountpoint.clone());
+    let control = VolumeControl::new(vol, provider, mountpoint, stats.clone());
+    let _control = ControlServer::start(view.id_hex(), Arc::new(control)).map_err(|e| {
+        CliError::other(
+            match e {
+                crate::control::ControlError::AlreadyServed(_) => exitcode::MOUNT,
+                _ => exitcode::CONTROL,
+            },
+            e.to_string(),
+        )
+    })?;
+    let vol = view;
     raise_fd_limit();
     // New entries get exactly the mode the caller asked for (see fs::create_mode).
     // SAFETY: umask only changes this process's file creation mask.
@@ -337,6 +356,7 @@ fn serve_inner(plan: &Plan, notify: &mut Option<Notify>) -> Result<(), CliError>
         vol.clone(),
         FsOptions {
             read_only,
+            stats,
             ..FsOptions::default()
         },
     )

@@ -46,7 +46,8 @@ use fuser::{
 };
 
 use crate::crypto::names::DIR_ID_LEN;
-use crate::volume::Volume;
+use crate::daemon::IoStats;
+use crate::volume::VolumeView;
 use crate::volume::content::BackingFile;
 use crate::volume::dirid;
 use crate::volume::layout::{FileHeader, HEADER_LEN, plain_size};
@@ -61,6 +62,8 @@ pub struct FsOptions {
     pub read_only: bool,
     /// Attribute and entry cache timeout.
     pub ttl: Duration,
+    /// I/O counters shown by `kmfs status`.
+    pub stats: Arc<IoStats>,
 }
 
 impl Default for FsOptions {
@@ -68,12 +71,13 @@ impl Default for FsOptions {
         FsOptions {
             read_only: false,
             ttl: Duration::from_secs(1),
+            stats: Arc::default(),
         }
     }
 }
 
 pub struct KmfsFs {
-    vol: Arc<Volume>,
+    vol: Arc<VolumeView>,
     inodes: InodeTable,
     files: Handles<OpenFile>,
     dirs: Handles<OpenDir>,
@@ -133,7 +137,7 @@ fn is_crypto_error(e: &io::Error) -> bool {
 impl KmfsFs {
     /// Builds the filesystem for an unlocked volume. Checks that the backing
     /// root is a directory (and, with encrypted names, has its directory id).
-    pub fn new(vol: Arc<Volume>, opts: FsOptions) -> io::Result<KmfsFs> {
+    pub fn new(vol: Arc<VolumeView>, opts: FsOptions) -> io::Result<KmfsFs> {
         let root_dir = File::open(&vol.backing)?;
         let root_path = sys::openat(root_dir.as_fd(), c".", libc::O_PATH | libc::O_DIRECTORY, 0)?;
         let st = sys::fstat(root_path.as_fd())?;
@@ -1220,8 +1224,14 @@ impl Filesystem for KmfsFs {
         reply: ReplyData,
     ) {
         match self.do_read(fh, offset, size) {
-            Ok(d) => reply.data(&d),
-            Err(e) => reply.error(e),
+            Ok(d) => {
+                self.opts.stats.read(d.len());
+                reply.data(&d)
+            }
+            Err(e) => {
+                self.opts.stats.error();
+                reply.error(e)
+            }
         }
     }
 
@@ -1238,8 +1248,14 @@ impl Filesystem for KmfsFs {
         reply: ReplyWrite,
     ) {
         match self.do_write(fh, offset, data) {
-            Ok(n) => reply.written(n),
-            Err(e) => reply.error(e),
+            Ok(n) => {
+                self.opts.stats.wrote(n as usize);
+                reply.written(n)
+            }
+            Err(e) => {
+                self.opts.stats.error();
+                reply.error(e)
+            }
         }
     }
 

@@ -26,7 +26,7 @@ use crate::crypto::names::{
     self as cn, DIR_ID_LEN, EncodedName, NameError, is_long, is_reserved, long_backing,
     long_sidecar,
 };
-use crate::volume::Volume;
+use crate::volume::VolumeView;
 use crate::volume::dirid;
 
 /// Where a plaintext name lives in its backing directory.
@@ -46,7 +46,7 @@ pub struct ListedEntry {
 }
 
 pub struct Names {
-    vol: Arc<Volume>,
+    vol: Arc<VolumeView>,
     plaintext: bool,
 }
 
@@ -59,8 +59,8 @@ fn name_errno(e: NameError) -> Errno {
 }
 
 impl Names {
-    pub fn new(vol: Arc<Volume>) -> Names {
-        let plaintext = vol.header.plaintext_names();
+    pub fn new(vol: Arc<VolumeView>) -> Names {
+        let plaintext = vol.plaintext_names;
         Names { vol, plaintext }
     }
 

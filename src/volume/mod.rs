@@ -63,6 +63,22 @@ pub struct VolumeKeys {
     pub metadata: Secret,
 }
 
+/// What the filesystem layer needs of an unlocked volume. None of it changes
+/// while mounted (rotation re-wraps the DEK but keeps it), so it is shared
+/// without locking; the [`Volume`] itself stays with the daemon's control side.
+pub struct VolumeView {
+    pub backing: PathBuf,
+    pub plaintext_names: bool,
+    pub keys: Arc<VolumeKeys>,
+    id_hex: String,
+}
+
+impl VolumeView {
+    pub fn id_hex(&self) -> &str {
+        &self.id_hex
+    }
+}
+
 /// An unlocked volume.
 pub struct Volume {
     pub backing: PathBuf,
@@ -185,6 +201,16 @@ impl Volume {
             keys,
             dek,
         })
+    }
+
+    /// The filesystem layer's share of this volume.
+    pub fn view(&self) -> VolumeView {
+        VolumeView {
+            backing: self.backing.clone(),
+            plaintext_names: self.header.plaintext_names(),
+            keys: self.keys.clone(),
+            id_hex: self.id_hex(),
+        }
     }
 
     /// The volume id as lowercase hex.
