@@ -48,17 +48,20 @@ pub enum RotateError {
     #[error("rotation failed at step \"{step}\": {source}; the volume still uses {old}")]
     Kms {
         step: &'static str,
-        old: KekRef,
+        old: Box<KekRef>,
         source: KmsError,
     },
     #[error(
         "rotation failed: the new key-encryption key {new} did not unwrap the volume key it had just wrapped; the volume still uses {old}"
     )]
-    VerifyFailed { old: KekRef, new: KekRef },
+    VerifyFailed { old: Box<KekRef>, new: Box<KekRef> },
     #[error("rotation failed while writing the header: {source}; the volume still uses {old}")]
-    Store { old: KekRef, source: VolumeError },
+    Store {
+        old: Box<KekRef>,
+        source: Box<VolumeError>,
+    },
     #[error("the new key-encryption key is the current one ({0}); nothing to rotate")]
-    SameKey(KekRef),
+    SameKey(Box<KekRef>),
 }
 
 fn audit_step(vol: &Volume, op: &str, kek: &KekRef, result: Result<(), &str>) {
@@ -87,7 +90,7 @@ pub fn rotate(
 ) -> Result<RotateReport, RotateError> {
     let old = vol.header.kek.clone();
     let kms = |step: &'static str, old: &KekRef| {
-        let old = old.clone();
+        let old = Box::new(old.clone());
         move |source| RotateError::Kms { step, old, source }
     };
     log::info!(
@@ -112,7 +115,7 @@ pub fn rotate(
         }
     };
     if new == old {
-        return Err(RotateError::SameKey(new));
+        return Err(RotateError::SameKey(Box::new(new)));
     }
     audit_step(vol, "rotate_new_kek", &new, Ok(()));
 
@@ -128,7 +131,10 @@ pub fn rotate(
     })?;
     if !check.ct_eq(vol.dek()) {
         audit_step(vol, "rotate_verify", &new, Err("unwrapped key differs"));
-        return Err(RotateError::VerifyFailed { old, new });
+        return Err(RotateError::VerifyFailed {
+            old: Box::new(old),
+            new: Box::new(new),
+        });
     }
     drop(check);
     audit_step(vol, "rotate_verify", &new, Ok(()));
@@ -137,8 +143,11 @@ pub fn rotate(
     let now = now_secs();
     let backup = backup_name(now);
     let store_err = |old: &KekRef| {
-        let old = old.clone();
-        move |source| RotateError::Store { old, source }
+        let old = Box::new(old.clone());
+        move |source| RotateError::Store {
+            old,
+            source: Box::new(source),
+        }
     };
     let current = header::read_file(&header::header_path(&vol.backing))
         .map_err(VolumeError::from)

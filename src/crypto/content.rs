@@ -108,7 +108,7 @@ impl ContentCipher {
         }
         // Split off the last unit, which may be short or carry a < 16-byte tail.
         let mut full = buf.len() / BLOCK;
-        if buf.len() % BLOCK == 0 || buf.len() % BLOCK < AES_BLOCK {
+        if buf.len().is_multiple_of(BLOCK) || buf.len() % BLOCK < AES_BLOCK {
             full -= 1;
         }
         let (body, last) = buf.split_at_mut(full * BLOCK);

@@ -80,7 +80,7 @@ impl Secret {
     /// Copies `bytes` into a new secret. The caller should zeroize its own copy.
     pub fn from_slice(bytes: &[u8]) -> Secret {
         let mut s = Secret::zeroed(bytes.len());
-        s.as_mut().copy_from_slice(bytes);
+        s.as_mut_bytes().copy_from_slice(bytes);
         s
     }
 
@@ -94,7 +94,7 @@ impl Secret {
     /// `len` bytes from the operating system's CSPRNG.
     pub fn random(len: usize) -> Result<Secret, getrandom::Error> {
         let mut s = Secret::zeroed(len);
-        getrandom::fill(s.as_mut())?;
+        getrandom::fill(s.as_mut_bytes())?;
         Ok(s)
     }
 
@@ -116,14 +116,14 @@ impl Secret {
         unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
     }
 
-    pub fn as_mut(&mut self) -> &mut [u8] {
+    pub fn as_mut_bytes(&mut self) -> &mut [u8] {
         // SAFETY: as above, and &mut self guarantees exclusive access.
         unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
     }
 
     /// XORs `other` into this secret (used to mix two independent random sources).
     pub fn xor_with(&mut self, other: &[u8]) {
-        for (a, b) in self.as_mut().iter_mut().zip(other) {
+        for (a, b) in self.as_mut_bytes().iter_mut().zip(other) {
             *a ^= b;
         }
     }
@@ -232,7 +232,7 @@ impl<T> Drop for Locked<T> {
 pub fn derive(ikm: &Secret, salt: &[u8], label: &[u8], len: usize) -> Secret {
     let hk = Hkdf::<Sha256>::new(Some(salt), ikm.as_bytes());
     let mut out = Secret::zeroed(len);
-    hk.expand(label, out.as_mut())
+    hk.expand(label, out.as_mut_bytes())
         .expect("HKDF output length is at most 255 * 32 bytes");
     out
 }

@@ -898,7 +898,7 @@ impl Pkcs11Provider {
             .into());
         }
         let mut value = Secret::zeroed(KEK_LEN);
-        let rv = raw_get_value(&self.module_path, s, key.handle, value.as_mut());
+        let rv = raw_get_value(&self.module_path, s, key.handle, value.as_mut_bytes());
         match rv {
             Ok(n) if n == KEK_LEN => Ok(value),
             Ok(n) => Err(KmsError::KeyNotFound(format!(
@@ -1313,7 +1313,7 @@ impl KeyProvider for Pkcs11Provider {
             return Ok(out);
         }
         self.with_session(|s| {
-            let r = s.generate_random_slice(out.as_mut()).map_err(|e| {
+            let r = s.generate_random_slice(out.as_mut_bytes()).map_err(|e| {
                 self.ck_fail(
                     &e,
                     |m| KmsError::Protocol(format!("random generator of {}: {m}", self.where_())),

@@ -232,7 +232,7 @@ impl VolumeHeader {
             });
         }
         let total = u32::from_be_bytes(bytes[10..14].try_into().expect("4 bytes")) as usize;
-        if total < FIXED_LEN + TRAILER_LEN || total > MAX_LEN {
+        if !(FIXED_LEN + TRAILER_LEN..=MAX_LEN).contains(&total) {
             return Err(HeaderError::Malformed {
                 path: p(),
                 what: format!("length field {total} is out of range"),

@@ -69,9 +69,8 @@ impl Layout {
         }
         let n = self.size / B;
         let r = self.size % B;
-        if r == 0 {
-            n
-        } else if r < MIN_UNIT && n > 0 {
+        // A remainder of 1–15 bytes joins the last whole block.
+        if r == 0 || (r < MIN_UNIT && n > 0) {
             n
         } else {
             n + 1
