@@ -1,9 +1,13 @@
 #!/usr/bin/env bash
 # A full local demo with a real key manager, in one command (run as root):
 #
-#   scripts/demo.sh          build kmfs, start a local PyKMIP key manager with a
-#                            fresh test PKI (mutual TLS on 127.0.0.1), create a
-#                            volume whose KEK lives on it, and mount it
+#   scripts/demo.sh          the tour: build kmfs, start a local PyKMIP key
+#                            manager with a fresh test PKI (mutual TLS on
+#                            127.0.0.1), create a volume whose KEK lives on it,
+#                            mount it with mount -t fuse.kmfs, write and read a
+#                            file, show the ciphertext, rotate the KEK online,
+#                            unmount and stop the key manager
+#   scripts/demo.sh up       the same, but leave it mounted to explore
 #   scripts/demo.sh stop     unmount, stop the key manager, keep the files
 #   scripts/demo.sh clean    stop and delete everything
 #
@@ -21,20 +25,28 @@ stop() {
     umount "$D/plain" || fusermount3 -u "$D/plain" || true
   fi
   if [ -f "$D/pykmip.pid" ]; then
-    kill -TERM -- "-$(cat "$D/pykmip.pid")" 2>/dev/null || true
+    local pg; pg=$(cat "$D/pykmip.pid")
+    # SIGINT stops PyKMIP in about 2 s (SIGTERM takes about 10 s).
+    kill -INT -- "-$pg" 2>/dev/null || true
+    for _ in $(seq 150); do kill -0 -- "-$pg" 2>/dev/null || break; sleep 0.1; done
+    kill -KILL -- "-$pg" 2>/dev/null || true
     rm -f "$D/pykmip.pid"
   fi
 }
 
-case "${1:-start}" in
+MODE=${1:-tour}
+case "$MODE" in
   stop) stop; echo "demo stopped (files kept in $D)"; exit 0 ;;
   clean) stop; rm -rf "$D"; echo "demo removed"; exit 0 ;;
-  start) ;;
-  *) echo "usage: $0 [start|stop|clean]" >&2; exit 2 ;;
+  tour|up) ;;
+  *) echo "usage: $0 [tour|up|stop|clean]" >&2; exit 2 ;;
 esac
+# A failed tour must not leave a key manager or a mount behind.
+if [ "$MODE" = tour ]; then trap 'rc=$?; [ $rc -ne 0 ] && stop; exit $rc' EXIT; fi
+step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 
 [ "$(id -u)" -eq 0 ] || { echo "run the demo as root (FUSE mount, /run/kmfs)" >&2; exit 1; }
-scripts/install-deps.sh
+"$ROOT/scripts/install-deps.sh"
 cargo build --release --locked
 stop
 mkdir -p "$D"/{pki,etc,cipher,plain,pykmip/policies}
@@ -116,18 +128,61 @@ fi
 "$KMFS" keyserver check --config "$D/etc/demo.toml"
 
 # 4. Mount it the way fstab does: mount -t fuse.kmfs ... -o config=...
-install -m 0755 "$KMFS" /usr/local/bin/kmfs
+step "install and mount: mount -t fuse.kmfs $D/cipher $D/plain -o config=$D/etc/demo.toml"
+DESTDIR= "$ROOT/scripts/install.sh" >/dev/null
 mount -t fuse.kmfs "$D/cipher" "$D/plain" -o "config=$D/etc/demo.toml"
-echo "Hello from kmfs" > "$D/plain/hello.txt"
+grep " $D/plain " /proc/self/mounts
+
+step "write and read a file through the mount"
+echo "Hello from kmfs, $(date -u)" > "$D/plain/hello.txt"
 mkdir -p "$D/plain/reports"
-cat <<EOF
+head -c 100000 /dev/urandom > "$D/plain/reports/q3.bin"
+cat "$D/plain/hello.txt"
+ls -la "$D/plain" "$D/plain/reports"
+
+step "the backing directory holds only ciphertext (names and contents)"
+ls -la "$D/cipher"
+if grep -rq "Hello from kmfs" "$D/cipher"; then
+  echo "PLAINTEXT FOUND IN THE BACKING DIRECTORY" >&2; exit 1
+fi
+echo "no plaintext found under $D/cipher (grep -r 'Hello from kmfs' finds nothing)"
+xxd "$(find "$D/cipher" -type f -size -200c ! -name 'kmfs.*' | head -n1)" | head -n 3
+
+step "status of the mounted volume"
+kmfs status "$D/plain"
+
+step "rotate the key-encryption key online (a new KEK version on the key manager)"
+sum_before=$(sha256sum < "$D/plain/reports/q3.bin")
+kmfs rotate-kek "$D/plain"
+[ "$(sha256sum < "$D/plain/reports/q3.bin")" = "$sum_before" ] && echo "data unchanged after rotation"
+kmfs header dump "$D/cipher" | grep -E "KEK|rotation"
+
+step "audit trail of every key-manager operation ($D/audit.csv)"
+tail -n 5 "$D/audit.csv"
+kmfs log verify "$D/demo.log"
+
+if [ "$MODE" = up ]; then
+  cat <<EOF
 
 kmfs demo is running.
-  plaintext view:   $D/plain      (try: ls -la $D/plain; cat $D/plain/hello.txt)
-  ciphertext:       $D/cipher     (try: ls -la $D/cipher)
+  plaintext view:   $D/plain
+  ciphertext:       $D/cipher
   status:           kmfs status $D/plain
   rotate the KEK:   kmfs rotate-kek $D/plain
-  audit trail:      $D/audit.csv
-  verify the log:   kmfs log verify $D/demo.log
   stop / clean up:  scripts/demo.sh stop | scripts/demo.sh clean
+EOF
+  exit 0
+fi
+
+step "unmount and stop the key manager"
+umount "$D/plain"
+stop
+cat <<EOF
+
+Demo complete. Everything is in $D.
+Next steps:
+  scripts/demo.sh up        run it again and leave the volume mounted to explore
+  scripts/demo.sh clean     remove the demo
+  README.md                 configuration reference, fstab and systemd set-up,
+                            rotation, header backup and recovery
 EOF
