@@ -10,6 +10,7 @@ PKGS=(
   softhsm2 opensc                   # real PKCS#11 token + pkcs11-tool
   gocryptfs bindfs fio              # benchmark baselines
   attr acl rsync                    # xattr/ACL tools used by filesystem tests
+  systemd xxd python3               # systemd-analyze verify; demo output; helpers
 )
 
 missing=()
