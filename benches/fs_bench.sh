@@ -1,0 +1,239 @@
+#!/usr/bin/env bash
+# End-to-end filesystem benchmark (issue 9, SPEC section 7): kmfs next to
+# gocryptfs, libfuse's C passthrough_ll, bindfs and the backing filesystem
+# itself, in one run, on a tmpfs backing directory AND on the disk.
+#
+#   sudo benches/fs_bench.sh                # everything (< 10 min on 2 cores)
+#   RUNS=1 BACKINGS=tmpfs FSES="gocryptfs kmfs" sudo -E benches/fs_bench.sh
+#
+# Workloads (page cache dropped before each phase; medians of RUNS runs):
+#   seq write   SEQ_MB MiB, 1 MiB writes, fsync at the end        (MiB/s)
+#   seq read    the same file, cold cache                          (MiB/s)
+#   untar       a deterministic ~12.6k-file tree (fixed seed, made by this
+#               script with Python), then sync                      (s)
+#   ls -lR, cat all files (find | xargs cat), rm -rf                (s)
+#   rand read / rand write  fio psync 4 KiB on a 256 MiB file,
+#               RAND_SECS seconds each                             (IOPS)
+# Peak RSS: VmHWM of each FUSE daemon at the end of each backing (it covers
+# the 1 GiB write and the untar). BIG_GB=10 adds a 10 GiB kmfs write on the
+# disk backing and reports kmfs's VmHWM after it.
+#
+# Environment:
+#   KMFS            kmfs binary   (default: target/release/kmfs, built here)
+#   DISK_DIR        work dir on the disk       (default /var/tmp/kmfs-bench)
+#   TMPFS_DIR       a tmpfs is mounted here    (default /run/kmfs-bench-tmpfs)
+#   PASSTHROUGH_LL_SRC  passthrough_ll.c to compile with gcc (default: the copy
+#                   libfuse3-dev ships in /usr/share/doc/libfuse3-dev/examples)
+#   BACKINGS="tmpfs disk"  FSES="native passthrough_ll bindfs gocryptfs kmfs"
+#   RUNS=3 SEQ_MB=1024 RAND_SECS=3 BIG_GB=0
+# Benchmarks report; they are not timed tests.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$(pwd)
+RUNS=${RUNS:-3}
+SEQ_MB=${SEQ_MB:-1024}
+RAND_SECS=${RAND_SECS:-3}
+BIG_GB=${BIG_GB:-0}
+BACKINGS=${BACKINGS:-tmpfs disk}
+FSES=${FSES:-native passthrough_ll bindfs gocryptfs kmfs}
+DISK_DIR=${DISK_DIR:-/var/tmp/kmfs-bench}
+TMPFS_DIR=${TMPFS_DIR:-/run/kmfs-bench-tmpfs}
+PLL_SRC=${PASSTHROUGH_LL_SRC:-/usr/share/doc/libfuse3-dev/examples/passthrough_ll.c}
+
+[ "$(id -u)" -eq 0 ] || { echo "run as root" >&2; exit 1; }
+for t in fio gocryptfs bindfs gcc pkg-config python3 fusermount3; do
+  command -v "$t" >/dev/null || { echo "missing $t (scripts/install-deps.sh)" >&2; exit 1; }
+done
+if [ -z "${KMFS:-}" ]; then
+  cargo build --release --locked >/dev/null 2>&1
+  KMFS=${CARGO_TARGET_DIR:-$ROOT/target}/release/kmfs
+fi
+KMFS=$(readlink -f "$KMFS")
+
+CACHE=$DISK_DIR/cache
+mkdir -p "$CACHE"
+# passthrough_ll, compiled at bench time (never committed).
+PLL=$CACHE/passthrough_ll
+if [ ! -x "$PLL" ] || [ "$PLL_SRC" -nt "$PLL" ]; then
+  gcc -O2 -o "$PLL" "$PLL_SRC" $(pkg-config fuse3 --cflags --libs)
+fi
+
+# The deterministic small-file tree: 12,600 files in 840 directories, sizes
+# log-uniform 64 B .. 45 KiB, contents from the same seeded generator.
+TAR=$CACHE/tree-v1.tar
+if [ ! -f "$TAR" ]; then
+  python3 - "$TAR" <<'PY'
+import io, random, sys, tarfile
+rng = random.Random(20261122)
+out = sys.argv[1]
+dirs = ["t"]
+with tarfile.open(out + ".tmp", "w", format=tarfile.GNU_FORMAT) as tf:
+    def add_dir(p):
+        ti = tarfile.TarInfo(p); ti.type = tarfile.DIRTYPE; ti.mode = 0o755
+        ti.mtime = 1_700_000_000; tf.addfile(ti)
+    add_dir("t")
+    for d in range(840):
+        parent = rng.choice(dirs[-40:])
+        p = f"{parent}/d{d:03d}"
+        dirs.append(p); add_dir(p)
+        for f in range(15):
+            size = int(2 ** rng.uniform(6, 15.5))
+            ti = tarfile.TarInfo(f"{p}/f{f:02d}_{rng.getrandbits(32):08x}.dat")
+            ti.size = size; ti.mode = 0o644; ti.mtime = 1_700_000_000
+            tf.addfile(ti, io.BytesIO(rng.randbytes(size)))
+import os; os.rename(out + ".tmp", out)
+PY
+fi
+NFILES=$(tar -tf "$TAR" | grep -vc '/$')
+TREE_MB=$(du -m --apparent-size "$TAR" | cut -f1)
+
+drop() { sync; echo 3 >/proc/sys/vm/drop_caches; }
+now() { date +%s.%N; }
+secs() { awk -v a="$1" -v b="$2" 'BEGIN{printf "%.3f", b-a}'; }
+
+umount_all() {
+  for m in "$DISK_DIR"/mnt-* "$TMPFS_DIR"/mnt-*; do
+    [ -d "$m" ] || continue
+    mountpoint -q "$m" 2>/dev/null && { fusermount3 -u "$m" 2>/dev/null || umount -l "$m"; }
+  done
+  if mountpoint -q "$TMPFS_DIR" 2>/dev/null; then umount "$TMPFS_DIR" || umount -l "$TMPFS_DIR"; fi
+  return 0
+}
+trap umount_all EXIT
+umount_all
+
+# mount_fs FS BASE -> prints the directory the workloads use.
+mount_fs() {
+  local fs=$1 base=$2 b="$2/back-$1" m="$2/mnt-$1"
+  rm -rf "$b"; mkdir -p "$b" "$m"
+  case $fs in
+    native) echo "$b"; return ;;
+    passthrough_ll) "$PLL" -o source="$b" "$m" ;;
+    bindfs) bindfs "$b" "$m" ;;
+    gocryptfs)
+      gocryptfs -q -init -passfile "$base/keys/pass" "$b" >/dev/null
+      gocryptfs -q -passfile "$base/keys/pass" "$b" "$m" 2>/dev/null ;;
+    kmfs)
+      "$KMFS" init --keyfile "$base/keys/k" "$b" >/dev/null 2>&1
+      "$KMFS" mount --keyfile "$base/keys/k" "$b" "$m" 2>/dev/null ;;
+  esac
+  echo "$m"
+}
+
+daemon_pid() { # mountpoint -> pid of the FUSE daemon serving it
+  local m=$1 p
+  for p in $(pgrep -f -- "$m"); do
+    [ "$p" != "$$" ] && grep -qa -- "$m" "/proc/$p/cmdline" && { echo "$p"; return; }
+  done
+}
+hwm() { local p; p=$(daemon_pid "$1"); [ -n "$p" ] && awk '/VmHWM/{printf "%.0f", $2/1024}' "/proc/$p/status" || echo -; }
+
+fio_seq() { # dir rw -> MiB/s as fio accounts it (end_fsync included)
+  fio --name=s --directory="$1" --filename=big --rw="$2" --bs=1M --size="${SEQ_MB}M" \
+    --ioengine=psync --end_fsync=1 --output-format=terse --terse-version=3 2>/dev/null |
+    awk -F';' -v rw="$2" '{printf "%.0f", ((rw=="read") ? $7 : $48)/1024}'
+}
+
+fio_iops() { # dir rw
+  fio --name=r --directory="$1" --filename=rand --rw="$2" --bs=4k --size=256M \
+    --ioengine=psync --runtime="$RAND_SECS" --time_based --output-format=terse \
+    --terse-version=3 2>/dev/null |
+    awk -F';' -v rw="$2" '{print (rw=="randread") ? $8 : $49}'
+}
+
+declare -A V   # V[backing,fs,metric,run]
+declare -A RSS
+run_one() { # backing fs dir run
+  local bk=$1 fs=$2 d=$3 r=$4 t0 t1
+  drop; V[$bk,$fs,sw,$r]=$(fio_seq "$d" write)
+  drop; V[$bk,$fs,sr,$r]=$(fio_seq "$d" read)
+  rm -f "$d/big"
+  drop; t0=$(now); tar -xf "$TAR" -C "$d"; sync; t1=$(now); V[$bk,$fs,untar,$r]=$(secs "$t0" "$t1")
+  drop; t0=$(now); ls -lR "$d/t" >/dev/null; t1=$(now); V[$bk,$fs,ls,$r]=$(secs "$t0" "$t1")
+  drop; t0=$(now); find "$d/t" -type f -print0 | xargs -0 cat >/dev/null; t1=$(now)
+  V[$bk,$fs,cat,$r]=$(secs "$t0" "$t1")
+  drop; t0=$(now); rm -rf "$d/t"; sync; t1=$(now); V[$bk,$fs,rm,$r]=$(secs "$t0" "$t1")
+  fio --name=r --directory="$d" --filename=rand --rw=write --bs=1M --size=256M \
+    --ioengine=psync >/dev/null 2>&1
+  drop; V[$bk,$fs,rr,$r]=$(fio_iops "$d" randread)
+  V[$bk,$fs,rw,$r]=$(fio_iops "$d" randwrite)
+  rm -f "$d/rand"
+}
+
+median() { printf '%s\n' "$@" | sort -g | awk '{a[NR]=$1} END{print (NR%2) ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2}'; }
+
+echo "kmfs fs_bench: $(date -u +%Y-%m-%dT%H:%MZ), $(nproc) cores, $(lscpu | sed -n 's/^Model name: *//p'), kernel $(uname -r)"
+echo "seq ${SEQ_MB} MiB; tree ${NFILES} files / ${TREE_MB} MiB tar; random 4 KiB x ${RAND_SECS} s; medians of ${RUNS}"
+start=$(now)
+for bk in $BACKINGS; do
+  case $bk in
+    tmpfs) base=$TMPFS_DIR; mkdir -p "$base"; mount -t tmpfs -o size=8g kmfs-bench "$base" ;;
+    disk) base=$DISK_DIR/work; rm -rf "$base"; mkdir -p "$base" ;;
+    *) echo "unknown backing $bk" >&2; exit 1 ;;
+  esac
+  mkdir -p "$base/keys"; chmod 700 "$base/keys"
+  head -c 32 /dev/urandom >"$base/keys/k"; chmod 600 "$base/keys/k"
+  echo benchpass >"$base/keys/pass"
+  declare -A DIR=()
+  for fs in $FSES; do DIR[$fs]=$(mount_fs "$fs" "$base"); done
+  for r in $(seq 1 "$RUNS"); do
+    for fs in $FSES; do
+      run_one "$bk" "$fs" "${DIR[$fs]}" "$r"
+      echo "  [$bk run $r $fs] sw ${V[$bk,$fs,sw,$r]} sr ${V[$bk,$fs,sr,$r]} untar ${V[$bk,$fs,untar,$r]} ls ${V[$bk,$fs,ls,$r]} cat ${V[$bk,$fs,cat,$r]} rm ${V[$bk,$fs,rm,$r]} rr ${V[$bk,$fs,rr,$r]} rw ${V[$bk,$fs,rw,$r]}" >&2
+    done
+  done
+  for fs in $FSES; do
+    [ "$fs" = native ] && { RSS[$bk,$fs]=-; continue; }
+    RSS[$bk,$fs]=$(hwm "$base/mnt-$fs")
+  done
+  if [ "$bk" = disk ] && [ "$BIG_GB" -gt 0 ] && [[ " $FSES " == *" kmfs "* ]]; then
+    fio --name=s --directory="${DIR[kmfs]}" --filename=huge --rw=write --bs=1M \
+      --size="${BIG_GB}G" --ioengine=psync --end_fsync=1 >/dev/null 2>&1
+    RSS[big]=$(hwm "$base/mnt-kmfs"); rm -f "${DIR[kmfs]}/huge"
+  fi
+  for fs in $FSES; do
+    [ "$fs" = native ] && continue
+    p=$(daemon_pid "$base/mnt-$fs")
+    fusermount3 -u "$base/mnt-$fs"
+    while [ -n "$p" ] && kill -0 "$p" 2>/dev/null; do sleep 0.1; done
+  done
+  [ "$bk" = tmpfs ] && umount "$base"
+  [ "$bk" = disk ] && rm -rf "$base"
+done
+
+ratio() { # kmfs peer higher_is_better -> ">1 = kmfs better"
+  awk -v k="$1" -v p="$2" -v hb="$3" 'BEGIN{
+    if (k == "" || p == "" || k+0 <= 0 || p+0 <= 0) { print "-"; exit }
+    printf "%.2f", hb ? k/p : p/k }'
+}
+has() { [[ " $FSES " == *" $1 "* ]]; }
+echo
+echo "Ratios are kmfs relative to the peer, >1 = kmfs better (throughput ratio, or peer time / kmfs time)."
+for bk in $BACKINGS; do
+  echo
+  echo "== backing: $bk"
+  hdr=$(printf "%-22s" workload)
+  for fs in $FSES; do hdr+=$(printf " %14s" "$fs"); done
+  has kmfs && has gocryptfs && hdr+=$(printf " %9s" "x gocrypt")
+  has kmfs && has passthrough_ll && hdr+=$(printf " %9s" "x pass_ll")
+  echo "$hdr"
+  for m in "sw:seq write MiB/s:1" "sr:seq read MiB/s:1" "untar:untar s:0" "ls:ls -lR s:0" \
+           "cat:cat all s:0" "rm:rm -rf s:0" "rr:rand read IOPS:1" "rw:rand write IOPS:1"; do
+    IFS=: read -r key label hb <<<"$m"
+    line=$(printf "%-22s" "$label")
+    declare -A MED=()
+    for fs in $FSES; do
+      vals=(); for r in $(seq 1 "$RUNS"); do vals+=("${V[$bk,$fs,$key,$r]}"); done
+      MED[$fs]=$(median "${vals[@]}")
+      line+=$(printf " %14s" "${MED[$fs]}")
+    done
+    has kmfs && has gocryptfs && line+=$(printf " %9s" "$(ratio "${MED[kmfs]}" "${MED[gocryptfs]}" "$hb")")
+    has kmfs && has passthrough_ll && line+=$(printf " %9s" "$(ratio "${MED[kmfs]}" "${MED[passthrough_ll]}" "$hb")")
+    echo "$line"
+  done
+  line=$(printf "%-22s" "daemon VmHWM MiB")
+  for fs in $FSES; do line+=$(printf " %14s" "${RSS[$bk,$fs]}"); done
+  echo "$line"
+done
+[ -n "${RSS[big]:-}" ] && echo "kmfs VmHWM after a ${BIG_GB} GiB write on disk: ${RSS[big]} MiB"
+echo "total bench time: $(secs "$start" "$(now)") s"
