@@ -58,8 +58,7 @@ fn daemons_for(backing: &Path) -> Vec<u32> {
                 .split(|b| *b == 0)
                 .map(|a| String::from_utf8_lossy(a).into_owned())
                 .collect();
-            if args.first().is_some_and(|a| a.ends_with("kmfs")) && args.iter().any(|a| *a == want)
-            {
+            if args.first().is_some_and(|a| a.ends_with("kmfs")) && args.contains(&want) {
                 v.push(pid);
             }
         }

@@ -55,9 +55,9 @@
 //! new one and starts it with a `chain_start` line linking to the old file's
 //! last line. Each file therefore verifies on its own.
 
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, File};
 use std::io::{self, Read, Seek, SeekFrom, Write};
-use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
@@ -451,26 +451,8 @@ impl State {
     }
 
     fn open_file(path: &Path) -> io::Result<OpenFile> {
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            fs::DirBuilder::new()
-                .recursive(true)
-                .mode(0o750)
-                .create(dir)?;
-        }
-        let file = OpenOptions::new()
-            .read(true)
-            .append(true)
-            .create(true)
-            .mode(0o600)
-            .open(path)?;
+        let file = super::open_private_append(path, true)?;
         let m = file.metadata()?;
-        if !m.is_file() {
-            return Err(io::Error::other("not a regular file"));
-        }
-        if m.permissions().mode() & 0o077 != 0 {
-            // Logs may hold file and key names: owner only.
-            file.set_permissions(fs::Permissions::from_mode(0o600))?;
-        }
         Ok(OpenFile {
             file,
             dev: m.dev(),
