@@ -275,6 +275,61 @@ mod tests {
         Volume::open(&back, &k1).unwrap();
     }
 
+    /// A provider whose unwrap returns a different key than it wrapped: a
+    /// failure no real key manager can be made to produce on demand, so it is
+    /// simulated here, beside the real-provider tests.
+    struct Forgetful(KeyfileProvider);
+
+    impl KeyProvider for Forgetful {
+        fn kind(&self) -> &'static str {
+            "keyfile"
+        }
+        fn describe(&self) -> String {
+            "forgetful".into()
+        }
+        fn current_kek(&self) -> Result<KekRef, KmsError> {
+            self.0.current_kek()
+        }
+        fn wrap(
+            &self,
+            k: &KekRef,
+            dek: &crate::crypto::keys::Secret,
+            aad: &[u8],
+        ) -> Result<Vec<u8>, KmsError> {
+            self.0.wrap(k, dek, aad)
+        }
+        fn unwrap(
+            &self,
+            _: &KekRef,
+            _: &[u8],
+            _: &[u8],
+        ) -> Result<crate::crypto::keys::Secret, KmsError> {
+            Ok(crate::crypto::keys::Secret::from_slice(&[0u8; 32]))
+        }
+        fn random(&self, n: usize) -> Result<crate::crypto::keys::Secret, KmsError> {
+            self.0.random(n)
+        }
+        fn create_kek(&self, n: Option<&str>) -> Result<KekRef, KmsError> {
+            self.0.create_kek(n)
+        }
+    }
+
+    #[test]
+    fn a_wrap_that_does_not_verify_is_never_committed() {
+        let d = tempfile::tempdir().unwrap();
+        let back = d.path().join("back");
+        std::fs::create_dir(&back).unwrap();
+        let k1 = KeyfileProvider::open(&key(d.path(), "k1", 1), None).unwrap();
+        let mut vol = Volume::init(&back, &k1, &InitOptions::default()).unwrap();
+        let before = std::fs::read(back.join("kmfs.volume")).unwrap();
+        let bad = Forgetful(KeyfileProvider::open(&key(d.path(), "k2", 2), None).unwrap());
+        let e = rotate(&mut vol, &bad, &RotateRequest::default(), true).unwrap_err();
+        assert!(matches!(e, RotateError::VerifyFailed { .. }), "{e}");
+        assert!(e.to_string().contains("still uses"));
+        assert_eq!(std::fs::read(back.join("kmfs.volume")).unwrap(), before);
+        Volume::open(&back, &k1).unwrap();
+    }
+
     #[test]
     fn backup_names_sort_by_time() {
         assert_eq!(backup_name(0), "kmfs.volume.19700101T000000Z.bak");
