@@ -205,10 +205,12 @@ impl ControlServer {
             .create(&dir)
             .map_err(io_err(&dir))?;
         if path.exists() {
-            if UnixStream::connect(&path).is_ok() {
-                return Err(ControlError::AlreadyServed(id.to_string()));
+            wait_for_previous_daemon(id)?;
+            match std::fs::remove_file(&path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(io_err(&path)(e)),
             }
-            std::fs::remove_file(&path).map_err(io_err(&path))?;
         }
         let listener = UnixListener::bind(&path).map_err(io_err(&path))?;
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
@@ -252,6 +254,33 @@ impl Drop for ControlServer {
             let _ = t.join();
         }
         let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// Whether `path` is a mountpoint now (per /proc/self/mountinfo).
+fn is_mountpoint(path: &str) -> bool {
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .map(|t| t.lines().any(|l| l.split(' ').nth(4) == Some(path)))
+        .unwrap_or(false)
+}
+
+/// A socket for volume `id` exists. If a daemon answers on it and its mount is
+/// live, the volume is already served. If its mount is gone, that daemon is
+/// shutting down (an unmount just happened): wait, bounded, for it to leave.
+fn wait_for_previous_daemon(id: &str) -> Result<(), ControlError> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        match request(id, &Request::Status, Duration::from_secs(2)) {
+            Ok(st) => {
+                let live = st["mountpoint"].as_str().is_some_and(is_mountpoint);
+                if live || std::time::Instant::now() >= deadline {
+                    return Err(ControlError::AlreadyServed(id.to_string()));
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            // Nobody answers: a stale socket of a daemon that died.
+            Err(_) => return Ok(()),
+        }
     }
 }
 
@@ -311,7 +340,7 @@ mod tests {
 
     impl ControlHandler for Fake {
         fn status(&self) -> serde_json::Value {
-            serde_json::json!({"volume_id": "abc", "rotations": *self.rotations.lock().unwrap()})
+            serde_json::json!({"volume_id": "abc", "mountpoint": "/", "rotations": *self.rotations.lock().unwrap()})
         }
         fn rotate(&self, req: &RotateRequest) -> Result<serde_json::Value, String> {
             if req.new_key.as_deref() == Some("bad") {
