@@ -11,6 +11,7 @@ PKGS=(
   gocryptfs bindfs fio              # benchmark baselines
   attr acl rsync                    # xattr/ACL tools used by filesystem tests
   systemd xxd python3               # systemd-analyze verify; demo output; helpers
+  libacl1-dev                       # building the POSIX suite pjdfstest
 )
 
 missing=()

@@ -23,6 +23,9 @@ rm -rf "$unitdir"
 echo "== tests"
 cargo test --locked --lib --bins --tests -- --test-threads=2
 
+echo "== POSIX suite (pjdfstest, expected failures listed with reasons in the script)"
+tests/pjdfstest.sh target/release/kmfs
+
 echo "== quick start (scripts/demo.sh, the README's first command)"
 demo=$(mktemp -d)
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
