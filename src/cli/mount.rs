@@ -451,6 +451,9 @@ fn fuse_config(plan: &Plan, allow_other: bool, read_only: bool) -> fuser::Config
     };
     let cpus = std::thread::available_parallelism().map_or(2, |n| n.get());
     c.n_threads = Some((cpus * 2).clamp(4, 16));
+    // One /dev/fuse descriptor per worker thread (FUSE_DEV_IOC_CLONE): the
+    // threads do not contend on one device queue lock.
+    c.clone_fd = true;
     c
 }
 

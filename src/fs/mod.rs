@@ -10,9 +10,15 @@
 //!   lets reads of one file run in parallel and serialises its writes and
 //!   truncates (read-modify-write of partial units); multi-unit requests are
 //!   encrypted/decrypted in parallel by rayon inside the content cipher;
-//! * no writeback cache: the kernel sends every write (and O_APPEND writes are
-//!   placed at the current size under the write lock), attribute and entry
-//!   timeouts are 1 s, max_write is 1 MiB;
+//! * the kernel's writeback cache is on (unless read-only or disabled in
+//!   [`FsOptions`]): writes land in the page cache and reach the daemon in
+//!   large batches, the kernel resolves O_APPEND with its own size and may
+//!   read partial pages first (backing files are always opened read-write);
+//!   without it, O_APPEND writes are placed at the current size under the
+//!   write lock. Attribute and entry timeouts are 1 s, max_write is 1 MiB;
+//! * reads and writes decrypt/encrypt in a per-worker-thread buffer that is
+//!   reused across requests; a write reads back only the partial units at
+//!   its ends;
 //! * fallocate: mode 0 and FALLOC_FL_KEEP_SIZE are supported (extending the
 //!   plaintext size as truncate does, then preallocating backing space, which
 //!   reads back as zeros since all-zero ciphertext units are holes); punching
@@ -64,6 +70,8 @@ pub struct FsOptions {
     pub ttl: Duration,
     /// I/O counters shown by `kmfs status`.
     pub stats: Arc<IoStats>,
+    /// Do not ask for the kernel's writeback cache (every write goes through).
+    pub no_writeback: bool,
 }
 
 impl Default for FsOptions {
@@ -72,6 +80,7 @@ impl Default for FsOptions {
             read_only: false,
             ttl: Duration::from_secs(1),
             stats: Arc::default(),
+            no_writeback: false,
         }
     }
 }
@@ -85,9 +94,28 @@ pub struct KmfsFs {
     xattrs: XattrCipher,
     root_dir: File,
     opts: FsOptions,
+    /// The kernel's writeback cache is on (negotiated at init).
+    writeback: bool,
 }
 
 type R<T> = Result<T, Errno>;
+
+/// Largest request buffer a worker thread keeps between requests.
+const IO_BUF_KEEP: usize = (1 << 20) + 2 * 4096;
+
+thread_local! {
+    /// Per worker thread: plaintext/ciphertext of the current read or write,
+    /// reused so the data path does not allocate per request.
+    static IO_BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Frees an unusually large buffer (a request bigger than max_write can only
+/// come from internal callers) so idle threads stay small.
+fn trim_io_buf(buf: &mut Vec<u8>) {
+    if buf.capacity() > IO_BUF_KEEP {
+        *buf = Vec::new();
+    }
+}
 
 fn ts(sec: i64, nsec: i64) -> SystemTime {
     let nsec = nsec.clamp(0, 999_999_999) as u32;
@@ -160,6 +188,7 @@ impl KmfsFs {
             xattrs,
             root_dir,
             opts,
+            writeback: false,
         })
     }
 
@@ -722,23 +751,41 @@ impl KmfsFs {
         Ok((attr, fh))
     }
 
-    fn do_read(&self, fh: FileHandle, offset: u64, size: u32) -> R<Vec<u8>> {
-        let h = self.files.get(fh.0).ok_or(Errno::EBADF)?;
-        let _g = h.inode.io.read().unwrap_or_else(|p| p.into_inner());
-        let fsize = Self::file_size(&h.file)?;
-        if offset >= fsize {
-            return Ok(Vec::new());
-        }
-        let Some(header) = self.header(&h, "read")? else {
-            return Ok(Vec::new());
+    /// Reads into this worker thread's reusable buffer and hands the plaintext
+    /// to `reply` (no per-request allocation, no copy besides pread and the
+    /// reply's write to /dev/fuse).
+    fn do_read(&self, fh: FileHandle, offset: u64, size: u32, reply: impl FnOnce(R<&[u8]>)) {
+        let h = match self.files.get(fh.0) {
+            Some(h) => h,
+            None => return reply(Err(Errno::EBADF)),
         };
-        BackingFile {
-            file: &h.file,
-            cipher: &self.vol.keys.content,
-            header: &header,
+        let _g = h.inode.io.read().unwrap_or_else(|p| p.into_inner());
+        let fsize = match Self::file_size(&h.file) {
+            Ok(s) => s,
+            Err(e) => return reply(Err(e)),
+        };
+        if offset >= fsize {
+            return reply(Ok(&[]));
         }
-        .read(fsize, offset, size as usize)
-        .map_err(|e| self.fail("read", &h.inode, e))
+        let header = match self.header(&h, "read") {
+            Ok(Some(hd)) => hd,
+            Ok(None) => return reply(Ok(&[])),
+            Err(e) => return reply(Err(e)),
+        };
+        IO_BUF.with_borrow_mut(|buf| {
+            let r = BackingFile {
+                file: &h.file,
+                cipher: &self.vol.keys.content,
+                header: &header,
+            }
+            .read_into(fsize, offset, size as usize, buf);
+            let r = match r {
+                Ok(range) => Ok(&buf[range]),
+                Err(e) => Err(self.fail("read", &h.inode, e)),
+            };
+            reply(r);
+            trim_io_buf(buf);
+        })
     }
 
     fn do_write(&self, fh: FileHandle, offset: u64, data: &[u8]) -> R<u32> {
@@ -747,14 +794,25 @@ impl KmfsFs {
         let _g = h.inode.io.write().unwrap_or_else(|p| p.into_inner());
         let header = self.ensure_header(&h.inode, &h.file, "write")?;
         let size = Self::file_size(&h.file)?;
-        let off = if h.append { size } else { offset };
-        BackingFile {
-            file: &h.file,
-            cipher: &self.vol.keys.content,
-            header: &header,
-        }
-        .write(size, off, data)
-        .map_err(|e| self.fail("write", &h.inode, e))?;
+        // With the writeback cache the kernel resolves O_APPEND itself and
+        // sends page writes at their real offsets.
+        let off = if h.append && !self.writeback {
+            size
+        } else {
+            offset
+        };
+        IO_BUF
+            .with_borrow_mut(|buf| {
+                let r = BackingFile {
+                    file: &h.file,
+                    cipher: &self.vol.keys.content,
+                    header: &header,
+                }
+                .write_with(size, off, data, buf);
+                trim_io_buf(buf);
+                r
+            })
+            .map_err(|e| self.fail("write", &h.inode, e))?;
         Ok(data.len() as u32)
     }
 
@@ -1039,6 +1097,15 @@ impl Filesystem for KmfsFs {
         ] {
             let _ = config.add_capabilities(cap);
         }
+        // Writeback cache: the kernel keeps written pages and sends them in
+        // large batches (and resolves O_APPEND with its own size). Its size
+        // and mtime are then authoritative, which holds because the backing
+        // directory is only changed through this mount.
+        if !self.opts.read_only && !self.opts.no_writeback {
+            self.writeback = config
+                .add_capabilities(InitFlags::FUSE_WRITEBACK_CACHE)
+                .is_ok();
+        }
         Ok(())
     }
 
@@ -1223,16 +1290,16 @@ impl Filesystem for KmfsFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        match self.do_read(fh, offset, size) {
+        self.do_read(fh, offset, size, |r| match r {
             Ok(d) => {
                 self.opts.stats.read(d.len());
-                reply.data(&d)
+                reply.data(d)
             }
             Err(e) => {
                 self.opts.stats.error();
                 reply.error(e)
             }
-        }
+        })
     }
 
     fn write(

@@ -9,10 +9,20 @@
 
 use std::fs::File;
 use std::io;
+use std::ops::Range;
 use std::os::unix::fs::FileExt;
 
 use super::layout::{FileHeader, HEADER_LEN, Layout, read_full_at};
-use crate::crypto::content::ContentCipher;
+use crate::crypto::content::{BLOCK, ContentCipher};
+
+/// `buf[..n]`, growing `buf` (zero-filled) only when it is too short; the
+/// contents of the returned slice are whatever the buffer held before.
+fn sized(buf: &mut Vec<u8>, n: usize) -> &mut [u8] {
+    if buf.len() < n {
+        buf.resize(n, 0);
+    }
+    &mut buf[..n]
+}
 
 /// Largest plaintext file size (leaves room for the header below i64::MAX).
 pub const MAX_SIZE: u64 = (i64::MAX as u64) - HEADER_LEN - 4096;
@@ -32,8 +42,25 @@ impl BackingFile<'_> {
     /// Decrypts the units of `layout` covering `[start, end)` (end ≤ size) and
     /// returns exactly those plaintext bytes.
     fn read_plain(&self, layout: Layout, start: u64, end: u64) -> io::Result<Vec<u8>> {
+        let mut buf = Vec::new();
+        let r = self.read_plain_into(layout, start, end, &mut buf)?;
+        buf.truncate(r.end);
+        buf.drain(..r.start);
+        Ok(buf)
+    }
+
+    /// Decrypts the units of `layout` covering `[start, end)` (end ≤ size) into
+    /// `buf` (resized as needed, its capacity reused) and returns where in `buf`
+    /// the bytes `[start, end)` are.
+    fn read_plain_into(
+        &self,
+        layout: Layout,
+        start: u64,
+        end: u64,
+        buf: &mut Vec<u8>,
+    ) -> io::Result<Range<usize>> {
         let Some((a, b, first)) = layout.span(start, end) else {
-            return Ok(Vec::new());
+            return Ok(0..0);
         };
         let fid = &self.header.file_id;
         if layout.is_tiny() {
@@ -41,17 +68,25 @@ impl BackingFile<'_> {
             let mut unit = [0u8; 16];
             read_full_at(self.file, &mut unit, HEADER_LEN + layout.size - 16)?;
             self.cipher.decrypt_tiny(fid, &mut unit);
-            return Ok(unit[16 - size..][start as usize..end as usize].to_vec());
+            buf.clear();
+            buf.extend_from_slice(&unit[16 - size..][start as usize..end as usize]);
+            return Ok(0..buf.len());
         }
-        let mut buf = vec![0u8; (b - a) as usize];
+        let n = (b - a) as usize;
+        let dst = sized(buf, n);
+        self.decrypt_at(a, first, dst)?;
+        Ok((start - a) as usize..(end - a) as usize)
+    }
+
+    /// Reads the ciphertext of the units starting with unit `first` at
+    /// plaintext offset `a` into `dst` (whole units) and decrypts it in place.
+    fn decrypt_at(&self, a: u64, first: u64, dst: &mut [u8]) -> io::Result<()> {
         // A short read (file cut by a crash or concurrently) leaves zeros = hole.
-        read_full_at(self.file, &mut buf, HEADER_LEN + a)?;
+        let got = read_full_at(self.file, dst, HEADER_LEN + a)?;
+        dst[got..].fill(0);
         self.cipher
-            .decrypt_units(fid, first, &mut buf)
-            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
-        buf.truncate((end - a) as usize);
-        buf.drain(..(start - a) as usize);
-        Ok(buf)
+            .decrypt_units(&self.header.file_id, first, dst)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
     }
 
     /// Reads up to `len` plaintext bytes at `off` from a file of plaintext size
@@ -64,26 +99,68 @@ impl BackingFile<'_> {
         self.read_plain(Layout::new(size), off, end)
     }
 
+    /// Like [`Self::read`], but decrypts into `buf` (whose allocation is reused
+    /// across calls) and returns the range of `buf` holding the bytes read.
+    pub fn read_into(
+        &self,
+        size: u64,
+        off: u64,
+        len: usize,
+        buf: &mut Vec<u8>,
+    ) -> io::Result<Range<usize>> {
+        let end = off.saturating_add(len as u64).min(size);
+        if off >= end {
+            return Ok(0..0);
+        }
+        self.read_plain_into(Layout::new(size), off, end, buf)
+    }
+
     /// Encrypts plaintext `data` = bytes `[a, a + data.len())` of a file of
-    /// plaintext size `size` (a unit-aligned span of that layout) and writes it.
-    fn write_span(&self, layout: Layout, a: u64, first: u64, mut data: Vec<u8>) -> io::Result<()> {
+    /// plaintext size `size` (a unit-aligned span of that layout) in place and
+    /// writes it.
+    fn write_span(&self, layout: Layout, a: u64, first: u64, data: &mut [u8]) -> io::Result<()> {
         let fid = &self.header.file_id;
         if layout.is_tiny() {
             let size = layout.size as usize;
             let mut unit = [0u8; 16];
-            unit[16 - size..].copy_from_slice(&data);
+            unit[16 - size..].copy_from_slice(data);
             self.cipher.encrypt_tiny(fid, &mut unit);
             return self.file.write_all_at(&unit, HEADER_LEN + layout.size - 16);
         }
         self.cipher
-            .encrypt_units(fid, first, &mut data)
+            .encrypt_units(fid, first, data)
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
-        self.file.write_all_at(&data, HEADER_LEN + a)
+        self.file.write_all_at(data, HEADER_LEN + a)
+    }
+
+    /// Fills `plain` (= plaintext `[a, a + plain.len())` of the new layout) with
+    /// the existing plaintext of `[s, e)` as laid out by `old` (e ≤ old size).
+    /// When the old units covering `[s, e)` start at `s` and fit in `plain`,
+    /// they are read and decrypted in place; otherwise through a copy.
+    fn fill_existing(
+        &self,
+        old: Layout,
+        a: u64,
+        s: u64,
+        e: u64,
+        plain: &mut [u8],
+    ) -> io::Result<()> {
+        let Some((oa, ob, first)) = old.span(s, e) else {
+            return Ok(());
+        };
+        let o = (s - a) as usize;
+        if !old.is_tiny() && oa == s && ob - a <= plain.len() as u64 {
+            return self.decrypt_at(oa, first, &mut plain[o..(ob - a) as usize]);
+        }
+        let existing = self.read_plain(old, s, e)?;
+        plain[o..o + existing.len()].copy_from_slice(&existing);
+        Ok(())
     }
 
     /// Re-encrypts the units of `new` covering `[start, end)`, taking existing
     /// plaintext from the file as laid out by `old`, then overlaying `patch` at
-    /// `patch_off`.
+    /// `patch_off`. Only the parts of those units the patch does not cover are
+    /// read back. `scratch` is a reusable buffer.
     fn rewrite(
         &self,
         old: Layout,
@@ -91,15 +168,39 @@ impl BackingFile<'_> {
         start: u64,
         end: u64,
         patch: Option<(u64, &[u8])>,
+        scratch: &mut Vec<u8>,
     ) -> io::Result<()> {
         let Some((a, b, first)) = new.span(start, end) else {
             return Ok(());
         };
-        let mut plain = vec![0u8; (b - a) as usize];
+        let plain = sized(scratch, (b - a) as usize);
         let keep_end = b.min(old.size);
+        // Plaintext beyond the old size reads as zeros.
+        if keep_end < b {
+            plain[(keep_end.max(a) - a) as usize..].fill(0);
+        }
         if a < keep_end {
-            let existing = self.read_plain(old, a, keep_end)?;
-            plain[..existing.len()].copy_from_slice(&existing);
+            match patch {
+                Some((off, data)) => {
+                    let (ps, pe) = (off, off + data.len() as u64);
+                    let head = (a, ps.min(keep_end));
+                    let tail = (pe.max(a), keep_end);
+                    let need_head = head.0 < head.1;
+                    let need_tail = tail.0 < tail.1;
+                    // Both ends inside one unit: one read covers them.
+                    if need_head && need_tail && tail.0 - head.1 < 2 * BLOCK as u64 {
+                        self.fill_existing(old, a, a, keep_end, plain)?;
+                    } else {
+                        if need_head {
+                            self.fill_existing(old, a, head.0, head.1, plain)?;
+                        }
+                        if need_tail {
+                            self.fill_existing(old, a, tail.0, tail.1, plain)?;
+                        }
+                    }
+                }
+                None => self.fill_existing(old, a, a, keep_end, plain)?,
+            }
         }
         if let Some((off, data)) = patch {
             let o = (off - a) as usize;
@@ -127,6 +228,17 @@ impl BackingFile<'_> {
     /// Writes `data` at plaintext offset `off` into a file of plaintext size
     /// `size`; returns the new size.
     pub fn write(&self, size: u64, off: u64, data: &[u8]) -> io::Result<u64> {
+        self.write_with(size, off, data, &mut Vec::new())
+    }
+
+    /// Like [`Self::write`], with a reusable buffer for the re-encrypted units.
+    pub fn write_with(
+        &self,
+        size: u64,
+        off: u64,
+        data: &[u8],
+        scratch: &mut Vec<u8>,
+    ) -> io::Result<u64> {
         if data.is_empty() {
             return Ok(size);
         }
@@ -147,13 +259,13 @@ impl BackingFile<'_> {
         if let Some((ta, tb)) = tail {
             if tb < wa || ta > wb {
                 // Disjoint from the write: make the grown tail valid first.
-                self.rewrite(old, new, ta, tb, None)?;
+                self.rewrite(old, new, ta, tb, None, scratch)?;
             } else {
                 // Adjacent or overlapping: one span covers both.
                 start = ta.min(off);
             }
         }
-        self.rewrite(old, new, start, end, Some((off, data)))?;
+        self.rewrite(old, new, start, end, Some((off, data)), scratch)?;
         Ok(new_size)
     }
 
@@ -168,10 +280,10 @@ impl BackingFile<'_> {
             if new.is_tiny() {
                 // The tiny unit includes header bytes, so it is never a hole.
                 self.file.set_len(HEADER_LEN + new_size)?;
-                return self.rewrite(old, new, 0, new_size, None);
+                return self.rewrite(old, new, 0, new_size, None, &mut Vec::new());
             }
             if let Some((ta, tb)) = self.reshape_old_tail(old, new)? {
-                self.rewrite(old, new, ta, tb, None)?;
+                self.rewrite(old, new, ta, tb, None, &mut Vec::new())?;
             }
             return self.file.set_len(HEADER_LEN + new_size);
         }
@@ -188,13 +300,13 @@ impl BackingFile<'_> {
             return self.file.set_len(HEADER_LEN + new_size);
         }
         let (keep_a, _, _) = new.span(last.start, new_size).expect("non-empty");
-        let kept = self.read_plain(old, keep_a, new_size)?;
+        let mut kept = self.read_plain(old, keep_a, new_size)?;
         self.file.set_len(HEADER_LEN + new_size)?;
         if kept.len() as u64 != new_size - keep_a {
             return Err(einval("short read while truncating"));
         }
         let first = new.unit_at(keep_a).index;
-        self.write_span(new, keep_a, first, kept)
+        self.write_span(new, keep_a, first, &mut kept)
     }
 }
 
@@ -246,7 +358,7 @@ mod tests {
     }
 
     proptest! {
-        #![proptest_config(ProptestConfig::with_cases(64))]
+        #![proptest_config(ProptestConfig::with_cases(256))]
         /// Random writes and truncates against a Vec<u8> model: contents, size and
         /// backing length always agree, and the backing file never holds the
         /// plaintext.
@@ -256,8 +368,17 @@ mod tests {
             let bf = BackingFile { file: &f.file, cipher: &f.cipher, header: &f.header };
             let mut model: Vec<u8> = Vec::new();
             let mut size = 0u64;
-            for op in ops {
+            // Reused buffers start (and stay) dirty: nothing may leak from them.
+            let mut scratch = vec![0xeeu8; 70_000];
+            let mut rbuf = vec![0x77u8; 70_000];
+            for (i, op) in ops.into_iter().enumerate() {
                 match op {
+                    Op::Write(off, data) if i % 2 == 0 => {
+                        size = bf.write_with(size, off, &data, &mut scratch).unwrap();
+                        let end = off as usize + data.len();
+                        if model.len() < end { model.resize(end, 0); }
+                        model[off as usize..end].copy_from_slice(&data);
+                    }
                     Op::Write(off, data) => {
                         size = bf.write(size, off, &data).unwrap();
                         let end = off as usize + data.len();
@@ -274,11 +395,15 @@ mod tests {
                 prop_assert_eq!(f.file.metadata().unwrap().len(), HEADER_LEN + size);
                 let got = bf.read(size, 0, size as usize + 10).unwrap();
                 prop_assert_eq!(&got, &model);
+                let r = bf.read_into(size, 0, size as usize + 10, &mut rbuf).unwrap();
+                prop_assert_eq!(&rbuf[r], &model[..]);
             }
             // Partial reads at odd offsets.
             if size > 3 {
                 let got = bf.read(size, 3, 5000).unwrap();
                 prop_assert_eq!(&got[..], &model[3..model.len().min(5003)]);
+                let r = bf.read_into(size, 3, 5000, &mut rbuf).unwrap();
+                prop_assert_eq!(&rbuf[r], &model[3..model.len().min(5003)]);
             }
         }
     }
