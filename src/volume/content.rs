@@ -255,6 +255,15 @@ impl BackingFile<'_> {
         } else {
             None
         };
+        if new_size > size {
+            // Reserve the space first: on a full disk the write then fails
+            // with ENOSPC before anything changed, instead of a short pwrite
+            // leaving a torn (undecryptable) unit at the end of the file.
+            self.reserve(wa, wb)?;
+            if let Some((ta, tb)) = tail {
+                self.reserve(ta, tb)?;
+            }
+        }
         let mut start = off;
         if let Some((ta, tb)) = tail {
             if tb < wa || ta > wb {
@@ -267,6 +276,30 @@ impl BackingFile<'_> {
         }
         self.rewrite(old, new, start, end, Some((off, data)), scratch)?;
         Ok(new_size)
+    }
+
+    /// Allocates backing space for plaintext `[a, b)` without changing the
+    /// file's size (FALLOC_FL_KEEP_SIZE). A backing file system without
+    /// fallocate is let through.
+    fn reserve(&self, a: u64, b: u64) -> io::Result<()> {
+        use std::os::fd::AsRawFd;
+        // SAFETY: plain integer arguments on a descriptor we borrow.
+        let r = unsafe {
+            libc::fallocate(
+                self.file.as_raw_fd(),
+                libc::FALLOC_FL_KEEP_SIZE,
+                (HEADER_LEN + a) as libc::off_t,
+                (b - a) as libc::off_t,
+            )
+        };
+        if r == 0 {
+            return Ok(());
+        }
+        let e = io::Error::last_os_error();
+        match e.raw_os_error() {
+            Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS) => Ok(()),
+            _ => Err(e),
+        }
     }
 
     /// Changes the plaintext size from `size` to `new_size`.
