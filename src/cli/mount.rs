@@ -51,6 +51,9 @@ pub struct MountOptions {
     pub nosuid: bool,
     pub noexec: bool,
     pub noatime: bool,
+    /// `no_writeback`: no kernel writeback cache (every write(2) reaches the
+    /// daemon before it returns).
+    pub no_writeback: bool,
 }
 
 /// Options mount(8)/fstab pass that concern the mount helper or the kernel's
@@ -113,6 +116,7 @@ pub fn parse_options(opts: &[String]) -> Result<MountOptions, CliError> {
             ("nosuid", None) => m.nosuid = true,
             ("noexec", None) => m.noexec = true,
             ("noatime", None) => m.noatime = true,
+            ("no_writeback", None) => m.no_writeback = true,
             (k, _) if k.starts_with("x-systemd.") || k.starts_with("x-") => {}
             ("comment", Some(_)) => {}
             (k, None) if TOLERATED.contains(&k) => {}
@@ -352,11 +356,14 @@ fn serve_inner(plan: &Plan, notify: &mut Option<Notify>) -> Result<(), CliError>
     unsafe {
         libc::umask(0);
     }
+    let notifier_slot = Arc::new(std::sync::OnceLock::new());
     let fs = KmfsFs::new(
         vol.clone(),
         FsOptions {
             read_only,
             stats,
+            no_writeback: plan.opts.no_writeback,
+            notifier: notifier_slot.clone(),
             ..FsOptions::default()
         },
     )
@@ -386,6 +393,7 @@ fn serve_inner(plan: &Plan, notify: &mut Option<Notify>) -> Result<(), CliError>
         read_only,
         allow_other
     );
+    let _ = notifier_slot.set(session.notifier());
     spawn_signal_thread(sigs, session.unmount_callable(), plan.mountpoint.clone());
     if let Some(n) = notify.take() {
         n.send(0, "");

@@ -72,6 +72,9 @@ pub struct FsOptions {
     pub stats: Arc<IoStats>,
     /// Do not ask for the kernel's writeback cache (every write goes through).
     pub no_writeback: bool,
+    /// The session's notifier, set by the mounter once the session exists
+    /// (used to invalidate cached attributes the kernel cannot know changed).
+    pub notifier: Arc<std::sync::OnceLock<fuser::Notifier>>,
 }
 
 impl Default for FsOptions {
@@ -81,6 +84,7 @@ impl Default for FsOptions {
             ttl: Duration::from_secs(1),
             stats: Arc::default(),
             no_writeback: false,
+            notifier: Arc::default(),
         }
     }
 }
@@ -96,6 +100,9 @@ pub struct KmfsFs {
     opts: FsOptions,
     /// The kernel's writeback cache is on (negotiated at init).
     writeback: bool,
+    /// FUSE_HANDLE_KILLPRIV_V2 is on: the daemon clears set-id bits and
+    /// capabilities (negotiated at init).
+    killpriv: bool,
 }
 
 type R<T> = Result<T, Errno>;
@@ -189,6 +196,7 @@ impl KmfsFs {
             root_dir,
             opts,
             writeback: false,
+            killpriv: false,
         })
     }
 
@@ -960,6 +968,35 @@ impl KmfsFs {
         }
     }
 
+    /// What the kernel leaves to us under FUSE_HANDLE_KILLPRIV_V2 after a
+    /// write or truncate by a caller without CAP_FSETID, or a chown: clear
+    /// S_ISUID, S_ISGID when group-executable, and the file capability.
+    fn kill_priv(&self, inode: &Inode, clear_mode: bool) {
+        if inode.kind != FileType::RegularFile {
+            return;
+        }
+        if clear_mode && let Ok(st) = sys::fstat(inode.fd()) {
+            let mut kill = libc::S_ISUID;
+            if st.st_mode & libc::S_IXGRP != 0 {
+                kill |= libc::S_ISGID;
+            }
+            if st.st_mode & kill != 0
+                && sys::chmod_fd(inode.fd(), st.st_mode & 0o7777 & !kill).is_ok()
+            {
+                // A write reply carries no attributes: drop the kernel's
+                // cached mode (attributes only; no page is touched).
+                if let Some(n) = self.opts.notifier.get() {
+                    let _ = n.inval_inode(INodeNo(inode.ino), -1, 0);
+                }
+            }
+        }
+        if let Ok(Mapped::Encrypted(b)) = self.xattrs.map_name(b"security.capability")
+            && let Ok(n) = sys::cstr(&b)
+        {
+            let _ = sys::removexattr(inode.fd(), &n);
+        }
+    }
+
     #[allow(clippy::too_many_arguments)]
     fn do_setattr(
         &self,
@@ -971,6 +1008,7 @@ impl KmfsFs {
         atime: Option<TimeOrNow>,
         mtime: Option<TimeOrNow>,
         fh: Option<FileHandle>,
+        caller_uid: u32,
     ) -> R<FileAttr> {
         let inode = self.inode(ino)?;
         if mode.is_some()
@@ -984,6 +1022,11 @@ impl KmfsFs {
         }
         if uid.is_some() || gid.is_some() {
             sys::fchownat(inode.fd(), uid, gid).map_err(Errno::from)?;
+            // The backing chown cleared the set-id bits; the capability is
+            // one of our encrypted attributes.
+            if self.killpriv {
+                self.kill_priv(&inode, false);
+            }
         }
         if let Some(m) = mode {
             if inode.kind == FileType::Symlink {
@@ -993,6 +1036,11 @@ impl KmfsFs {
         }
         if let Some(s) = size {
             self.truncate(&inode, fh, s)?;
+            // The kernel's FATTR_KILL_SUIDGID (caller without CAP_FSETID) is
+            // not passed on by fuser: a non-root caller stands for it.
+            if self.killpriv && caller_uid != 0 {
+                self.kill_priv(&inode, true);
+            }
         }
         if atime.is_some() || mtime.is_some() {
             let t = [timespec(atime), timespec(mtime)];
@@ -1106,6 +1154,15 @@ impl Filesystem for KmfsFs {
                 .add_capabilities(InitFlags::FUSE_WRITEBACK_CACHE)
                 .is_ok();
         }
+        // We clear set-id bits and file capabilities on write, truncate and
+        // chown ourselves (see `kill_priv`); in exchange the kernel marks the
+        // superblock SB_NOSEC and stops asking for security.capability (one
+        // GETXATTR round trip) before every write(2) and chown.
+        if !self.opts.read_only {
+            self.killpriv = config
+                .add_capabilities(InitFlags::FUSE_HANDLE_KILLPRIV_V2)
+                .is_ok();
+        }
         Ok(())
     }
 
@@ -1136,7 +1193,7 @@ impl Filesystem for KmfsFs {
 
     fn setattr(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         mode: Option<u32>,
         uid: Option<u32>,
@@ -1152,7 +1209,7 @@ impl Filesystem for KmfsFs {
         _flags: Option<fuser::BsdFileFlags>,
         reply: ReplyAttr,
     ) {
-        match self.do_setattr(ino, mode, uid, gid, size, atime, mtime, fh) {
+        match self.do_setattr(ino, mode, uid, gid, size, atime, mtime, fh, req.uid()) {
             Ok(a) => reply.attr(&self.opts.ttl, &a),
             Err(e) => reply.error(e),
         }
@@ -1309,12 +1366,20 @@ impl Filesystem for KmfsFs {
         fh: FileHandle,
         offset: u64,
         data: &[u8],
-        _write_flags: WriteFlags,
+        write_flags: WriteFlags,
         _flags: OpenFlags,
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
-        match self.do_write(fh, offset, data) {
+        let r = self.do_write(fh, offset, data);
+        if r.is_ok()
+            && self.killpriv
+            && write_flags.contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID)
+            && let Some(h) = self.files.get(fh.0)
+        {
+            self.kill_priv(&h.inode, true);
+        }
+        match r {
             Ok(n) => {
                 self.opts.stats.wrote(n as usize);
                 reply.written(n)
