@@ -17,8 +17,15 @@ use super::xts::{AES_BLOCK, Xts256, XtsError};
 pub const BLOCK: usize = 4096;
 /// Unit index used for the tiny unit of files shorter than 16 bytes.
 pub const TINY_UNIT: u64 = u64::MAX;
-/// Requests of at least this many units are spread over worker threads.
-const PARALLEL_MIN_UNITS: usize = 4;
+/// Requests of at least this many units (256 KiB) are spread over rayon's
+/// threads. `cargo bench --bench xts` prints the data behind it: on the 2-core
+/// machine of the README's table, rayon on one request was slower than the
+/// serial loop up to 64 units (hand-off and idle spinning cost more than the
+/// 1-2 µs a unit takes), and small-file reads spent ~10 % of the daemon's CPU in
+/// rayon's sched_yield with the old threshold of 4. Below it, parallelism
+/// comes from the FUSE worker threads serving concurrent requests (readahead,
+/// writeback, other files).
+const PARALLEL_MIN_UNITS: usize = 64;
 
 /// The 16-byte random identifier of one file (from its per-file header).
 pub type FileId = [u8; 16];
@@ -164,10 +171,11 @@ mod tests {
     fn parallel_and_serial_paths_agree_unit_by_unit() {
         let c = cipher();
         let id = [2u8; 16];
-        let pt = vec![0x5au8; 8 * BLOCK];
+        let n = PARALLEL_MIN_UNITS + 2;
+        let pt = vec![0x5au8; n * BLOCK];
         let mut all = pt.clone();
         c.encrypt_units(&id, 10, &mut all).unwrap();
-        for i in 0..8 {
+        for i in 0..n {
             let mut one = pt[i * BLOCK..(i + 1) * BLOCK].to_vec();
             c.encrypt_units(&id, 10 + i as u64, &mut one).unwrap();
             assert_eq!(one, all[i * BLOCK..(i + 1) * BLOCK]);

@@ -1391,6 +1391,10 @@ impl Filesystem for KmfsFs {
         }
     }
 
+    /// Nothing to do on close (writes are synchronous to the backing file and
+    /// POSIX locks are the kernel's): ENOSYS makes the kernel stop sending
+    /// FLUSH at all, one round trip less per close(2). With the writeback
+    /// cache the kernel still writes dirty pages back before close returns.
     fn flush(
         &self,
         _req: &Request,
@@ -1399,7 +1403,7 @@ impl Filesystem for KmfsFs {
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
-        reply.ok();
+        reply.error(Errno::ENOSYS);
     }
 
     fn release(
