@@ -87,6 +87,13 @@ while [ \$# -gt 0 ]; do
         *) echo "mount.fuse.kmfs: unexpected argument \$1" >&2; exit 1 ;;
     esac
 done
+opts=\${opts#,}
+case ,\$opts, in
+    *,remount,*)
+        # A remount (ro/rw and the like) is the kernel's business: mount(8)
+        # without helpers (-i) issues it on the existing FUSE mount.
+        exec mount -i -o "\$opts" "\$mnt" ;;
+esac
 case \$dev in
     kmfs-test|kmfs-scratch) ;;
     *) echo "mount.fuse.kmfs: unknown device \$dev (kmfs-test or kmfs-scratch)" >&2; exit 32 ;;
@@ -99,7 +106,7 @@ fi
 # The daemon's messages go to a log per device (they would clutter check's
 # output); a failed mount names the log.
 log=$work/daemon-\$dev.log
-"$KMFS_BIN" mount --keyfile "$key" "\$back" "\$mnt" -o "subtype=,fsname=\$dev,allow_other\$opts" 2>>"\$log" && exit 0
+"$KMFS_BIN" mount --keyfile "$key" "\$back" "\$mnt" -o "subtype=,fsname=\$dev,allow_other,\$opts" 2>>"\$log" && exit 0
 echo "mount.fuse.kmfs: kmfs mount failed, see \$log" >&2
 tail -n 3 "\$log" >&2
 exit 32
@@ -109,9 +116,14 @@ mv "$helper.tmp" "$helper"
 
 # Test users and group (xfstests' README).
 getent group fsgqa >/dev/null || groupadd fsgqa
-getent passwd fsgqa >/dev/null || useradd -g fsgqa -M -N fsgqa
-getent passwd fsgqa2 >/dev/null || useradd -M -N fsgqa2
-getent passwd 123456-fsgqa >/dev/null || useradd -M -N 123456-fsgqa
+getent passwd fsgqa >/dev/null || useradd -g fsgqa -m -N fsgqa
+getent passwd fsgqa2 >/dev/null || useradd -m -N fsgqa2
+getent passwd 123456-fsgqa >/dev/null || useradd -m -N 123456-fsgqa
+# (su in some tests warns about a missing home directory)
+for u in fsgqa fsgqa2 123456-fsgqa; do
+    h=$(getent passwd "$u" | cut -d: -f6)
+    [ -d "$h" ] || { mkdir -p "$h" && chown "$u" "$h"; }
+done
 
 cd "$XFSTESTS_DIR"
 if [ $# -eq 0 ]; then
