@@ -117,7 +117,7 @@ fn appender(path: PathBuf, data: Arc<Vec<u8>>, seed: u64, p: Shared, killed: Arc
         }
         pos += n;
         since_sync += 1;
-        if since_sync >= 1 + rng.below(4) {
+        if since_sync > rng.below(4) {
             since_sync = 0;
             if let Err(e) = f.sync_all() {
                 return record_err(&p, &killed, format!("fsync {}: {e}", path.display()));
