@@ -249,11 +249,15 @@ impl ControlServer {
 
 impl Drop for ControlServer {
     fn drop(&mut self) {
+        // Unlink first, while the listener still answers: once it is closed, a
+        // new daemon for the same volume (remount right after umount) takes
+        // the socket as stale and binds its own at this path, which a later
+        // unlink here would delete.
+        let _ = std::fs::remove_file(&self.path);
         self.stop.store(true, Ordering::Relaxed);
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
-        let _ = std::fs::remove_file(&self.path);
     }
 }
 
