@@ -12,6 +12,7 @@ PKGS=(
   attr acl rsync                    # xattr/ACL tools used by filesystem tests
   systemd xxd python3               # systemd-analyze verify; demo output; helpers
   libacl1-dev                       # building the POSIX suite pjdfstest
+  stress-ng                         # file stressors in tests/stress.rs
 )
 
 missing=()

@@ -248,6 +248,8 @@ fn mixed_load_from_many_processes() {
             "--verify=crc32c",
             "--verify_fatal=1",
             "--do_verify=1",
+            // No verify-state files in the current directory.
+            "--verify_state_save=0",
             "--bs_unaligned=1",
             "--bsrange=512-256k",
         ])
