@@ -26,6 +26,7 @@
 #                   libfuse3-dev ships in /usr/share/doc/libfuse3-dev/examples)
 #   BACKINGS="tmpfs disk"  FSES="native passthrough_ll bindfs gocryptfs kmfs"
 #   RUNS=3 SEQ_MB=1024 RAND_SECS=3 BIG_GB=0
+#   KMFS_OPTS="-o no_writeback"   extra arguments for `kmfs mount`
 # Benchmarks report; they are not timed tests.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -39,6 +40,7 @@ FSES=${FSES:-native passthrough_ll bindfs gocryptfs kmfs}
 DISK_DIR=${DISK_DIR:-/var/tmp/kmfs-bench}
 TMPFS_DIR=${TMPFS_DIR:-/run/kmfs-bench-tmpfs}
 PLL_SRC=${PASSTHROUGH_LL_SRC:-/usr/share/doc/libfuse3-dev/examples/passthrough_ll.c}
+KMFS_OPTS=${KMFS_OPTS:-}
 
 [ "$(id -u)" -eq 0 ] || { echo "run as root" >&2; exit 1; }
 for t in fio gocryptfs bindfs gcc pkg-config python3 fusermount3; do
@@ -115,7 +117,8 @@ mount_fs() {
       gocryptfs -q -passfile "$base/keys/pass" "$b" "$m" 2>/dev/null ;;
     kmfs)
       "$KMFS" init --keyfile "$base/keys/k" "$b" >/dev/null 2>&1
-      "$KMFS" mount --keyfile "$base/keys/k" "$b" "$m" 2>/dev/null ;;
+      # shellcheck disable=SC2086
+      "$KMFS" mount --keyfile "$base/keys/k" $KMFS_OPTS "$b" "$m" 2>/dev/null ;;
   esac
   echo "$m"
 }
