@@ -398,7 +398,6 @@ fn mixed_load_from_many_processes() {
 /// whose data is still in the kernel's page cache — a copy tool using
 /// SEEK_DATA would skip that data.
 #[test]
-#[ignore = "known bug with the writeback cache: lseek SEEK_DATA/SEEK_HOLE ignores unflushed writes (see the report of issue 8)"]
 fn seek_data_sees_unflushed_writes() {
     use std::os::fd::AsRawFd;
     let vol = Volume::create(false);

@@ -14,6 +14,36 @@ pub struct OpenFile {
     pub inode: Arc<Inode>,
     pub file: File,
     pub append: bool,
+    writable: bool,
+}
+
+impl OpenFile {
+    /// A handle opened with `flags`; counts itself among the inode's writers
+    /// while it lives if it may write.
+    pub fn new(inode: Arc<Inode>, file: File, flags: i32) -> OpenFile {
+        let writable = flags & libc::O_ACCMODE != libc::O_RDONLY;
+        if writable {
+            inode
+                .writers
+                .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        }
+        OpenFile {
+            inode,
+            file,
+            append: flags & libc::O_APPEND != 0,
+            writable,
+        }
+    }
+}
+
+impl Drop for OpenFile {
+    fn drop(&mut self) {
+        if self.writable {
+            self.inode
+                .writers
+                .fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+        }
+    }
 }
 
 /// One entry of a directory listing snapshot.

@@ -12,6 +12,7 @@
 
 use std::collections::HashMap;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::sync::atomic::AtomicUsize;
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
 
 use fuser::FileType;
@@ -32,6 +33,8 @@ pub struct Inode {
     pub header: OnceLock<FileHeader>,
     /// Serialises writes/truncates of this file; reads share it.
     pub io: RwLock<()>,
+    /// Open handles that may write (see `handle::OpenFile`).
+    pub writers: AtomicUsize,
 }
 
 impl Inode {
@@ -79,6 +82,7 @@ impl InodeTable {
             dir_id: OnceLock::new(),
             header: OnceLock::new(),
             io: RwLock::new(()),
+            writers: AtomicUsize::new(0),
         });
         let mut by_ino = HashMap::new();
         by_ino.insert(
@@ -155,6 +159,7 @@ impl InodeTable {
             dir_id: OnceLock::new(),
             header: OnceLock::new(),
             io: RwLock::new(()),
+            writers: AtomicUsize::new(0),
         });
         t.by_ino.insert(
             ino,

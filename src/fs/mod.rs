@@ -751,11 +751,7 @@ impl KmfsFs {
             return Err(e);
         }
         let attr = self.stat_attr(&inode)?;
-        let fh = self.files.insert(OpenFile {
-            inode,
-            file,
-            append: flags & libc::O_APPEND != 0,
-        });
+        let fh = self.files.insert(OpenFile::new(inode, file, flags));
         Ok((attr, fh))
     }
 
@@ -1324,11 +1320,7 @@ impl Filesystem for KmfsFs {
                 self.ro()?;
                 self.truncate(&inode, None, 0)?;
             }
-            Ok(self.files.insert(OpenFile {
-                inode,
-                file,
-                append: flags.0 & libc::O_APPEND != 0,
-            }))
+            Ok(self.files.insert(OpenFile::new(inode, file, flags.0)))
         })();
         match r {
             Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
@@ -1678,6 +1670,21 @@ impl Filesystem for KmfsFs {
         whence: i32,
         reply: ReplyLseek,
     ) {
+        // With the writeback cache, while a handle may write the file the
+        // kernel can hold dirty pages that the backing file does not show yet
+        // (close writes them back first), so the backing file's holes are not
+        // the file's holes. ENOSYS makes the kernel use its generic lseek (the
+        // whole file is data, up to its own size), which is always correct;
+        // it does so for the rest of this mount.
+        if self.writeback
+            && (whence == libc::SEEK_DATA || whence == libc::SEEK_HOLE)
+            && self
+                .files
+                .get(fh.0)
+                .is_some_and(|h| h.inode.writers.load(std::sync::atomic::Ordering::Acquire) > 0)
+        {
+            return reply.error(Errno::ENOSYS);
+        }
         match self.do_lseek(fh, offset, whence) {
             Ok(o) => reply.offset(o),
             Err(e) => reply.error(e),
