@@ -17,15 +17,17 @@ use super::xts::{AES_BLOCK, Xts256, XtsError};
 pub const BLOCK: usize = 4096;
 /// Unit index used for the tiny unit of files shorter than 16 bytes.
 pub const TINY_UNIT: u64 = u64::MAX;
-/// Requests of at least this many units (256 KiB) are spread over rayon's
-/// threads. `cargo bench --bench xts` prints the data behind it: on the 2-core
-/// machine of the README's table, rayon on one request was slower than the
-/// serial loop up to 64 units (hand-off and idle spinning cost more than the
-/// 1-2 µs a unit takes), and small-file reads spent ~10 % of the daemon's CPU in
-/// rayon's sched_yield with the old threshold of 4. Below it, parallelism
-/// comes from the FUSE worker threads serving concurrent requests (readahead,
-/// writeback, other files).
-const PARALLEL_MIN_UNITS: usize = 64;
+/// Requests of at least this many units (128 KiB) are spread over rayon's
+/// threads. `cargo bench --bench xts` prints the data behind it; on the 2-core
+/// machine of the README's table, rayon/serial time per request was, for 8 /
+/// 16 / 32 / 64 units: 1.01 / 0.75 / 0.63 / 0.57 on an idle machine (2 threads
+/// scale 1.98x on 1 MiB) and 1.60 / 1.22 / 0.91 / 0.94 with the other core
+/// busy (1.12x) — 32 is the smallest size that won in both. In the daemon the
+/// other core is usually busy with the application, and below the threshold
+/// parallelism comes from the FUSE worker threads serving concurrent requests
+/// (readahead, writeback, other files). With the old threshold of 4, reading
+/// small files spent ~10 % of the daemon's CPU in rayon's sched_yield.
+const PARALLEL_MIN_UNITS: usize = 32;
 
 /// The 16-byte random identifier of one file (from its per-file header).
 pub type FileId = [u8; 16];
