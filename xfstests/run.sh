@@ -26,7 +26,9 @@
 #   * /sbin/mount.fuse.kmfs, which mount(8) runs for `mount -t fuse.kmfs DEV
 #     DIR -o OPTS`: it maps DEV to its backing directory and runs the kmfs
 #     daemon with fsname=DEV (so `umount DEV` finds the mount) and no subtype
-#     (xfstests requires `df -T` to show exactly "fuse");
+#     (xfstests requires `df -T` to show exactly "fuse"); any other device is
+#     handed to mount.fuse3 as usual, and the helper is removed when the run
+#     ends, so the machine's own fuse.kmfs mounts are not affected;
 #   * the test users fsgqa, fsgqa2, 123456-fsgqa and group fsgqa if missing.
 # Then it runs ./check -fuse with xfstests/local.config (HOST_OPTIONS) and the
 # exclusions in xfstests/exclude.txt; results land in $KMFS_XFS_WORK/results
@@ -96,7 +98,8 @@ case ,\$opts, in
 esac
 case \$dev in
     kmfs-test|kmfs-scratch) ;;
-    *) echo "mount.fuse.kmfs: unknown device \$dev (kmfs-test or kmfs-scratch)" >&2; exit 32 ;;
+    # Any other fuse.kmfs mount (a real volume, fstab) goes the normal way.
+    *) exec mount.fuse3 "\$dev" "\$mnt" -t fuse.kmfs \${opts:+-o "\$opts"} ;;
 esac
 back=$work/back/\$dev
 if [ ! -e "\$back/kmfs.volume" ]; then
@@ -113,6 +116,7 @@ exit 32
 EOF
 chmod 0755 "$helper.tmp"
 mv "$helper.tmp" "$helper"
+trap 'rm -f "$helper"' EXIT
 
 # Test users and group (xfstests' README).
 getent group fsgqa >/dev/null || groupadd fsgqa
@@ -131,4 +135,4 @@ if [ $# -eq 0 ]; then
 fi
 echo "kmfs: $KMFS_BIN ($("$KMFS_BIN" --version 2>/dev/null || echo '?'))"
 echo "xfstests: $XFSTESTS_DIR; work: $work"
-HOST_OPTIONS=$here/local.config exec ./check -fuse -E "$here/exclude.txt" "$@"
+HOST_OPTIONS=$here/local.config ./check -fuse -E "$here/exclude.txt" "$@"
