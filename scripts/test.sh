@@ -9,7 +9,7 @@ scripts/install-deps.sh
 
 echo "== build"
 cargo build --release --locked
-echo "== benches compile (run them with: cargo bench; benches/fs_compare.sh)"
+echo "== benches compile (run them with: cargo bench; benches/fs_bench.sh)"
 cargo build --locked --benches
 
 echo "== systemd units (systemd-analyze verify)"
