@@ -778,3 +778,28 @@ fn rsync_and_tar_roundtrip_with_acls_and_xattrs() {
     assert!(diff.status.success());
     assert_eq!(getx(&x.join("sub/a.bin"), "user.tag").unwrap(), b"backup");
 }
+
+/// fallocate by a caller without CAP_FSETID clears the set-id bits, as a
+/// write does (xfstests generic/683).
+#[test]
+fn fallocate_by_non_root_clears_setid_bits() {
+    let m = Volume::create(false).mount_with(&["-o", "allow_other"]);
+    let dir = m.p("shared");
+    fs::create_dir(&dir).unwrap();
+    fs::set_permissions(&dir, fs::Permissions::from_mode(0o777)).unwrap();
+    let f = dir.join("prog");
+    fs::write(&f, b"#!/bin/sh\n").unwrap();
+    std::os::unix::fs::chown(&f, Some(65534), Some(65534)).unwrap();
+    fs::set_permissions(&f, fs::Permissions::from_mode(0o6775)).unwrap();
+    assert_eq!(fs::metadata(&f).unwrap().mode() & 0o7777, 0o6775);
+    let st = Command::new("fallocate")
+        .args(["-l", "65536"])
+        .arg(&f)
+        .uid(65534)
+        .gid(65534)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    assert_eq!(fs::metadata(&f).unwrap().mode() & 0o7777, 0o0775);
+    assert_eq!(fs::metadata(&f).unwrap().len(), 65536);
+}

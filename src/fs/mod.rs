@@ -820,7 +820,14 @@ impl KmfsFs {
         Ok(data.len() as u32)
     }
 
-    fn do_fallocate(&self, fh: FileHandle, offset: u64, length: u64, mode: i32) -> R<()> {
+    fn do_fallocate(
+        &self,
+        fh: FileHandle,
+        offset: u64,
+        length: u64,
+        mode: i32,
+        caller_uid: u32,
+    ) -> R<()> {
         self.ro()?;
         if mode & !libc::FALLOC_FL_KEEP_SIZE != 0 {
             return Err(Errno::EOPNOTSUPP);
@@ -840,10 +847,16 @@ impl KmfsFs {
             .map_err(|e| self.fail("fallocate", &h.inode, e))?;
         }
         match sys::fallocate(&h.file, mode, HEADER_LEN + offset, length) {
-            Ok(()) => Ok(()),
-            Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => Ok(()),
-            Err(e) => Err(Errno::from(e)),
+            Ok(()) => {}
+            Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => {}
+            Err(e) => return Err(Errno::from(e)),
         }
+        // fallocate modifies the file like a write: a caller without
+        // CAP_FSETID (non-root here) loses the set-id bits (xfstests generic/683).
+        if caller_uid != 0 {
+            self.kill_priv(&h.inode, true);
+        }
+        Ok(())
     }
 
     fn do_lseek(&self, fh: FileHandle, offset: i64, whence: i32) -> R<i64> {
@@ -1647,7 +1660,7 @@ impl Filesystem for KmfsFs {
 
     fn fallocate(
         &self,
-        _req: &Request,
+        req: &Request,
         _ino: INodeNo,
         fh: FileHandle,
         offset: u64,
@@ -1655,7 +1668,7 @@ impl Filesystem for KmfsFs {
         mode: i32,
         reply: ReplyEmpty,
     ) {
-        match self.do_fallocate(fh, offset, length, mode) {
+        match self.do_fallocate(fh, offset, length, mode, req.uid()) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(e),
         }
