@@ -116,34 +116,15 @@ impl Xts256 {
     /// Encrypts one data unit in place. `tweak` is the data-unit number (encoded
     /// little-endian as IEEE 1619 specifies). `data.len()` must be ≥ 16.
     pub fn encrypt(&self, data: &mut [u8], tweak: u128) -> Result<(), XtsError> {
-        let len = data.len();
-        if len < AES_BLOCK {
-            return Err(XtsError::TooShort(len));
-        }
-        let t0 = self.initial_tweak(tweak);
-        let rem = len % AES_BLOCK;
-        if rem == 0 {
-            self.process_full(data, t0, true);
-            return Ok(());
-        }
-        // Ciphertext stealing: all full blocks but the last go the normal way.
-        let full = len - rem - AES_BLOCK;
-        let t = self.process_full(&mut data[..full], t0, true);
-        let t_next = mul_alpha(t);
-        let (head, tail) = data[full..].split_at_mut(AES_BLOCK);
-        // CC = E(P_{m-1}, T_{m-1}); C_m = CC[..rem]; C_{m-1} = E(P_m ‖ CC[rem..], T_m)
-        self.one_block(head, t, true);
-        let mut last = [0u8; AES_BLOCK];
-        last[..rem].copy_from_slice(tail);
-        last[rem..].copy_from_slice(&head[rem..]);
-        tail.copy_from_slice(&head[..rem]);
-        self.one_block(&mut last, t_next, true);
-        head.copy_from_slice(&last);
-        Ok(())
+        self.unit(data, tweak, true)
     }
 
     /// Decrypts one data unit in place (inverse of [`Xts256::encrypt`]).
     pub fn decrypt(&self, data: &mut [u8], tweak: u128) -> Result<(), XtsError> {
+        self.unit(data, tweak, false)
+    }
+
+    fn unit(&self, data: &mut [u8], tweak: u128, encrypt: bool) -> Result<(), XtsError> {
         let len = data.len();
         if len < AES_BLOCK {
             return Err(XtsError::TooShort(len));
@@ -151,21 +132,25 @@ impl Xts256 {
         let t0 = self.initial_tweak(tweak);
         let rem = len % AES_BLOCK;
         if rem == 0 {
-            self.process_full(data, t0, false);
+            self.process_full(data, t0, encrypt);
             return Ok(());
         }
+        // Ciphertext stealing: all full blocks but the last go the normal way.
         let full = len - rem - AES_BLOCK;
-        let t = self.process_full(&mut data[..full], t0, false);
+        let t = self.process_full(&mut data[..full], t0, encrypt);
         let t_next = mul_alpha(t);
+        // Encrypt: CC = E(P_{m-1}, T_{m-1}); C_m = CC[..rem]; C_{m-1} = E(P_m ‖ CC[rem..], T_m).
+        // Decrypt: PP = D(C_{m-1}, T_m); P_m = PP[..rem]; P_{m-1} = D(C_m ‖ PP[rem..], T_{m-1}).
+        // Same steps; only the order of the two tweaks differs.
+        let (first, second) = if encrypt { (t, t_next) } else { (t_next, t) };
         let (head, tail) = data[full..].split_at_mut(AES_BLOCK);
-        // PP = D(C_{m-1}, T_m); P_m = PP[..rem]; P_{m-1} = D(C_m ‖ PP[rem..], T_{m-1})
-        self.one_block(head, t_next, false);
-        let mut cc = [0u8; AES_BLOCK];
-        cc[..rem].copy_from_slice(tail);
-        cc[rem..].copy_from_slice(&head[rem..]);
+        self.one_block(head, first, encrypt);
+        let mut last = [0u8; AES_BLOCK];
+        last[..rem].copy_from_slice(tail);
+        last[rem..].copy_from_slice(&head[rem..]);
         tail.copy_from_slice(&head[..rem]);
-        self.one_block(&mut cc, t, false);
-        head.copy_from_slice(&cc);
+        self.one_block(&mut last, second, encrypt);
+        head.copy_from_slice(&last);
         Ok(())
     }
 }
