@@ -4,26 +4,15 @@
 //! every key-manager operation, and the hash-chained log verified by
 //! `kmfs log verify`.
 
+#[path = "support/cli.rs"]
+mod cli;
+use cli::{kmfs, text};
+
 #[path = "support/pykmip.rs"]
 mod pykmip;
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
-
-const KMFS: &str = env!("CARGO_BIN_EXE_kmfs");
-
-fn kmfs(args: &[&dyn AsRef<std::ffi::OsStr>]) -> Output {
-    let mut c = Command::new(KMFS);
-    for a in args {
-        c.arg(a);
-    }
-    c.output().unwrap()
-}
-
-fn err(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
 
 fn private_dir(p: &Path) {
     std::fs::create_dir_all(p).unwrap();
@@ -74,12 +63,12 @@ fn init_check_audit_and_outage_through_the_cli() {
 
     // Without --create-kek a missing KEK is an error naming it; nothing written.
     let o = kmfs(&[&"init", &"--config", &cfg, &back]);
-    assert_eq!(o.status.code(), Some(13), "{}", err(&o));
-    assert!(err(&o).contains("vol1-kek"), "{}", err(&o));
+    assert_eq!(o.status.code(), Some(13), "{}", text(&o));
+    assert!(text(&o).contains("vol1-kek"), "{}", text(&o));
     assert!(std::fs::read_dir(&back).unwrap().next().is_none());
 
     let o = kmfs(&[&"init", &"--create-kek", &"--config", &cfg, &back]);
-    assert!(o.status.success(), "{}", err(&o));
+    assert!(o.status.success(), "{}", text(&o));
     assert!(String::from_utf8_lossy(&o.stdout).contains("created key-encryption key"));
 
     let o = kmfs(&[&"header", &"dump", &back]);
@@ -92,21 +81,21 @@ fn init_check_audit_and_outage_through_the_cli() {
     // keyserver check: km1 healthy, km2 (closed port) not → exit 12, both listed.
     let o = kmfs(&[&"keyserver", &"check", &"--config", &cfg]);
     let out = String::from_utf8_lossy(&o.stdout).into_owned();
-    assert_eq!(o.status.code(), Some(12), "{out}{}", err(&o));
+    assert_eq!(o.status.code(), Some(12), "{out}{}", text(&o));
     assert!(out.contains("km1") && out.contains("km2"), "{out}");
 
     // Restore the header while the only live server is up: works.
     let bak = tmp.path().join("hdr.bak");
     assert!(kmfs(&[&"header", &"backup", &back, &bak]).status.success());
     let o = kmfs(&[&"header", &"restore", &"--config", &cfg, &back, &bak]);
-    assert!(o.status.success(), "{}", err(&o));
+    assert!(o.status.success(), "{}", text(&o));
 
     // Key server down: one line naming each server and why; nothing changed.
     let live = std::fs::read(back.join("kmfs.volume")).unwrap();
     drop(server);
     let o = kmfs(&[&"header", &"restore", &"--config", &cfg, &back, &bak]);
-    assert_eq!(o.status.code(), Some(12), "{}", err(&o));
-    let line = err(&o).lines().last().unwrap().to_string();
+    assert_eq!(o.status.code(), Some(12), "{}", text(&o));
+    let line = text(&o).lines().last().unwrap().to_string();
     assert!(line.contains("km1") && line.contains("km2"), "{line}");
     assert_eq!(std::fs::read(back.join("kmfs.volume")).unwrap(), live);
 
@@ -135,13 +124,13 @@ fn init_check_audit_and_outage_through_the_cli() {
     // The chained log verifies, and names the line after an edit.
     let log = etc.join("vol1.log");
     let o = kmfs(&[&"log", &"verify", &log]);
-    assert!(o.status.success(), "{}", err(&o));
+    assert!(o.status.success(), "{}", text(&o));
     assert!(String::from_utf8_lossy(&o.stdout).starts_with("OK: "));
-    let text = std::fs::read_to_string(&log).unwrap();
-    assert!(!text.contains(&hex[..32]), "wrapped key in the log");
-    let edited = text.replacen("result=ok", "result=OK", 1);
+    let logtext = std::fs::read_to_string(&log).unwrap();
+    assert!(!logtext.contains(&hex[..32]), "wrapped key in the log");
+    let edited = logtext.replacen("result=ok", "result=OK", 1);
     std::fs::write(&log, edited).unwrap();
     let o = kmfs(&[&"log", &"verify", &log]);
     assert_eq!(o.status.code(), Some(18));
-    assert!(err(&o).contains("line "), "{}", err(&o));
+    assert!(text(&o).contains("line "), "{}", text(&o));
 }

@@ -3,37 +3,21 @@
 //! dated header backup, and check that each header opens only with its own KEK
 //! version while the data key never changes.
 
+#[path = "support/cli.rs"]
+mod cli;
+use cli::{kmfs, ok};
+
 #[path = "support/softhsm.rs"]
 mod softhsm;
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
-use std::process::{Command, Output};
-
-const KMFS: &str = env!("CARGO_BIN_EXE_kmfs");
+use std::process::Command;
 
 /// SoftHSM 2.6 rewrites a token's object file when a key is created; another
 /// process listing tokens at that moment sees the token without its label. The
 /// tests here run kmfs processes that create keys, so they take turns.
 static TOKEN_LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
-fn kmfs(args: &[&dyn AsRef<std::ffi::OsStr>]) -> Output {
-    let mut c = Command::new(KMFS);
-    for a in args {
-        c.arg(a);
-    }
-    c.output().unwrap()
-}
-
-fn ok(o: Output) -> String {
-    assert!(
-        o.status.success(),
-        "{}\n{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
 
 fn dump_json(back: &Path) -> serde_json::Value {
     serde_json::from_str(&ok(kmfs(&[&"header", &"dump", &"--json", &back]))).unwrap()

@@ -6,6 +6,10 @@
 //! mounted, no stray daemon. mount(8) → mount.fuse3 → `kmfs SRC MNT -o OPTS`
 //! finds the kmfs under test first on PATH.
 
+#[path = "support/cli.rs"]
+mod cli;
+use cli::{KMFS, is_mounted, text};
+
 #[path = "support/pykmip.rs"]
 mod pykmip;
 
@@ -13,8 +17,6 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
-
-const KMFS: &str = env!("CARGO_BIN_EXE_kmfs");
 
 fn path_env() -> String {
     let dir = Path::new(KMFS).parent().unwrap();
@@ -35,14 +37,6 @@ fn mount(args: &[&dyn AsRef<std::ffi::OsStr>]) -> Output {
 
 fn umount(p: &Path) -> Output {
     Command::new("umount").arg(p).output().unwrap()
-}
-
-fn is_mounted(p: &Path) -> bool {
-    let want = p.display().to_string();
-    std::fs::read_to_string("/proc/self/mountinfo")
-        .unwrap()
-        .lines()
-        .any(|l| l.split(' ').nth(4) == Some(want.as_str()))
 }
 
 /// kmfs daemons whose command line names `backing`.
@@ -76,14 +70,6 @@ fn wait_no_daemon(backing: &Path) {
         "stray kmfs daemon for {}",
         backing.display()
     );
-}
-
-fn err(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
 }
 
 struct Setup {
@@ -124,7 +110,7 @@ fn setup(pki: &pykmip::Pki, port: u16) -> Setup {
         .arg(&back)
         .output()
         .unwrap();
-    assert!(o.status.success(), "{}", err(&o));
+    assert!(o.status.success(), "{}", text(&o));
     Setup {
         tmp,
         cfg,
@@ -151,7 +137,7 @@ fn mount_t_fuse_kmfs_fstab_and_failure_paths() {
 
     // mount -t fuse.kmfs: returns once live; write, read, unmount, daemon gone.
     let o = mount(&[&"-t", &"fuse.kmfs", &s.back, &s.mnt, &"-o", &opt]);
-    assert!(o.status.success(), "{}", err(&o));
+    assert!(o.status.success(), "{}", text(&o));
     assert!(
         is_mounted(&s.mnt),
         "mount returned before the mount was live"
@@ -162,18 +148,18 @@ fn mount_t_fuse_kmfs_fstab_and_failure_paths() {
         b"through mount(8)"
     );
     let o = umount(&s.mnt);
-    assert!(o.status.success(), "{}", err(&o));
+    assert!(o.status.success(), "{}", text(&o));
     assert!(!is_mounted(&s.mnt));
     wait_no_daemon(&s.back);
 
     // The same volume already mounted elsewhere: refused before mounting.
     let o = mount(&[&"-t", &"fuse.kmfs", &s.back, &s.mnt, &"-o", &opt]);
-    assert!(o.status.success(), "{}", err(&o));
+    assert!(o.status.success(), "{}", text(&o));
     let mnt2 = s.tmp.path().join("plain2");
     std::fs::create_dir(&mnt2).unwrap();
     let o = mount(&[&"-t", &"fuse.kmfs", &s.back, &mnt2, &"-o", &opt]);
     assert!(!o.status.success());
-    assert!(err(&o).contains("already mounted"), "{}", err(&o));
+    assert!(text(&o).contains("already mounted"), "{}", text(&o));
     assert!(!is_mounted(&mnt2));
     assert!(umount(&s.mnt).status.success());
     wait_no_daemon(&s.back);
@@ -191,7 +177,7 @@ fn mount_t_fuse_kmfs_fstab_and_failure_paths() {
     )
     .unwrap();
     let o = mount(&[&"-a", &"-T", &fstab]);
-    assert!(o.status.success(), "{}", err(&o));
+    assert!(o.status.success(), "{}", text(&o));
     assert!(is_mounted(&s.mnt));
     assert_eq!(
         std::fs::read(s.mnt.join("hello.txt")).unwrap(),
@@ -200,15 +186,15 @@ fn mount_t_fuse_kmfs_fstab_and_failure_paths() {
     assert!(umount(&s.mnt).status.success());
     wait_no_daemon(&s.back);
     let o = mount(&[&"-T", &fstab, &s.mnt]);
-    assert!(o.status.success(), "{}", err(&o));
+    assert!(o.status.success(), "{}", text(&o));
     assert!(is_mounted(&s.mnt));
     assert!(umount(&s.mnt).status.success());
     wait_no_daemon(&s.back);
 
     // Failure paths: each exits non-zero with the reason; nothing mounted.
     let check_fail = |o: Output, want: &[&str]| {
-        assert!(!o.status.success(), "expected failure: {}", err(&o));
-        let e = err(&o);
+        assert!(!o.status.success(), "expected failure: {}", text(&o));
+        let e = text(&o);
         for w in want {
             assert!(e.contains(w), "missing {w:?} in: {e}");
         }

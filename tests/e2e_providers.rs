@@ -9,6 +9,10 @@
 //! * KMIP (PyKMIP): the primary key server is down at mount time; the mount
 //!   succeeds through the secondary and the audit trail records the failover.
 
+#[path = "support/cli.rs"]
+mod cli;
+use cli::{KMFS, is_mounted, kmfs, ok, text};
+
 #[path = "support/pykmip.rs"]
 mod pykmip;
 #[path = "support/softhsm.rs"]
@@ -16,40 +20,9 @@ mod softhsm;
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 
 use base64::Engine;
-
-const KMFS: &str = env!("CARGO_BIN_EXE_kmfs");
-
-fn kmfs(args: &[&dyn AsRef<std::ffi::OsStr>]) -> Output {
-    let mut c = Command::new(KMFS);
-    for a in args {
-        c.arg(a);
-    }
-    c.output().unwrap()
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
-
-fn ok(o: Output) -> String {
-    assert!(o.status.success(), "{}", text(&o));
-    text(&o)
-}
-
-fn is_mounted(p: &Path) -> bool {
-    let want = p.display().to_string();
-    std::fs::read_to_string("/proc/self/mountinfo")
-        .unwrap()
-        .lines()
-        .any(|l| l.split(' ').nth(4) == Some(want.as_str()))
-}
 
 struct Dirs {
     _tmp: tempfile::TempDir,

@@ -3,6 +3,10 @@
 //! verifies afterwards, after remount, and with only the new KEK. Also `kmfs
 //! status`, and that a second daemon for the same volume is refused.
 
+#[path = "support/cli.rs"]
+mod cli;
+use cli::{KMFS, kmfs, ok};
+
 #[path = "support/mount.rs"]
 mod mount;
 
@@ -12,25 +16,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use mount::{KMFS, Volume, pattern};
-
-fn kmfs(args: &[&dyn AsRef<std::ffi::OsStr>]) -> std::process::Output {
-    let mut c = Command::new(KMFS);
-    for a in args {
-        c.arg(a);
-    }
-    c.output().unwrap()
-}
-
-fn ok(o: std::process::Output) -> String {
-    assert!(
-        o.status.success(),
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
+use mount::{Volume, pattern};
 
 #[test]
 fn rotate_while_writing_then_remount_with_only_the_new_key() {

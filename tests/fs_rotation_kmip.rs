@@ -4,44 +4,17 @@
 //! succeeds), and the daemon killed with SIGKILL in the middle of a rotation
 //! (the volume mounts again with whichever KEK the committed header names).
 
+#[path = "support/cli.rs"]
+mod cli;
+use cli::{KMFS, is_mounted, kmfs, ok, text};
+
 #[path = "support/pykmip.rs"]
 mod pykmip;
 
 use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
-
-const KMFS: &str = env!("CARGO_BIN_EXE_kmfs");
-
-fn kmfs(args: &[&dyn AsRef<std::ffi::OsStr>]) -> Output {
-    let mut c = Command::new(KMFS);
-    for a in args {
-        c.arg(a);
-    }
-    c.output().unwrap()
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
-
-fn ok(o: Output) -> String {
-    assert!(o.status.success(), "{}", text(&o));
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-fn is_mounted(p: &Path) -> bool {
-    let want = p.display().to_string();
-    std::fs::read_to_string("/proc/self/mountinfo")
-        .unwrap()
-        .lines()
-        .any(|l| l.split(' ').nth(4) == Some(want.as_str()))
-}
 
 struct Vol {
     tmp: tempfile::TempDir,

@@ -1,0 +1,42 @@
+//! Running the real `kmfs` binary from integration tests.
+
+#![allow(dead_code)]
+
+use std::ffi::OsStr;
+use std::path::Path;
+use std::process::{Command, Output};
+
+pub const KMFS: &str = env!("CARGO_BIN_EXE_kmfs");
+
+/// Runs `kmfs ARGS...` and returns its output.
+pub fn kmfs(args: &[&dyn AsRef<OsStr>]) -> Output {
+    let mut c = Command::new(KMFS);
+    for a in args {
+        c.arg(a);
+    }
+    c.output().unwrap()
+}
+
+/// stdout followed by stderr, for messages and assertions.
+pub fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// Asserts success (showing all output otherwise) and returns stdout.
+pub fn ok(o: Output) -> String {
+    assert!(o.status.success(), "{}", text(&o));
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// Whether `p` is a mountpoint now (per /proc/self/mountinfo).
+pub fn is_mounted(p: &Path) -> bool {
+    let want = p.display().to_string();
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .any(|l| l.split(' ').nth(4) == Some(want.as_str()))
+}
