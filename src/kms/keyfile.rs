@@ -4,20 +4,13 @@
 //! is readable by group/others or lies inside the backing directory (where it
 //! would sit beside the data it protects), and wraps with AES-256-GCM.
 //!
-//! Wrapped blob: `0x01 ‖ nonce (12) ‖ AES-256-GCM(KEK, nonce, DEK, aad) ‖ tag (16)`.
+//! Wrapped blob: the shared format of [`super::blob`], sealed locally.
 
 use std::path::{Path, PathBuf};
 
-use aes_gcm::aead::{Aead, KeyInit, Payload};
-use aes_gcm::{Aes256Gcm, Nonce};
-
-use super::{KekRef, KeyProvider, KmsError};
+use super::{KekRef, KeyProvider, KmsError, blob};
 use crate::credfile;
 use crate::crypto::keys::Secret;
-
-const BLOB_VERSION: u8 = 1;
-const NONCE_LEN: usize = 12;
-const TAG_LEN: usize = 16;
 
 /// The KEK length in a key file.
 pub const KEY_LEN: usize = 32;
@@ -72,10 +65,6 @@ impl KeyfileProvider {
         Ok(KeyfileProvider { path: canon, kek })
     }
 
-    fn cipher(&self) -> Aes256Gcm {
-        Aes256Gcm::new_from_slice(self.kek.as_bytes()).expect("KEK length checked at open")
-    }
-
     fn check_ref(&self, kek: &KekRef) -> Result<(), KmsError> {
         if kek.provider != "keyfile" {
             return Err(KmsError::Config(format!(
@@ -108,48 +97,14 @@ impl KeyProvider for KeyfileProvider {
     fn wrap(&self, kek: &KekRef, dek: &Secret, aad: &[u8]) -> Result<Vec<u8>, KmsError> {
         self.check_ref(kek)?;
         warn(&self.path);
-        let mut nonce = [0u8; NONCE_LEN];
-        getrandom::fill(&mut nonce)
-            .map_err(|e| KmsError::Config(format!("random generator failed: {e}")))?;
-        let ct = self
-            .cipher()
-            .encrypt(
-                &Nonce::from(nonce),
-                Payload {
-                    msg: dek.as_bytes(),
-                    aad,
-                },
-            )
-            .map_err(|_| KmsError::Protocol("AES-GCM wrap failed".into()))?;
-        let mut out = Vec::with_capacity(1 + NONCE_LEN + ct.len());
-        out.push(BLOB_VERSION);
-        out.extend_from_slice(&nonce);
-        out.extend_from_slice(&ct);
-        Ok(out)
+        blob::seal(&self.kek, &blob::fresh_iv()?, dek, aad)
     }
 
     fn unwrap(&self, kek: &KekRef, wrapped: &[u8], aad: &[u8]) -> Result<Secret, KmsError> {
         self.check_ref(kek)?;
         warn(&self.path);
-        if wrapped.len() < 1 + NONCE_LEN + TAG_LEN || wrapped[0] != BLOB_VERSION {
-            return Err(KmsError::WrongKey(format!(
-                "key file {}",
-                self.path.display()
-            )));
-        }
-        let nonce = Nonce::try_from(&wrapped[1..1 + NONCE_LEN])
-            .map_err(|_| KmsError::WrongKey(format!("key file {}", self.path.display())))?;
-        let pt = self
-            .cipher()
-            .decrypt(
-                &nonce,
-                Payload {
-                    msg: &wrapped[1 + NONCE_LEN..],
-                    aad,
-                },
-            )
-            .map_err(|_| KmsError::WrongKey(format!("key file {}", self.path.display())))?;
-        Ok(Secret::from_vec(pt))
+        blob::open(&self.kek, wrapped, aad)?
+            .map_err(|_| KmsError::WrongKey(format!("key file {}", self.path.display())))
     }
 
     fn random(&self, len: usize) -> Result<Secret, KmsError> {

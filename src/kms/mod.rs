@@ -6,6 +6,7 @@
 //! Nothing outside this module knows which provider is in use: the volume and
 //! filesystem code see only this trait, like rustls's `CryptoProvider`.
 
+pub mod blob;
 pub mod keyfile;
 pub mod kmip;
 pub mod pkcs11;

@@ -80,8 +80,6 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, RwLock};
 
-use aes_gcm::aead::{Aead, KeyInit, Payload};
-use aes_gcm::{Aes256Gcm, Nonce};
 use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11 as Module};
 use cryptoki::error::{Error as CkError, Rv, RvError};
 use cryptoki::mechanism::Mechanism;
@@ -98,9 +96,7 @@ use crate::credfile;
 use crate::crypto::keys::Secret;
 
 const KIND: &str = "pkcs11";
-const BLOB_VERSION: u8 = 1;
-const IV_LEN: usize = 12;
-const TAG_LEN: usize = 16;
+use super::blob::{self, IV_LEN, TAG_LEN, VERSION as BLOB_VERSION};
 /// AES-256.
 const KEK_LEN: usize = 32;
 /// Length of the CKA_ID kmfs gives the keys it generates.
@@ -949,10 +945,7 @@ impl Pkcs11Provider {
         aad: &[u8],
     ) -> OpResult<Vec<u8>> {
         let kw = self.key_where(&kek.name, kek.version);
-        let mut iv = [0u8; IV_LEN];
-        getrandom::fill(&mut iv).map_err(|e| {
-            KmsError::Config(format!("operating system random generator failed: {e}"))
-        })?;
+        let iv = blob::fresh_iv()?;
         let mut iv_param = iv;
         let params = GcmParams::new(&mut iv_param, aad, ((TAG_LEN * 8) as u64).into())
             .map_err(|e| KmsError::Protocol(format!("AES-GCM parameters: {e}")))?;
@@ -985,11 +978,7 @@ impl Pkcs11Provider {
             ))
             .into());
         }
-        let mut out = Vec::with_capacity(1 + IV_LEN + ct.len());
-        out.push(BLOB_VERSION);
-        out.extend_from_slice(&iv);
-        out.extend_from_slice(&ct);
-        Ok(out)
+        Ok(blob::encode(&iv, &ct))
     }
 
     fn gcm_unwrap_in_token(
@@ -1094,46 +1083,17 @@ impl Pkcs11Provider {
     }
 }
 
-fn local_cipher(kek: &Secret) -> Result<Aes256Gcm, KmsError> {
-    Aes256Gcm::new_from_slice(kek.as_bytes())
-        .map_err(|_| KmsError::Protocol("the KEK is not an AES-256 key".into()))
-}
-
 /// Extract mode: AES-256-GCM with the fetched KEK, same blob as the token's.
 fn local_wrap(kek: &Secret, dek: &Secret, aad: &[u8]) -> Result<Vec<u8>, KmsError> {
-    let mut iv = [0u8; IV_LEN];
-    getrandom::fill(&mut iv)
-        .map_err(|e| KmsError::Config(format!("operating system random generator failed: {e}")))?;
-    let ct = local_cipher(kek)?
-        .encrypt(
-            &Nonce::from(iv),
-            Payload {
-                msg: dek.as_bytes(),
-                aad,
-            },
-        )
-        .map_err(|_| KmsError::Protocol("AES-GCM wrap failed".into()))?;
-    let mut out = Vec::with_capacity(1 + IV_LEN + ct.len());
-    out.push(BLOB_VERSION);
-    out.extend_from_slice(&iv);
-    out.extend_from_slice(&ct);
-    Ok(out)
+    blob::seal(kek, &blob::fresh_iv()?, dek, aad)
 }
 
 /// Reverses [`local_wrap`]; `wrapped` has been length-checked.
 fn local_unwrap(kek: &Secret, wrapped: &[u8], aad: &[u8], kw: &str) -> Result<Secret, KmsError> {
-    let nonce =
-        Nonce::try_from(&wrapped[1..1 + IV_LEN]).map_err(|_| KmsError::WrongKey(kw.to_string()))?;
-    let pt = local_cipher(kek)?
-        .decrypt(
-            &nonce,
-            Payload {
-                msg: &wrapped[1 + IV_LEN..],
-                aad,
-            },
-        )
-        .map_err(|_| KmsError::WrongKey(format!("{kw} (AES-GCM tag mismatch)")))?;
-    Ok(Secret::from_vec(pt))
+    blob::open(kek, wrapped, aad)?.map_err(|e| match e {
+        blob::OpenError::Auth => KmsError::WrongKey(format!("{kw} (AES-GCM tag mismatch)")),
+        blob::OpenError::Malformed => KmsError::WrongKey(kw.to_string()),
+    })
 }
 
 /// Why the raw attribute read failed.

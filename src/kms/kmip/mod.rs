@@ -64,16 +64,13 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use aes_gcm::aead::{Aead, KeyInit, Payload};
-use aes_gcm::{Aes256Gcm, Nonce};
 use serde::{Deserialize, Serialize};
 
 use self::client::{Client, Conn, Failure, OpFail, Policy, ServerEndpoint, Timeouts};
-use self::messages::{GCM_IV_LEN, GCM_TAG_LEN, Operation, enums, reason};
-use super::{KekRef, KeyProvider, KmsError};
+use self::messages::{GCM_TAG_LEN, Operation, enums, reason};
+use super::{KekRef, KeyProvider, KmsError, blob};
 use crate::crypto::keys::Secret;
 
-const BLOB_VERSION: u8 = 1;
 const KEK_LEN: usize = 32;
 /// Highest version probed when looking for the newest one.
 const MAX_VERSION: u32 = 100_000;
@@ -675,30 +672,18 @@ fn display_name(kek: &KekRef) -> String {
     }
 }
 
+/// Splits a [`blob`] into (IV, ciphertext, tag); the server takes them apart.
 fn parse_blob(wrapped: &[u8]) -> Option<(&[u8], &[u8], &[u8])> {
-    if wrapped.len() < 1 + GCM_IV_LEN + 1 + GCM_TAG_LEN || wrapped[0] != BLOB_VERSION {
+    let (iv, ct_tag) = blob::parse(wrapped)?;
+    if ct_tag.len() <= GCM_TAG_LEN {
         return None;
     }
-    let iv = &wrapped[1..1 + GCM_IV_LEN];
-    let (ct, tag) =
-        wrapped[1 + GCM_IV_LEN..].split_at(wrapped.len() - 1 - GCM_IV_LEN - GCM_TAG_LEN);
+    let (ct, tag) = ct_tag.split_at(ct_tag.len() - GCM_TAG_LEN);
     Some((iv, ct, tag))
 }
 
-fn blob(iv: &[u8], ct: &[u8], tag: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(1 + iv.len() + ct.len() + tag.len());
-    out.push(BLOB_VERSION);
-    out.extend_from_slice(iv);
-    out.extend_from_slice(ct);
-    out.extend_from_slice(tag);
-    out
-}
-
-fn fresh_iv() -> Result<[u8; GCM_IV_LEN], KmsError> {
-    let mut iv = [0u8; GCM_IV_LEN];
-    getrandom::fill(&mut iv)
-        .map_err(|e| KmsError::Config(format!("operating system random generator failed: {e}")))?;
-    Ok(iv)
+fn encode_blob(iv: &[u8], ct: &[u8], tag: &[u8]) -> Vec<u8> {
+    blob::encode(iv, &[ct, tag].concat())
 }
 
 impl KeyProvider for KmipProvider {
@@ -754,7 +739,7 @@ impl KeyProvider for KmipProvider {
     fn wrap(&self, kek: &KekRef, dek: &Secret, aad: &[u8]) -> Result<Vec<u8>, KmsError> {
         self.check_ref(kek)?;
         let name = display_name(kek);
-        let iv = fresh_iv()?;
+        let iv = blob::fresh_iv()?;
         match self.mode {
             KmipMode::Wrap => self.client.run("wrap", &name, Some(kek.version), |conn| {
                 self.with_uid(conn, kek, |this, conn, uid| {
@@ -795,26 +780,19 @@ impl KeyProvider for KmipProvider {
                         Some(kek.version),
                         Ok(&format!("uid {uid} AES-256-GCM")),
                     );
-                    Ok(blob(&iv, &out.data, out.tag.as_deref().unwrap_or_default()))
+                    Ok(encode_blob(
+                        &iv,
+                        &out.data,
+                        out.tag.as_deref().unwrap_or_default(),
+                    ))
                 })
             }),
             KmipMode::Get => {
                 let key = self.client.run("get", &name, Some(kek.version), |conn| {
                     self.with_uid(conn, kek, |this, conn, uid| this.get_key(conn, kek, uid))
                 })?;
-                let cipher = Aes256Gcm::new_from_slice(key.as_bytes())
-                    .map_err(|_| KmsError::Protocol("KEK has the wrong length".into()))?;
+                let sealed = blob::seal(&key, &iv, dek, aad)?;
                 drop(key);
-                let mut ct = cipher
-                    .encrypt(
-                        &Nonce::from(iv),
-                        Payload {
-                            msg: dek.as_bytes(),
-                            aad,
-                        },
-                    )
-                    .map_err(|_| KmsError::Protocol("local AES-GCM wrap failed".into()))?;
-                let tag = ct.split_off(ct.len() - GCM_TAG_LEN);
                 client::record(
                     "wrap",
                     None,
@@ -823,7 +801,7 @@ impl KeyProvider for KmipProvider {
                     Some(kek.version),
                     Ok("local AES-256-GCM with the fetched KEK"),
                 );
-                Ok(blob(&iv, &ct, &tag))
+                Ok(sealed)
             }
         }
     }
@@ -892,14 +870,9 @@ impl KeyProvider for KmipProvider {
                 let key = self.client.run("get", &name, Some(kek.version), |conn| {
                     self.with_uid(conn, kek, |this, conn, uid| this.get_key(conn, kek, uid))
                 })?;
-                let cipher = Aes256Gcm::new_from_slice(key.as_bytes())
-                    .map_err(|_| KmsError::Protocol("KEK has the wrong length".into()))?;
+                let opened = blob::open(&key, wrapped, aad)?;
                 drop(key);
-                let mut ct_tag = Vec::with_capacity(ct.len() + tag.len());
-                ct_tag.extend_from_slice(ct);
-                ct_tag.extend_from_slice(tag);
-                let nonce = Nonce::try_from(iv).map_err(|_| KmsError::WrongKey(name.clone()))?;
-                match cipher.decrypt(&nonce, Payload { msg: &ct_tag, aad }) {
+                match opened {
                     Ok(pt) => {
                         client::record(
                             "unwrap",
@@ -909,7 +882,7 @@ impl KeyProvider for KmipProvider {
                             Some(kek.version),
                             Ok("local AES-256-GCM with the fetched KEK"),
                         );
-                        Ok(Secret::from_vec(pt))
+                        Ok(pt)
                     }
                     Err(_) => {
                         client::record(
@@ -1188,22 +1161,21 @@ mod tests {
         // bytes. Local AES-GCM (get mode) must give the same bytes as the server.
         let key: Vec<u8> = (0u8..32).collect();
         let iv: [u8; 12] = core::array::from_fn(|i| i as u8);
-        let cipher = Aes256Gcm::new_from_slice(&key).unwrap();
-        let out = cipher
-            .encrypt(
-                &Nonce::from(iv),
-                Payload {
-                    msg: &[0u8; 32],
-                    aad: b"kmfs",
-                },
-            )
-            .unwrap();
+        let sealed = blob::seal(
+            &Secret::from_slice(&key),
+            &iv,
+            &Secret::from_slice(&[0u8; 32]),
+            b"kmfs",
+        )
+        .unwrap();
+        let out = &sealed[1 + iv.len()..];
         let hex: String = out.iter().map(|b| format!("{b:02x}")).collect();
         assert_eq!(
             hex,
             "4702d61bc5e5c21b8d41978bb1e9786d83d68734f07b5f7c3867e5851d6900b20f17a25dfef4b0a200ae855ec0f99dda"
         );
-        let b = blob(&iv, &out[..32], &out[32..]);
+        let b = encode_blob(&iv, &out[..32], &out[32..]);
+        assert_eq!(b, sealed);
         let (piv, pct, ptag) = parse_blob(&b).unwrap();
         assert_eq!((piv, pct, ptag), (&iv[..], &out[..32], &out[32..]));
         assert!(parse_blob(&b[..28]).is_none());
