@@ -550,3 +550,21 @@ fn init_installs_file_logger_and_audit_sink() {
         0o600
     );
 }
+
+/// Two writers on one file (a daemon's last lines after umount while the next
+/// mount of the same volume starts): each continues from the other's last
+/// line, so the file still verifies.
+#[test]
+fn two_writers_on_one_file_keep_one_chain() {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path().join("shared.log");
+    let a = kmfs::logging::ChainWriter::open(&p).unwrap();
+    let b = kmfs::logging::ChainWriter::open(&p).unwrap();
+    for i in 0..50 {
+        let w = if i % 3 == 0 { &b } else { &a };
+        let r = w.append(&format!("op=test i={i} result=ok"));
+        assert!(r.error.is_none());
+    }
+    let report = kmfs::logging::verify_file(&p).unwrap();
+    assert!(report.lines >= 50, "{report}");
+}

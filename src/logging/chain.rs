@@ -45,8 +45,10 @@
 //! leaves a valid shorter chain. Compare the last serial with a copy kept
 //! elsewhere (the same lines go to syslog) to detect that.
 //!
-//! Each volume needs its own log file: two daemons appending to one file
-//! interleave two chains, which then fails verification.
+//! Several writers may share a file (e.g. a daemon writing its last lines
+//! after umount while the next mount of the volume starts): each append takes
+//! an exclusive `flock` on the file and, if the file grew since its own last
+//! write, continues from the last line there, so the file stays one chain.
 //!
 //! # Log rotation
 //!
@@ -345,6 +347,16 @@ impl ChainWriter {
         }
         let mut st = self.lock();
         let mut error = st.check_file(now).err();
+        // Another process may append to the same file (a daemon still writing
+        // its last lines after umount while the next mount starts): hold an
+        // exclusive lock while writing and continue from whatever it wrote.
+        let _flock = st.file.as_ref().and_then(|f| {
+            let fd = f.file.try_clone().ok()?;
+            nix::fcntl::Flock::lock(fd, nix::fcntl::FlockArg::LockExclusive).ok()
+        });
+        if error.is_none() {
+            error = st.catch_up(now).err();
+        }
         let line = st.next_line(&body, now);
         if error.is_none() {
             error = st.write_line(&line).err();
@@ -446,6 +458,18 @@ impl State {
         let len = f.file.metadata()?.len();
         if len < f.len {
             self.start_segment(SegmentReason::Truncated, now)?;
+        }
+        Ok(())
+    }
+
+    /// Under the file lock: if the file grew since our last write, another
+    /// writer appended; continue the chain from its last line.
+    fn catch_up(&mut self, now: OffsetDateTime) -> io::Result<()> {
+        let Some(f) = self.file.as_ref() else {
+            return Ok(());
+        };
+        if f.file.metadata()?.len() > f.len {
+            return self.resume_from_tail(now);
         }
         Ok(())
     }
