@@ -34,7 +34,7 @@ pub const RUNTIME_DIR: &str = "/run/kmfs";
 const MAX_REQUEST: u64 = 64 * 1024;
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(5);
 
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(tag = "cmd", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Request {
     Status,
@@ -46,6 +46,25 @@ pub enum Request {
         #[serde(default)]
         new_keyfile: Option<PathBuf>,
     },
+    /// Start a rekey (or change the running one's throttle).
+    Rekey {
+        #[serde(default)]
+        rate_mb: Option<f64>,
+        #[serde(default)]
+        cpu: Option<u8>,
+    },
+    RekeyStatus,
+    RekeyPause,
+    RekeyResume,
+}
+
+/// What a rekey request asks for.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum RekeyAction {
+    Start(crate::rekey::Throttle),
+    Status,
+    Pause,
+    Resume,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -61,6 +80,7 @@ pub struct Response {
 pub trait ControlHandler: Send + Sync {
     fn status(&self) -> serde_json::Value;
     fn rotate(&self, req: &RotateRequest) -> Result<serde_json::Value, String>;
+    fn rekey(&self, action: RekeyAction) -> Result<serde_json::Value, String>;
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -155,22 +175,32 @@ fn handle(mut stream: UnixStream, handler: &dyn ControlHandler) {
             result: Some(handler.status()),
             error: None,
         },
-        Ok(Request::RotateKek {
-            new_key,
-            revoke_old,
-            new_keyfile,
-        }) => {
+        Ok(req) => {
             let name = nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid))
                 .ok()
                 .flatten()
                 .map(|u| u.name)
                 .unwrap_or_default();
             let _actor = crate::audit::acting_as(uid, &name);
-            match handler.rotate(&RotateRequest {
-                new_key,
-                revoke_old,
-                new_keyfile,
-            }) {
+            let r = match req {
+                Request::Status => Ok(handler.status()),
+                Request::RotateKek {
+                    new_key,
+                    revoke_old,
+                    new_keyfile,
+                } => handler.rotate(&RotateRequest {
+                    new_key,
+                    revoke_old,
+                    new_keyfile,
+                }),
+                Request::Rekey { rate_mb, cpu } => {
+                    handler.rekey(RekeyAction::Start(crate::rekey::Throttle { rate_mb, cpu }))
+                }
+                Request::RekeyStatus => handler.rekey(RekeyAction::Status),
+                Request::RekeyPause => handler.rekey(RekeyAction::Pause),
+                Request::RekeyResume => handler.rekey(RekeyAction::Resume),
+            };
+            match r {
                 Ok(v) => Response {
                     ok: true,
                     result: Some(v),
@@ -353,6 +383,9 @@ mod tests {
             *self.rotations.lock().unwrap() += 1;
             Ok(serde_json::json!({"done": true}))
         }
+        fn rekey(&self, action: RekeyAction) -> Result<serde_json::Value, String> {
+            Ok(serde_json::json!({"action": format!("{action:?}")}))
+        }
     }
 
     // One test: KMFS_RUNTIME_DIR is process-global.
@@ -400,6 +433,21 @@ mod tests {
             assert!(out.contains("\"ok\":false"), "{out}");
         }
         assert_eq!(request("v1", &Request::Status, t).unwrap()["rotations"], 1);
+        let r = request(
+            "v1",
+            &Request::Rekey {
+                rate_mb: Some(5.0),
+                cpu: None,
+            },
+            t,
+        )
+        .unwrap();
+        assert!(
+            r["action"].as_str().unwrap().contains("rate_mb: Some(5.0)"),
+            "{r}"
+        );
+        let r = request("v1", &Request::RekeyPause, t).unwrap();
+        assert_eq!(r["action"], "Pause");
 
         // A second daemon for the same volume is refused.
         assert!(matches!(

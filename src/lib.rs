@@ -16,5 +16,6 @@ pub mod exitcode;
 pub mod fs;
 pub mod kms;
 pub mod logging;
+pub mod rekey;
 pub mod rotation;
 pub mod volume;

@@ -67,7 +67,25 @@ fn dump_text(h: &VolumeHeader) -> String {
         }
     );
     s += &format!("KEK version:      {}\n", h.kek.version);
-    s += &format!("wrapped DEK:      {} bytes\n", h.wrapped_dek.len());
+    s += &format!("format version:   {}\n", h.version);
+    s += &format!(
+        "metadata keys:    {}\n",
+        if h.wrapped_meta.is_empty() {
+            "derived from key generation 0 (version 1 header)".to_string()
+        } else {
+            format!("wrapped, {} bytes", h.wrapped_meta.len())
+        }
+    );
+    s += &format!("active key gen:   {}\n", h.active);
+    s += &format!("key generations:  {}\n", h.generations.len());
+    for g in &h.generations {
+        s += &format!(
+            "  generation {:<5} created {}  wrapped DEK {} bytes\n",
+            g.generation,
+            time(g.created),
+            g.wrapped.len()
+        );
+    }
     s += &format!("rotation history: {} entries\n", h.history.len());
     for r in &h.history {
         s += &format!("  retired {}  {}\n", time(r.retired_at), r.kek);
@@ -78,7 +96,7 @@ fn dump_text(h: &VolumeHeader) -> String {
 fn dump_json(h: &VolumeHeader) -> String {
     let kek = |k: &crate::kms::KekRef| serde_json::json!({"provider": k.provider, "name": k.name, "uid": k.uid, "version": k.version});
     let v = serde_json::json!({
-        "format_version": header::VERSION,
+        "format_version": h.version,
         "volume_id": hex(&h.volume_id),
         "cipher_suite": h.suite,
         "block_size": h.block_size,
@@ -86,7 +104,8 @@ fn dump_json(h: &VolumeHeader) -> String {
         "created": h.created,
         "updated": h.updated,
         "kek": kek(&h.kek),
-        "wrapped_dek_len": h.wrapped_dek.len(),
+        "active_generation": h.active,
+        "generations": h.generations.iter().map(|g| serde_json::json!({"generation": g.generation, "created": g.created, "wrapped_dek_len": g.wrapped.len()})).collect::<Vec<_>>(),
         "history": h.history.iter().map(|r| serde_json::json!({"retired_at": r.retired_at, "kek": kek(&r.kek)})).collect::<Vec<_>>(),
     });
     serde_json::to_string_pretty(&v).unwrap_or_default()
@@ -158,14 +177,12 @@ pub fn run(cmd: HeaderCommand) -> Result<(), CliError> {
             }
             // Prove the candidate unlocks before it replaces anything.
             let (_, provider) = keys.open(Some(&backing_dir))?;
-            let dek = provider.unwrap(
-                &candidate.kek,
-                &candidate.wrapped_dek,
-                &header::dek_aad(&candidate.volume_id),
-            )?;
-            VolumeHeader::verify(&bytes, &candidate.volume_id, &dek, &file)
-                .map_err(volume::VolumeError::from)?;
-            drop(dek);
+            drop(volume::unlock(
+                &candidate,
+                &bytes,
+                provider.as_ref(),
+                &file,
+            )?);
             header::store(&backing_dir, &bytes).map_err(volume::VolumeError::from)?;
             let _ = Volume::open(&backing_dir, provider.as_ref())?;
             log::info!(

@@ -6,6 +6,7 @@ pub mod header;
 pub mod init;
 pub mod keyserver;
 pub mod mount;
+pub mod rekey;
 pub mod rotate;
 
 use std::ffi::OsString;
@@ -47,6 +48,9 @@ pub enum Command {
     RotateKek(rotate::RotateArgs),
     /// Status of a mounted volume.
     Status(rotate::StatusArgs),
+    /// Re-encrypt every file with a new data key (online through the daemon,
+    /// or offline), and follow, pause or resume it.
+    Rekey(rekey::RekeyArgs),
     /// Key-server health.
     #[command(subcommand)]
     Keyserver(keyserver::KeyserverCommand),
@@ -120,7 +124,9 @@ fn kms_code(k: &KmsError) -> i32 {
             exitcode::WRONG_KEY
         }
         KmsError::Config(_) => exitcode::CREDENTIALS,
-        KmsError::Protocol(_) | KmsError::Unsupported { .. } => exitcode::OTHER,
+        KmsError::Protocol(_) | KmsError::VerifyMismatch | KmsError::Unsupported { .. } => {
+            exitcode::OTHER
+        }
     }
 }
 
@@ -177,6 +183,7 @@ pub fn normalize_args(mut args: Vec<OsString>) -> Vec<OsString> {
         "keyserver",
         "rotate-kek",
         "status",
+        "rekey",
         "help",
     ];
     if let Some(first) = args.get(1) {
@@ -197,6 +204,7 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
         Command::Keyserver(k) => keyserver::run(k),
         Command::RotateKek(a) => rotate::run_rotate(a),
         Command::Status(a) => rotate::run_status(a),
+        Command::Rekey(a) => rekey::run(a),
         Command::Log(LogCommand::Verify { file }) => {
             match crate::logging::verify::verify_file(&file) {
                 Ok(report) => {

@@ -339,8 +339,21 @@ fn serve_inner(plan: &Plan, notify: &mut Option<Notify>) -> Result<(), CliError>
     let stats = Arc::new(IoStats::default());
     let mountpoint =
         std::fs::canonicalize(&plan.mountpoint).unwrap_or_else(|_| plan.mountpoint.clone());
-    let control = VolumeControl::new(vol, provider, mountpoint, stats.clone());
-    let _control = ControlServer::start(view.id_hex(), Arc::new(control)).map_err(|e| {
+    // A rekey interrupted by a crash may have left one file half
+    // re-encrypted: finish it before anything can read it.
+    if let Some(p) = crate::rekey::recover(&plan.backing, &vol.keys, &crate::rekey::Offline)
+        .map_err(|e| CliError::other(exitcode::BACKING_DIR, format!("rekey recovery: {e}")))?
+    {
+        log::info!("op=rekey_recover path={} result=ok", p.display());
+    }
+    let control = Arc::new(VolumeControl::new(
+        vol,
+        provider,
+        mountpoint,
+        stats.clone(),
+        read_only,
+    ));
+    let _control = ControlServer::start(view.id_hex(), control.clone()).map_err(|e| {
         CliError::other(
             match e {
                 crate::control::ControlError::AlreadyServed(_) => exitcode::MOUNT,
@@ -373,6 +386,7 @@ fn serve_inner(plan: &Plan, notify: &mut Option<Notify>) -> Result<(), CliError>
             format!("backing directory {}: {e}", plan.backing.display()),
         )
     })?;
+    let gate = fs.rekey_gate();
     let config = fuse_config(plan, allow_other, read_only);
     let mut session = fuser::Session::new(fs, &plan.mountpoint, &config).map_err(|e| {
         log::error!(
@@ -394,6 +408,9 @@ fn serve_inner(plan: &Plan, notify: &mut Option<Notify>) -> Result<(), CliError>
         allow_other
     );
     let _ = notifier_slot.set(session.notifier());
+    if let Err(e) = control.attach(gate) {
+        log::error!("op=rekey_resume result=fail error=\"{e}\"");
+    }
     spawn_signal_thread(sigs, session.unmount_callable(), plan.mountpoint.clone());
     if let Some(n) = notify.take() {
         n.send(0, "");
@@ -401,6 +418,7 @@ fn serve_inner(plan: &Plan, notify: &mut Option<Notify>) -> Result<(), CliError>
         redirect_stdio();
     }
     let r = session.run();
+    control.stop_rekey();
     log::info!(
         "op=unmount volume={} mountpoint={} result={}",
         vol.id_hex(),

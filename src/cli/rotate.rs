@@ -48,7 +48,7 @@ const TIMEOUT: Duration = Duration::from_secs(120);
 
 /// The volume id behind `target`: a backing directory (has a header), or the
 /// mountpoint of a running daemon (found by asking each control socket).
-fn resolve(target: &Path) -> Result<(String, bool), CliError> {
+pub(super) fn resolve(target: &Path) -> Result<(String, bool), CliError> {
     if volume::header::header_path(target).exists() {
         let (h, _) = volume::read_header(target)?;
         let id = hex(&h.volume_id);
@@ -79,7 +79,7 @@ fn resolve(target: &Path) -> Result<(String, bool), CliError> {
     ))
 }
 
-fn control_err(e: ControlError) -> CliError {
+pub(super) fn control_err(e: ControlError) -> CliError {
     let code = match e {
         ControlError::Refused(_) => exitcode::OTHER,
         _ => exitcode::CONTROL,

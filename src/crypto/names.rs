@@ -111,9 +111,13 @@ pub fn is_long(backing_name: &[u8]) -> bool {
 
 impl NameCipher {
     pub fn new(dek: &Secret, volume_id: &[u8; 16]) -> NameCipher {
-        NameCipher {
-            key: derive(dek, volume_id, labels::NAMES_SIV, 64),
-        }
+        NameCipher::from_key(derive(dek, volume_id, labels::NAMES_SIV, 64))
+    }
+
+    /// A cipher with the 64-byte AES-SIV key `key` (from the metadata key set).
+    pub fn from_key(key: Secret) -> NameCipher {
+        assert_eq!(key.len(), 64, "AES-256-SIV takes a 64-byte key");
+        NameCipher { key }
     }
 
     fn siv(&self) -> Aes256Siv {

@@ -29,8 +29,9 @@ pub struct Inode {
     pub kind: FileType,
     /// Directory id (encrypted-names mode), read on first use.
     pub dir_id: OnceLock<[u8; DIR_ID_LEN]>,
-    /// Per-file header, cached once read or written (it never changes).
-    pub header: OnceLock<FileHeader>,
+    /// Per-file header, cached once read or written. Only a rekey changes it
+    /// (its DEK generation), holding `io` for writing.
+    header: Mutex<Option<FileHeader>>,
     /// Serialises writes/truncates of this file; reads share it.
     pub io: RwLock<()>,
     /// Open handles that may write (see `handle::OpenFile`).
@@ -40,6 +41,18 @@ pub struct Inode {
 impl Inode {
     pub fn fd(&self) -> BorrowedFd<'_> {
         self.fd.as_fd()
+    }
+
+    /// The cached per-file header, if read or written before.
+    pub fn cached_header(&self) -> Option<FileHeader> {
+        self.header
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    pub fn cache_header(&self, h: FileHeader) {
+        *self.header.lock().unwrap_or_else(|p| p.into_inner()) = Some(h);
     }
 }
 
@@ -80,7 +93,7 @@ impl InodeTable {
             fd: root_fd,
             kind: FileType::Directory,
             dir_id: OnceLock::new(),
-            header: OnceLock::new(),
+            header: Mutex::new(None),
             io: RwLock::new(()),
             writers: AtomicUsize::new(0),
         });
@@ -157,7 +170,7 @@ impl InodeTable {
             fd,
             kind: kind_of(st.st_mode),
             dir_id: OnceLock::new(),
-            header: OnceLock::new(),
+            header: Mutex::new(None),
             io: RwLock::new(()),
             writers: AtomicUsize::new(0),
         });

@@ -28,6 +28,7 @@
 //! * damaged headers, units, names: EIO for that file or entry, logged with the
 //!   backing path, never a panic.
 
+pub mod gate;
 pub mod handle;
 pub mod inode;
 pub mod names;
@@ -51,6 +52,7 @@ use fuser::{
     ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 
+use crate::crypto::content::ContentCipher;
 use crate::crypto::names::DIR_ID_LEN;
 use crate::daemon::IoStats;
 use crate::volume::VolumeView;
@@ -91,7 +93,10 @@ impl Default for FsOptions {
 
 pub struct KmfsFs {
     vol: Arc<VolumeView>,
-    inodes: InodeTable,
+    inodes: Arc<InodeTable>,
+    /// Renames and links hold this shared; a rekey's final sweep holds it
+    /// exclusively so no file moves while it looks.
+    moves: Arc<std::sync::RwLock<()>>,
     files: Handles<OpenFile>,
     dirs: Handles<OpenDir>,
     names: Names,
@@ -179,7 +184,7 @@ impl KmfsFs {
         if st.st_mode & libc::S_IFMT != libc::S_IFDIR {
             return Err(io::Error::from_raw_os_error(libc::ENOTDIR));
         }
-        let inodes = InodeTable::new(root_path, &st);
+        let inodes = Arc::new(InodeTable::new(root_path, &st));
         let names = Names::new(vol.clone());
         if !names.plaintext() {
             let id = dirid::read(&vol.backing)?;
@@ -189,6 +194,7 @@ impl KmfsFs {
         Ok(KmfsFs {
             vol,
             inodes,
+            moves: Arc::default(),
             files: Handles::default(),
             dirs: Handles::default(),
             names,
@@ -197,6 +203,14 @@ impl KmfsFs {
             opts,
             writeback: false,
             killpriv: false,
+        })
+    }
+
+    /// The gate a rekey of this volume goes through while it is mounted.
+    pub fn rekey_gate(&self) -> Arc<dyn crate::rekey::FileGate> {
+        Arc::new(gate::FsGate {
+            inodes: self.inodes.clone(),
+            moves: self.moves.clone(),
         })
     }
 
@@ -318,12 +332,12 @@ impl KmfsFs {
 
     /// Header of an open file; `None` if it has none yet (empty file).
     fn header(&self, h: &OpenFile, op: &str) -> R<Option<FileHeader>> {
-        if let Some(hd) = h.inode.header.get() {
-            return Ok(Some(hd.clone()));
+        if let Some(hd) = h.inode.cached_header() {
+            return Ok(Some(hd));
         }
         match FileHeader::read_from(&h.file) {
             Ok(Some(hd)) => {
-                let _ = h.inode.header.set(hd.clone());
+                h.inode.cache_header(hd.clone());
                 Ok(Some(hd))
             }
             Ok(None) => Ok(None),
@@ -340,19 +354,20 @@ impl KmfsFs {
     /// Header of a file about to be written (write lock held): written now if
     /// the file has none yet.
     fn ensure_header(&self, inode: &Inode, file: &File, op: &str) -> R<FileHeader> {
-        if let Some(hd) = inode.header.get() {
-            return Ok(hd.clone());
+        if let Some(hd) = inode.cached_header() {
+            return Ok(hd);
         }
         match FileHeader::read_from(file) {
             Ok(Some(hd)) => {
-                let _ = inode.header.set(hd.clone());
+                inode.cache_header(hd.clone());
                 Ok(hd)
             }
             Ok(None) => {
-                let hd = FileHeader::generate().map_err(Errno::from)?;
+                let hd =
+                    FileHeader::generate(self.vol.keys.content.active()).map_err(Errno::from)?;
                 file.write_all_at(&hd.to_bytes(), 0)
                     .map_err(|e| self.fail(op, inode, e))?;
-                let _ = inode.header.set(hd.clone());
+                inode.cache_header(hd.clone());
                 Ok(hd)
             }
             Err(e) => {
@@ -363,6 +378,19 @@ impl KmfsFs {
                 Err(Errno::EIO)
             }
         }
+    }
+
+    /// The content cipher of the DEK generation `hd` names; EIO (logged) if
+    /// the volume header does not hold that generation.
+    fn cipher(&self, inode: &Inode, hd: &FileHeader, op: &str) -> R<Arc<ContentCipher>> {
+        self.vol.keys.content.get(hd.generation).ok_or_else(|| {
+            log::error!(
+                "op={op} path={} error=\"file uses key generation {}, which the volume header does not hold\" result=eio",
+                sys::fd_path(inode.fd()),
+                hd.generation
+            );
+            Errno::EIO
+        })
     }
 
     fn file_size(file: &File) -> R<u64> {
@@ -390,9 +418,10 @@ impl KmfsFs {
             return Ok(());
         }
         let header = self.ensure_header(inode, file, "truncate")?;
+        let cipher = self.cipher(inode, &header, "truncate")?;
         BackingFile {
             file,
-            cipher: &self.vol.keys.content,
+            cipher: &cipher,
             header: &header,
         }
         .truncate(size, new_size)
@@ -639,6 +668,7 @@ impl KmfsFs {
         if flags.contains(RenameFlags::RENAME_WHITEOUT) {
             return Err(Errno::EINVAL);
         }
+        let _moves = self.moves.read().unwrap_or_else(|p| p.into_inner());
         let p = self.inode(parent)?;
         let np = self.inode(newparent)?;
         let ob = self.names.encode(&p, name)?;
@@ -776,10 +806,14 @@ impl KmfsFs {
             Ok(None) => return reply(Ok(&[])),
             Err(e) => return reply(Err(e)),
         };
+        let cipher = match self.cipher(&h.inode, &header, "read") {
+            Ok(c) => c,
+            Err(e) => return reply(Err(e)),
+        };
         IO_BUF.with_borrow_mut(|buf| {
             let r = BackingFile {
                 file: &h.file,
-                cipher: &self.vol.keys.content,
+                cipher: &cipher,
                 header: &header,
             }
             .read_into(fsize, offset, size as usize, buf);
@@ -797,6 +831,7 @@ impl KmfsFs {
         let h = self.files.get(fh.0).ok_or(Errno::EBADF)?;
         let _g = h.inode.io.write().unwrap_or_else(|p| p.into_inner());
         let header = self.ensure_header(&h.inode, &h.file, "write")?;
+        let cipher = self.cipher(&h.inode, &header, "write")?;
         let size = Self::file_size(&h.file)?;
         // With the writeback cache the kernel resolves O_APPEND itself and
         // sends page writes at their real offsets.
@@ -809,7 +844,7 @@ impl KmfsFs {
             .with_borrow_mut(|buf| {
                 let r = BackingFile {
                     file: &h.file,
-                    cipher: &self.vol.keys.content,
+                    cipher: &cipher,
                     header: &header,
                 }
                 .write_with(size, off, data, buf);
@@ -836,11 +871,12 @@ impl KmfsFs {
         let end = offset.checked_add(length).ok_or(Errno::EFBIG)?;
         let _g = h.inode.io.write().unwrap_or_else(|p| p.into_inner());
         let header = self.ensure_header(&h.inode, &h.file, "fallocate")?;
+        let cipher = self.cipher(&h.inode, &header, "fallocate")?;
         let size = Self::file_size(&h.file)?;
         if mode & libc::FALLOC_FL_KEEP_SIZE == 0 && end > size {
             BackingFile {
                 file: &h.file,
-                cipher: &self.vol.keys.content,
+                cipher: &cipher,
                 header: &header,
             }
             .truncate(size, end)
@@ -1080,6 +1116,7 @@ impl KmfsFs {
         newname: &OsStr,
     ) -> R<(Arc<Inode>, FileAttr)> {
         self.ro()?;
+        let _moves = self.moves.read().unwrap_or_else(|p| p.into_inner());
         let inode = self.inode(ino)?;
         let np = self.inode(newparent)?;
         let b = self.names.encode(&np, newname)?;

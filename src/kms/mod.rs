@@ -64,6 +64,9 @@ pub enum KmsError {
     /// A malformed or unexpected answer from the key manager.
     #[error("key manager protocol error: {0}")]
     Protocol(String),
+    /// A wrap did not unwrap to the key that was wrapped.
+    #[error("the key manager unwrapped a different key than it wrapped")]
+    VerifyMismatch,
     /// The provider's configuration or a credential file is unusable.
     #[error("{0}")]
     Config(String),

@@ -365,7 +365,7 @@ mod tests {
             .truncate(true)
             .open(dir.path().join("f"))
             .unwrap();
-        let header = FileHeader::generate().unwrap();
+        let header = FileHeader::generate(0).unwrap();
         file.write_all_at(&header.to_bytes(), 0).unwrap();
         Fixture {
             _dir: dir,

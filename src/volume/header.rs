@@ -1,11 +1,14 @@
 //! The volume header file `kmfs.volume` in the backing directory's root
 //! (docs/FORMAT.md, "Volume header").
 //!
-//! It holds the format version, volume id, cipher suite, block size, the DEK
-//! wrapped by the KEK, which KEK that is, and the rotation history. Nothing in it
-//! is secret. A SHA-256 checksum detects accidental damage without any key; an
-//! HMAC-SHA256 keyed from the DEK authenticates every field once the DEK is
-//! unwrapped. It is replaced atomically (temporary file, fsync, rename, fsync of
+//! It holds the format version, volume id, cipher suite, block size, which KEK
+//! wraps the keys, the wrapped metadata keys (names, extended attributes, header
+//! MAC), one wrapped DEK per content-key generation (more than one only while a
+//! rekey runs), and the rotation history. Nothing in it is secret. A SHA-256
+//! checksum detects accidental damage without any key; an HMAC-SHA256 keyed
+//! from the metadata keys authenticates every field once they are unwrapped.
+//! Version 1 headers (one DEK, MAC keyed from it) are still read; the next
+//! header update writes version 2. It is replaced atomically (temporary file, fsync, rename, fsync of
 //! the directory) and the previous version is kept as `kmfs.volume.bak`.
 
 use std::fs::{self, File, OpenOptions};
@@ -26,8 +29,10 @@ const TMP_FILE: &str = "kmfs.volume.tmp";
 const BACKUP_TMP_FILE: &str = "kmfs.volume.bak.tmp";
 
 pub const MAGIC: &[u8; 8] = b"kmfs-vol";
-/// The header format version this build writes and reads.
-pub const VERSION: u16 = 1;
+/// The header format version this build writes (it also reads version 1).
+pub const VERSION: u16 = 2;
+/// The first format version: a single DEK from which every subkey is derived.
+pub const VERSION_1: u16 = 1;
 /// Cipher suite 1: AES-256-XTS contents (4 KiB units), AES-256-SIV names,
 /// HKDF-SHA256 subkeys, HMAC-SHA256 header authentication.
 pub const SUITE_XTS_SIV_V1: u16 = 1;
@@ -39,11 +44,36 @@ pub const MAX_LEN: usize = 1 << 20;
 const FIXED_LEN: usize = 54;
 const TRAILER_LEN: usize = 64;
 
-/// AAD bound to every wrap of this volume's DEK.
-pub fn dek_aad(volume_id: &[u8; 16]) -> Vec<u8> {
-    let mut aad = b"kmfs v1 dek ".to_vec();
+/// AAD bound to every wrap of this volume's DEK generation `generation`.
+/// Generation 0 keeps the version 1 AAD, so a version 1 header's wrapped DEK
+/// moves into a version 2 header unchanged.
+pub fn dek_aad(volume_id: &[u8; 16], generation: u16) -> Vec<u8> {
+    let mut aad = if generation == 0 {
+        b"kmfs v1 dek ".to_vec()
+    } else {
+        b"kmfs v2 dek ".to_vec()
+    };
+    aad.extend_from_slice(volume_id);
+    if generation != 0 {
+        aad.extend_from_slice(&generation.to_be_bytes());
+    }
+    aad
+}
+
+/// AAD bound to every wrap of this volume's metadata keys.
+pub fn meta_aad(volume_id: &[u8; 16]) -> Vec<u8> {
+    let mut aad = b"kmfs v2 metadata keys ".to_vec();
     aad.extend_from_slice(volume_id);
     aad
+}
+
+/// One content-key generation: a DEK wrapped by the header's KEK.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DekGeneration {
+    pub generation: u16,
+    /// When it was created (Unix seconds).
+    pub created: u64,
+    pub wrapped: Vec<u8>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -62,8 +92,16 @@ pub struct VolumeHeader {
     pub created: u64,
     pub updated: u64,
     pub kek: KekRef,
-    pub wrapped_dek: Vec<u8>,
+    /// The metadata keys (names ‖ metadata ‖ header MAC) wrapped by the KEK.
+    /// Empty in a version 1 header, whose subkeys all derive from generation 0.
+    pub wrapped_meta: Vec<u8>,
+    /// The generation new files are written with.
+    pub active: u16,
+    /// Every DEK generation a file may still use, in increasing order.
+    pub generations: Vec<DekGeneration>,
     pub history: Vec<RotationEntry>,
+    /// The format version the header was read in ([`VERSION`] once written).
+    pub version: u16,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -157,7 +195,8 @@ impl<'a> Reader<'a> {
     }
 }
 
-fn mac_key(dek: &Secret, volume_id: &[u8; 16]) -> Secret {
+/// The header MAC key of a version 1 header, derived from its only DEK.
+pub fn v1_mac_key(dek: &Secret, volume_id: &[u8; 16]) -> Secret {
     derive(dek, volume_id, labels::HEADER_MAC, 32)
 }
 
@@ -186,8 +225,16 @@ impl VolumeHeader {
         b.extend_from_slice(&self.updated.to_be_bytes());
         debug_assert_eq!(b.len(), FIXED_LEN);
         put_kek(&mut b, &self.kek);
-        b.extend_from_slice(&(self.wrapped_dek.len() as u16).to_be_bytes());
-        b.extend_from_slice(&self.wrapped_dek);
+        b.extend_from_slice(&(self.wrapped_meta.len() as u16).to_be_bytes());
+        b.extend_from_slice(&self.wrapped_meta);
+        b.extend_from_slice(&self.active.to_be_bytes());
+        b.extend_from_slice(&(self.generations.len() as u16).to_be_bytes());
+        for g in &self.generations {
+            b.extend_from_slice(&g.generation.to_be_bytes());
+            b.extend_from_slice(&g.created.to_be_bytes());
+            b.extend_from_slice(&(g.wrapped.len() as u16).to_be_bytes());
+            b.extend_from_slice(&g.wrapped);
+        }
         b.extend_from_slice(&(self.history.len() as u16).to_be_bytes());
         for h in &self.history {
             b.extend_from_slice(&h.retired_at.to_be_bytes());
@@ -198,10 +245,16 @@ impl VolumeHeader {
         b
     }
 
-    /// Serialises the header, authenticated with a key derived from `dek`.
-    pub fn encode(&self, dek: &Secret) -> Vec<u8> {
+    /// The generation entry `g`, if the header holds it.
+    pub fn generation(&self, g: u16) -> Option<&DekGeneration> {
+        self.generations.iter().find(|x| x.generation == g)
+    }
+
+    /// Serialises the header (always the current version), authenticated with
+    /// the header MAC key `mac_key` (see [`crate::volume::MetaKeys`]).
+    pub fn encode(&self, mac_key: &Secret) -> Vec<u8> {
         let mut b = self.body();
-        let tag = hmac(&mac_key(dek, &self.volume_id), &b);
+        let tag = hmac(mac_key, &b);
         b.extend_from_slice(&tag);
         let sum = Sha256::digest(&b);
         b.extend_from_slice(&sum);
@@ -225,7 +278,7 @@ impl VolumeHeader {
                 found: version,
             });
         }
-        if version != VERSION {
+        if version != VERSION && version != VERSION_1 {
             return Err(HeaderError::UnsupportedVersion {
                 path: p(),
                 found: version,
@@ -274,8 +327,47 @@ impl VolumeHeader {
         let created = r.u64("created").map_err(malformed)?;
         let updated = r.u64("updated").map_err(malformed)?;
         let kek = r.kek("KEK reference").map_err(malformed)?;
-        let n = r.u16("wrapped key").map_err(malformed)? as usize;
-        let wrapped_dek = r.take(n, "wrapped key").map_err(malformed)?.to_vec();
+        let (wrapped_meta, active, generations) = if version == VERSION_1 {
+            let n = r.u16("wrapped key").map_err(malformed)? as usize;
+            let wrapped = r.take(n, "wrapped key").map_err(malformed)?.to_vec();
+            let g = DekGeneration {
+                generation: 0,
+                created,
+                wrapped,
+            };
+            (Vec::new(), 0, vec![g])
+        } else {
+            let n = r.u16("wrapped metadata keys").map_err(malformed)? as usize;
+            let meta = r
+                .take(n, "wrapped metadata keys")
+                .map_err(malformed)?
+                .to_vec();
+            let active = r.u16("active generation").map_err(malformed)?;
+            let count = r.u16("key generations").map_err(malformed)?;
+            let mut gens: Vec<DekGeneration> = Vec::with_capacity(count as usize);
+            for _ in 0..count {
+                let generation = r.u16("key generation").map_err(malformed)?;
+                let created = r.u64("key generation").map_err(malformed)?;
+                let n = r.u16("key generation").map_err(malformed)? as usize;
+                let wrapped = r.take(n, "key generation").map_err(malformed)?.to_vec();
+                if gens.last().is_some_and(|l| l.generation >= generation) {
+                    return Err(malformed(format!(
+                        "key generation {generation} is out of order"
+                    )));
+                }
+                gens.push(DekGeneration {
+                    generation,
+                    created,
+                    wrapped,
+                });
+            }
+            if !gens.iter().any(|g| g.generation == active) {
+                return Err(malformed(format!(
+                    "the active key generation {active} is not in the header"
+                )));
+            }
+            (meta, active, gens)
+        };
         let count = r.u16("rotation history").map_err(malformed)?;
         let mut history = Vec::with_capacity(count as usize);
         for _ in 0..count {
@@ -297,26 +389,24 @@ impl VolumeHeader {
             created,
             updated,
             kek,
-            wrapped_dek,
+            wrapped_meta,
+            active,
+            generations,
             history,
+            version,
         })
     }
 
-    /// Checks the header's HMAC with the unwrapped DEK. `bytes` are the exact
+    /// Checks the header's HMAC with the header MAC key. `bytes` are the exact
     /// bytes the header was decoded from.
-    pub fn verify(
-        bytes: &[u8],
-        volume_id: &[u8; 16],
-        dek: &Secret,
-        path: &Path,
-    ) -> Result<(), HeaderError> {
+    pub fn verify(bytes: &[u8], mac_key: &Secret, path: &Path) -> Result<(), HeaderError> {
         use subtle::ConstantTimeEq;
         if bytes.len() < TRAILER_LEN {
             return Err(HeaderError::Truncated(path.to_path_buf()));
         }
         let body = &bytes[..bytes.len() - TRAILER_LEN];
         let tag = &bytes[bytes.len() - TRAILER_LEN..bytes.len() - 32];
-        let want = hmac(&mac_key(dek, volume_id), body);
+        let want = hmac(mac_key, body);
         if bool::from(want.ct_eq(tag)) {
             Ok(())
         } else {
@@ -398,6 +488,12 @@ pub fn write_atomic(
         .map_err(io_err(dir, "sync the directory"))
 }
 
+/// Replaces `kmfs.volume.bak` with `bytes` (after a rekey, so no backup in
+/// the backing directory holds a retired key generation).
+pub fn replace_backup(backing: &Path, bytes: &[u8]) -> Result<(), HeaderError> {
+    write_atomic(backing, BACKUP_TMP_FILE, BACKUP_FILE, bytes)
+}
+
 /// Installs `bytes` as the live header of `backing`, first saving the current
 /// header (if any) as `kmfs.volume.bak`. At every instant `kmfs.volume` is either
 /// the complete old or the complete new header.
@@ -430,7 +526,21 @@ mod tests {
                 uid: "42".into(),
                 version: 3,
             },
-            wrapped_dek: vec![0xaa; 61],
+            wrapped_meta: vec![0xbb; 157],
+            active: 2,
+            generations: vec![
+                DekGeneration {
+                    generation: 1,
+                    created: 1_700_000_000,
+                    wrapped: vec![0xaa; 61],
+                },
+                DekGeneration {
+                    generation: 2,
+                    created: 1_700_000_090,
+                    wrapped: vec![0xcc; 61],
+                },
+            ],
+            version: VERSION,
             history: vec![RotationEntry {
                 retired_at: 1_700_000_050,
                 kek: KekRef {
@@ -454,10 +564,10 @@ mod tests {
         let p = Path::new("t");
         let back = VolumeHeader::decode(&bytes, p).unwrap();
         assert_eq!(back, h);
-        VolumeHeader::verify(&bytes, &h.volume_id, &dek(), p).unwrap();
+        VolumeHeader::verify(&bytes, &dek(), p).unwrap();
         let other = Secret::from_slice(&[4u8; 32]);
         assert!(matches!(
-            VolumeHeader::verify(&bytes, &h.volume_id, &other, p),
+            VolumeHeader::verify(&bytes, &other, p),
             Err(HeaderError::BadMac(_))
         ));
     }
@@ -472,7 +582,7 @@ mod tests {
             b[i] ^= 0x01;
             let detected = match VolumeHeader::decode(&b, p) {
                 Err(_) => true,
-                Ok(h2) => VolumeHeader::verify(&b, &h2.volume_id, &dek(), p).is_err(),
+                Ok(_) => VolumeHeader::verify(&b, &dek(), p).is_err(),
             };
             assert!(detected, "flip at byte {i} went unnoticed");
         }
@@ -492,8 +602,8 @@ mod tests {
         let sum = Sha256::digest(&bytes[..n - 32]);
         bytes[n - 32..].copy_from_slice(&sum);
         let h2 = VolumeHeader::decode(&bytes, Path::new("t"));
-        if let Ok(h2) = h2 {
-            assert!(VolumeHeader::verify(&bytes, &h2.volume_id, &dek(), Path::new("t")).is_err());
+        if h2.is_ok() {
+            assert!(VolumeHeader::verify(&bytes, &dek(), Path::new("t")).is_err());
         }
     }
 
@@ -505,10 +615,10 @@ mod tests {
             assert!(VolumeHeader::decode(&bytes[..cut], p).is_err(), "cut {cut}");
         }
         let mut future = bytes.clone();
-        future[9] = 2;
+        future[9] = 3;
         let e = VolumeHeader::decode(&future, p).unwrap_err();
         assert!(
-            matches!(e, HeaderError::FutureVersion { found: 2, .. }),
+            matches!(e, HeaderError::FutureVersion { found: 3, .. }),
             "{e}"
         );
         assert!(e.to_string().contains("upgrade kmfs"));
@@ -516,6 +626,71 @@ mod tests {
             VolumeHeader::decode(b"[volume]\nname = 1\n", p),
             Err(HeaderError::BadMagic(_))
         ));
+    }
+
+    /// A version 1 header as kmfs 0.1 wrote it: one wrapped DEK, MAC from it.
+    fn v1_bytes(h: &VolumeHeader, dek: &Secret) -> Vec<u8> {
+        let mut b = Vec::new();
+        b.extend_from_slice(MAGIC);
+        b.extend_from_slice(&VERSION_1.to_be_bytes());
+        b.extend_from_slice(&[0u8; 4]);
+        b.extend_from_slice(&h.flags.to_be_bytes());
+        b.extend_from_slice(&h.suite.to_be_bytes());
+        b.extend_from_slice(&h.block_size.to_be_bytes());
+        b.extend_from_slice(&h.volume_id);
+        b.extend_from_slice(&h.created.to_be_bytes());
+        b.extend_from_slice(&h.updated.to_be_bytes());
+        put_kek(&mut b, &h.kek);
+        let w = &h.generations[0].wrapped;
+        b.extend_from_slice(&(w.len() as u16).to_be_bytes());
+        b.extend_from_slice(w);
+        b.extend_from_slice(&0u16.to_be_bytes());
+        let total = (b.len() + TRAILER_LEN) as u32;
+        b[10..14].copy_from_slice(&total.to_be_bytes());
+        let tag = hmac(&v1_mac_key(dek, &h.volume_id), &b);
+        b.extend_from_slice(&tag);
+        let sum = Sha256::digest(&b);
+        b.extend_from_slice(&sum);
+        b
+    }
+
+    #[test]
+    fn version_1_headers_read_as_generation_0() {
+        let h = sample();
+        let bytes = v1_bytes(&h, &dek());
+        let p = Path::new("t");
+        let back = VolumeHeader::decode(&bytes, p).unwrap();
+        assert_eq!(back.version, VERSION_1);
+        assert_eq!(back.active, 0);
+        assert_eq!(back.generations.len(), 1);
+        assert_eq!(back.generations[0].generation, 0);
+        assert_eq!(back.generations[0].wrapped, h.generations[0].wrapped);
+        assert!(back.wrapped_meta.is_empty());
+        VolumeHeader::verify(&bytes, &v1_mac_key(&dek(), &h.volume_id), p).unwrap();
+        assert!(VolumeHeader::verify(&bytes, &dek(), p).is_err());
+    }
+
+    #[test]
+    fn generations_must_be_ordered_and_hold_the_active_one() {
+        let p = Path::new("t");
+        let mut h = sample();
+        h.active = 7;
+        let e = VolumeHeader::decode(&h.encode(&dek()), p).unwrap_err();
+        assert!(e.to_string().contains("active key generation 7"), "{e}");
+        let mut h = sample();
+        h.generations.swap(0, 1);
+        let e = VolumeHeader::decode(&h.encode(&dek()), p).unwrap_err();
+        assert!(e.to_string().contains("out of order"), "{e}");
+    }
+
+    #[test]
+    fn dek_aad_differs_per_generation_and_keeps_v1_for_generation_0() {
+        let id = [9u8; 16];
+        let mut v1 = b"kmfs v1 dek ".to_vec();
+        v1.extend_from_slice(&id);
+        assert_eq!(dek_aad(&id, 0), v1);
+        assert_ne!(dek_aad(&id, 1), dek_aad(&id, 2));
+        assert_ne!(dek_aad(&id, 1), meta_aad(&id));
     }
 
     proptest! {

@@ -109,9 +109,15 @@ impl Layout {
     }
 }
 
-/// The per-file header: magic, version, random file id, steal area.
+/// Offset of the 2-byte DEK generation inside the header.
+pub const GENERATION_OFFSET: u64 = 6;
+
+/// The per-file header: magic, version, DEK generation, random file id,
+/// steal area.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct FileHeader {
+    /// Which of the volume's DEK generations encrypts this file's contents.
+    pub generation: u16,
     pub file_id: FileId,
     /// Bytes 24..40: the steal area (ciphertext of a tiny file lives partly here).
     pub steal: [u8; 16],
@@ -128,21 +134,27 @@ pub enum FileHeaderError {
 }
 
 impl FileHeader {
-    /// A fresh header with a random file id and random steal area.
-    pub fn generate() -> io::Result<FileHeader> {
+    /// A fresh header for DEK generation `generation`, with a random file id
+    /// and random steal area.
+    pub fn generate(generation: u16) -> io::Result<FileHeader> {
         let mut bytes = [0u8; 32];
         getrandom::fill(&mut bytes).map_err(io::Error::other)?;
         let mut file_id = [0u8; 16];
         let mut steal = [0u8; 16];
         file_id.copy_from_slice(&bytes[..16]);
         steal.copy_from_slice(&bytes[16..]);
-        Ok(FileHeader { file_id, steal })
+        Ok(FileHeader {
+            generation,
+            file_id,
+            steal,
+        })
     }
 
     pub fn to_bytes(&self) -> [u8; HEADER_LEN as usize] {
         let mut b = [0u8; HEADER_LEN as usize];
         b[..4].copy_from_slice(MAGIC);
         b[4..6].copy_from_slice(&FILE_VERSION.to_be_bytes());
+        b[6..8].copy_from_slice(&self.generation.to_be_bytes());
         b[8..24].copy_from_slice(&self.file_id);
         b[24..40].copy_from_slice(&self.steal);
         b
@@ -159,11 +171,16 @@ impl FileHeader {
         if v != FILE_VERSION {
             return Err(FileHeaderError::Version(v));
         }
+        let generation = u16::from_be_bytes([b[6], b[7]]);
         let mut file_id = [0u8; 16];
         file_id.copy_from_slice(&b[8..24]);
         let mut steal = [0u8; 16];
         steal.copy_from_slice(&b[24..40]);
-        Ok(FileHeader { file_id, steal })
+        Ok(FileHeader {
+            generation,
+            file_id,
+            steal,
+        })
     }
 
     /// Reads the header of a backing file; `Ok(None)` if the file has none yet
@@ -268,7 +285,7 @@ mod tests {
 
     #[test]
     fn header_roundtrip_and_errors() {
-        let h = FileHeader::generate().unwrap();
+        let h = FileHeader::generate(0).unwrap();
         assert_eq!(FileHeader::parse(&h.to_bytes()).unwrap(), h);
         let mut b = h.to_bytes();
         b[0] = b'X';

@@ -11,13 +11,13 @@ pub mod header;
 pub mod layout;
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::crypto::content::ContentCipher;
 use crate::crypto::keys::Secret;
 use crate::crypto::names::NameCipher;
-use crate::kms::{KeyProvider, KmsError, generate_dek};
+use crate::kms::{KekRef, KeyProvider, KmsError, generate_dek};
 use header::{HeaderError, VolumeHeader};
 
 #[derive(Debug, thiserror::Error)]
@@ -55,17 +55,66 @@ pub struct InitOptions {
     pub plaintext_names: bool,
 }
 
+/// The content ciphers of every DEK generation the volume holds, and which
+/// one new files use. A rekey adds a generation while mounted; ciphers of
+/// retired generations stay in memory until unmount, for files that were
+/// unlinked while open and so were out of the rekey's reach.
+pub struct ContentKeys {
+    inner: RwLock<ContentInner>,
+}
+
+struct ContentInner {
+    active: u16,
+    ciphers: Vec<(u16, Arc<ContentCipher>)>,
+}
+
+impl ContentKeys {
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, ContentInner> {
+        self.inner.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, ContentInner> {
+        self.inner.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The generation new files are written with.
+    pub fn active(&self) -> u16 {
+        self.read().active
+    }
+
+    /// The cipher of generation `g`, if this volume holds it.
+    pub fn get(&self, g: u16) -> Option<Arc<ContentCipher>> {
+        self.read()
+            .ciphers
+            .iter()
+            .find(|(x, _)| *x == g)
+            .map(|(_, c)| c.clone())
+    }
+
+    fn add(&self, g: u16, c: ContentCipher) {
+        let mut w = self.write();
+        if !w.ciphers.iter().any(|(x, _)| *x == g) {
+            w.ciphers.push((g, Arc::new(c)));
+        }
+    }
+
+    fn set_active(&self, g: u16) {
+        self.write().active = g;
+    }
+}
+
 /// The keys of an open volume, as the filesystem layer needs them.
 pub struct VolumeKeys {
-    pub content: ContentCipher,
+    pub content: ContentKeys,
     pub names: NameCipher,
     /// Key for extended-attribute values (AES-256-GCM).
     pub metadata: Secret,
 }
 
-/// What the filesystem layer needs of an unlocked volume. None of it changes
-/// while mounted (rotation re-wraps the DEK but keeps it), so it is shared
-/// without locking; the [`Volume`] itself stays with the daemon's control side.
+/// What the filesystem layer needs of an unlocked volume. The keys are shared
+/// without a lock around them; only the content generations change while
+/// mounted (a rekey adds one), behind [`ContentKeys`]'s own lock. The
+/// [`Volume`] itself stays with the daemon's control side.
 pub struct VolumeView {
     pub backing: PathBuf,
     pub plaintext_names: bool,
@@ -79,13 +128,20 @@ impl VolumeView {
     }
 }
 
+/// Length of the metadata key set: names AES-SIV key (64) ‖ metadata
+/// AES-256-GCM key (32) ‖ header HMAC key (32).
+pub const META_LEN: usize = 128;
+
 /// An unlocked volume.
 pub struct Volume {
     pub backing: PathBuf,
     pub header: VolumeHeader,
-    /// Shared with the filesystem layer; rotation never changes them.
+    /// Shared with the filesystem layer.
     pub keys: Arc<VolumeKeys>,
-    dek: Secret,
+    /// The metadata key set (see [`META_LEN`]); never changes.
+    meta: Secret,
+    /// The DEK of every generation in the header, in the header's order.
+    deks: Vec<(u16, Secret)>,
 }
 
 pub fn now_secs() -> u64 {
@@ -100,13 +156,90 @@ fn io_err(path: &Path, what: &'static str) -> impl FnOnce(std::io::Error) -> Vol
     move |source| VolumeError::Io { path, what, source }
 }
 
-fn derive_keys(dek: &Secret, volume_id: &[u8; 16]) -> Arc<VolumeKeys> {
+/// The metadata key set of a volume whose first DEK is `dek0`. Volumes that
+/// began as version 1 derive every subkey from their first DEK, so version 2
+/// derives the metadata keys the same way once, then stores them wrapped:
+/// names written under either version decrypt alike.
+fn meta_from_dek0(dek0: &Secret, volume_id: &[u8; 16]) -> Secret {
     use crate::crypto::keys::{derive, labels};
+    let mut m = Secret::zeroed(META_LEN);
+    let parts = [
+        derive(dek0, volume_id, labels::NAMES_SIV, 64),
+        derive(dek0, volume_id, labels::METADATA_GCM, 32),
+        derive(dek0, volume_id, labels::HEADER_MAC, 32),
+    ];
+    let mut at = 0;
+    for p in &parts {
+        m.as_mut_bytes()[at..at + p.len()].copy_from_slice(p.as_bytes());
+        at += p.len();
+    }
+    m
+}
+
+fn mac_key_of(meta: &Secret) -> Secret {
+    Secret::from_slice(&meta.as_bytes()[96..128])
+}
+
+fn derive_keys(
+    meta: &Secret,
+    deks: &[(u16, Secret)],
+    active: u16,
+    volume_id: &[u8; 16],
+) -> Arc<VolumeKeys> {
+    let ciphers = deks
+        .iter()
+        .map(|(g, d)| (*g, Arc::new(ContentCipher::new(d, volume_id))))
+        .collect();
     Arc::new(VolumeKeys {
-        content: ContentCipher::new(dek, volume_id),
-        names: NameCipher::new(dek, volume_id),
-        metadata: derive(dek, volume_id, labels::METADATA_GCM, 32),
+        content: ContentKeys {
+            inner: RwLock::new(ContentInner { active, ciphers }),
+        },
+        names: NameCipher::from_key(Secret::from_slice(&meta.as_bytes()[..64])),
+        metadata: Secret::from_slice(&meta.as_bytes()[64..96]),
     })
+}
+
+/// Wraps `key` under `kek` and proves the wrap by unwrapping it.
+fn wrap_verified(
+    provider: &dyn KeyProvider,
+    kek: &KekRef,
+    key: &Secret,
+    aad: &[u8],
+) -> Result<Vec<u8>, KmsError> {
+    let wrapped = provider.wrap(kek, key, aad)?;
+    let check = provider.unwrap(kek, &wrapped, aad)?;
+    if !check.ct_eq(key) {
+        return Err(KmsError::VerifyMismatch);
+    }
+    Ok(wrapped)
+}
+
+/// The keys of a header, unwrapped by `provider` and the header's MAC checked.
+/// `bytes` are the exact bytes `hdr` was decoded from; `path` is for messages.
+pub fn unlock(
+    hdr: &VolumeHeader,
+    bytes: &[u8],
+    provider: &dyn KeyProvider,
+    path: &Path,
+) -> Result<(Secret, Vec<(u16, Secret)>), VolumeError> {
+    let vid = &hdr.volume_id;
+    if hdr.version == header::VERSION_1 {
+        let g = &hdr.generations[0];
+        let dek = provider.unwrap(&hdr.kek, &g.wrapped, &header::dek_aad(vid, 0))?;
+        VolumeHeader::verify(bytes, &header::v1_mac_key(&dek, vid), path)?;
+        return Ok((meta_from_dek0(&dek, vid), vec![(0, dek)]));
+    }
+    let meta = provider.unwrap(&hdr.kek, &hdr.wrapped_meta, &header::meta_aad(vid))?;
+    if meta.len() != META_LEN {
+        return Err(HeaderError::BadMac(path.to_path_buf()).into());
+    }
+    VolumeHeader::verify(bytes, &mac_key_of(&meta), path)?;
+    let mut deks = Vec::with_capacity(hdr.generations.len());
+    for g in &hdr.generations {
+        let aad = header::dek_aad(vid, g.generation);
+        deks.push((g.generation, provider.unwrap(&hdr.kek, &g.wrapped, &aad)?));
+    }
+    Ok((meta, deks))
 }
 
 /// Reads and checksums the header of `backing` without any key.
@@ -142,15 +275,10 @@ impl Volume {
         let mut volume_id = [0u8; 16];
         getrandom::fill(&mut volume_id)
             .map_err(|e| io_err(backing, "random generator failed")(std::io::Error::other(e)))?;
-        let wrapped_dek = provider.wrap(&kek, &dek, &header::dek_aad(&volume_id))?;
-        // Prove the wrap before anything is written.
-        let check = provider.unwrap(&kek, &wrapped_dek, &header::dek_aad(&volume_id))?;
-        if !check.ct_eq(&dek) {
-            return Err(KmsError::Protocol(
-                "the key manager unwrapped a different key than it wrapped".into(),
-            )
-            .into());
-        }
+        let meta = meta_from_dek0(&dek, &volume_id);
+        // Prove every wrap before anything is written.
+        let wrapped_dek = wrap_verified(provider, &kek, &dek, &header::dek_aad(&volume_id, 0))?;
+        let wrapped_meta = wrap_verified(provider, &kek, &meta, &header::meta_aad(&volume_id))?;
         let now = now_secs();
         let hdr = VolumeHeader {
             flags: if opts.plaintext_names {
@@ -164,25 +292,34 @@ impl Volume {
             created: now,
             updated: now,
             kek,
-            wrapped_dek,
+            wrapped_meta,
+            active: 0,
+            generations: vec![header::DekGeneration {
+                generation: 0,
+                created: now,
+                wrapped: wrapped_dek,
+            }],
             history: Vec::new(),
+            version: header::VERSION,
         };
         if !opts.plaintext_names {
             dirid::create(backing)
                 .map_err(io_err(backing, "cannot write the root directory id"))?;
         }
-        header::store(backing, &hdr.encode(&dek))?;
-        let keys = derive_keys(&dek, &volume_id);
+        header::store(backing, &hdr.encode(&mac_key_of(&meta)))?;
+        let deks = vec![(0, dek)];
+        let keys = derive_keys(&meta, &deks, 0, &volume_id);
         Ok(Volume {
             backing: backing.to_path_buf(),
             header: hdr,
             keys,
-            dek,
+            meta,
+            deks,
         })
     }
 
-    /// Opens the volume in `backing`: unwraps the DEK with `provider`, checks the
-    /// header's authentication tag and derives the subkeys.
+    /// Opens the volume in `backing`: unwraps its keys with `provider`, checks
+    /// the header's authentication tag and derives the subkeys.
     pub fn open(backing: &Path, provider: &dyn KeyProvider) -> Result<Volume, VolumeError> {
         let (hdr, bytes) = read_header(backing)?;
         if hdr.kek.provider != provider.kind() {
@@ -192,14 +329,14 @@ impl Volume {
                 given: provider.kind(),
             });
         }
-        let dek = provider.unwrap(&hdr.kek, &hdr.wrapped_dek, &header::dek_aad(&hdr.volume_id))?;
-        VolumeHeader::verify(&bytes, &hdr.volume_id, &dek, &header::header_path(backing))?;
-        let keys = derive_keys(&dek, &hdr.volume_id);
+        let (meta, deks) = unlock(&hdr, &bytes, provider, &header::header_path(backing))?;
+        let keys = derive_keys(&meta, &deks, hdr.active, &hdr.volume_id);
         Ok(Volume {
             backing: backing.to_path_buf(),
             header: hdr,
             keys,
-            dek,
+            meta,
+            deks,
         })
     }
 
@@ -218,16 +355,127 @@ impl Volume {
         hex(&self.header.volume_id)
     }
 
-    /// Re-authenticates and stores a modified header (used by rotation/restore).
+    /// Authenticates and stores a modified header (rotation, rekey).
     pub fn store_header(&mut self, hdr: VolumeHeader) -> Result<(), VolumeError> {
-        header::store(&self.backing, &hdr.encode(&self.dek))?;
+        header::store(&self.backing, &hdr.encode(&mac_key_of(&self.meta)))?;
         self.header = hdr;
+        self.header.version = header::VERSION;
         Ok(())
     }
 
-    /// The DEK, for re-wrapping under a new KEK during rotation.
+    /// The DEK of the active generation.
     pub fn dek(&self) -> &Secret {
-        &self.dek
+        self.dek_of(self.header.active)
+            .expect("the active generation is always unwrapped")
+    }
+
+    /// The DEK of generation `g`, if the header holds it.
+    pub fn dek_of(&self, g: u16) -> Option<&Secret> {
+        self.deks.iter().find(|(x, _)| *x == g).map(|(_, d)| d)
+    }
+
+    /// The metadata key set (for secret scans in tests).
+    pub fn meta_keys(&self) -> &Secret {
+        &self.meta
+    }
+
+    /// Wraps the metadata keys and every DEK generation under `kek`, each wrap
+    /// verified by unwrapping it: what a header under `kek` needs.
+    pub fn wrap_all(
+        &self,
+        provider: &dyn KeyProvider,
+        kek: &KekRef,
+    ) -> Result<(Vec<u8>, Vec<header::DekGeneration>), KmsError> {
+        let vid = &self.header.volume_id;
+        let meta = wrap_verified(provider, kek, &self.meta, &header::meta_aad(vid))?;
+        let mut gens = Vec::with_capacity(self.header.generations.len());
+        for g in &self.header.generations {
+            let dek = self
+                .dek_of(g.generation)
+                .expect("every header generation is unwrapped");
+            let aad = header::dek_aad(vid, g.generation);
+            gens.push(header::DekGeneration {
+                generation: g.generation,
+                created: g.created,
+                wrapped: wrap_verified(provider, kek, dek, &aad)?,
+            });
+        }
+        Ok((meta, gens))
+    }
+
+    /// Adds a new DEK generation (from the key manager's randomness mixed with
+    /// the OS's, wrapped by the current KEK and verified), makes it the active
+    /// one for new files, and stores the header. Returns its number.
+    pub fn add_generation(&mut self, provider: &dyn KeyProvider) -> Result<u16, VolumeError> {
+        let next = self
+            .header
+            .generations
+            .iter()
+            .map(|g| g.generation)
+            .max()
+            .unwrap_or(0)
+            .checked_add(1)
+            .ok_or_else(|| {
+                VolumeError::Kms(KmsError::Config(
+                    "the volume has used all 65536 key generations".into(),
+                ))
+            })?;
+        let vid = self.header.volume_id;
+        let kek = self.header.kek.clone();
+        let dek = generate_dek(provider)?;
+        let wrapped = wrap_verified(provider, &kek, &dek, &header::dek_aad(&vid, next))?;
+        let mut hdr = self.header.clone();
+        if hdr.wrapped_meta.is_empty() {
+            // A version 1 header: its metadata keys get their own wrap now.
+            hdr.wrapped_meta = wrap_verified(provider, &kek, &self.meta, &header::meta_aad(&vid))?;
+        }
+        let now = now_secs();
+        hdr.generations.push(header::DekGeneration {
+            generation: next,
+            created: now,
+            wrapped,
+        });
+        hdr.active = next;
+        hdr.updated = now;
+        self.store_header(hdr)?;
+        self.keys.content.add(next, ContentCipher::new(&dek, &vid));
+        self.keys.content.set_active(next);
+        self.deks.push((next, dek));
+        Ok(next)
+    }
+
+    /// Removes every generation but `keep` from the header, after proving with
+    /// the key manager that `keep`'s wrap still unwraps to the DEK in use.
+    /// Returns the generations removed. In-memory ciphers stay until unmount.
+    pub fn retire_generations(
+        &mut self,
+        provider: &dyn KeyProvider,
+        keep: u16,
+    ) -> Result<Vec<u16>, VolumeError> {
+        let vid = self.header.volume_id;
+        let g = self.header.generation(keep).cloned().ok_or_else(|| {
+            VolumeError::Kms(KmsError::Config(format!(
+                "key generation {keep} is not in the volume header"
+            )))
+        })?;
+        let check = provider.unwrap(&self.header.kek, &g.wrapped, &header::dek_aad(&vid, keep))?;
+        if !self.dek_of(keep).is_some_and(|d| d.ct_eq(&check)) {
+            return Err(KmsError::VerifyMismatch.into());
+        }
+        let removed: Vec<u16> = self
+            .header
+            .generations
+            .iter()
+            .map(|g| g.generation)
+            .filter(|g| *g != keep)
+            .collect();
+        let mut hdr = self.header.clone();
+        hdr.generations.retain(|g| g.generation == keep);
+        hdr.active = keep;
+        hdr.updated = now_secs();
+        self.store_header(hdr)?;
+        self.deks.retain(|(g, _)| *g == keep);
+        Ok(removed)
     }
 }
 

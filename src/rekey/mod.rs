@@ -1,0 +1,780 @@
+//! Data re-encryption ("rekey"): moving every file of a volume to a new DEK
+//! generation, online in the mount daemon or offline on a backing directory.
+//!
+//! The order of things:
+//! 1. the caller adds the new generation to the volume header (it becomes
+//!    the one new files are written with) and writes the state file;
+//! 2. [`Rekey::run`] walks the backing tree and re-encrypts, in place and
+//!    through the journal, every file whose header names another generation
+//!    ([`file::reencrypt`]), each while the filesystem holds off its own I/O
+//!    on that file ([`FileGate`]);
+//! 3. a sweep with renames and links held off proves no file is left on an
+//!    old generation;
+//! 4. the host removes the old generations from the header, after the key
+//!    manager proves it can still unwrap the new one ([`RekeyHost::retire`]).
+//!
+//! Progress lives in the files themselves (each header names its
+//! generation), so a restart simply walks again and skips what is done; the
+//! state file only carries the target, the throttle, pause and counters.
+//! Errors (disk full, key manager down) make the rekey wait and retry with a
+//! clear status; they never leave a file half re-encrypted for the
+//! filesystem to see.
+
+pub mod file;
+pub mod generations;
+pub mod journal;
+pub mod state;
+
+use std::ffi::OsStr;
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use crate::volume::VolumeKeys;
+use crate::volume::layout::FileHeader;
+use file::Step;
+use journal::{FileRef, Journal, Record};
+use state::RekeyState;
+
+/// How the filesystem lets the rekey work on a file it may be serving.
+pub trait FileGate: Send + Sync {
+    /// Runs `work` on the backing file at `path` (stat `md`) while the
+    /// filesystem does no I/O on it, then installs the header `work` returns
+    /// as that file's header.
+    fn exclusive(
+        &self,
+        path: &Path,
+        md: &std::fs::Metadata,
+        work: &mut dyn FnMut() -> io::Result<Option<FileHeader>>,
+    ) -> io::Result<()>;
+
+    /// Runs `f` while no rename or link can move a file between directories.
+    fn moves_frozen(&self, f: &mut dyn FnMut());
+}
+
+/// The gate of an unmounted volume: nobody else does I/O.
+pub struct Offline;
+
+impl FileGate for Offline {
+    fn exclusive(
+        &self,
+        _: &Path,
+        _: &std::fs::Metadata,
+        work: &mut dyn FnMut() -> io::Result<Option<FileHeader>>,
+    ) -> io::Result<()> {
+        work().map(drop)
+    }
+    fn moves_frozen(&self, f: &mut dyn FnMut()) {
+        f()
+    }
+}
+
+/// The owner of the volume header: the daemon online, the CLI offline.
+pub trait RekeyHost: Send + Sync {
+    /// Removes every generation but `keep` from the header (after the key
+    /// manager proves it unwraps `keep`), and the header backups that still
+    /// hold a removed generation. Returns the generations removed.
+    fn retire(&self, keep: u16) -> Result<Vec<u16>, String>;
+}
+
+/// Throttle of a rekey. `None` is unlimited.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, serde::Deserialize)]
+pub struct Throttle {
+    /// Plaintext megabytes (10^6 bytes) per second.
+    pub rate_mb: Option<f64>,
+    /// Share of wall time the rekey may spend working, in percent (1–100).
+    pub cpu: Option<u8>,
+}
+
+impl Throttle {
+    /// The default: half of the time, no byte-rate limit.
+    pub const DEFAULT: Throttle = Throttle {
+        rate_mb: None,
+        cpu: Some(50),
+    };
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Phase {
+    Scanning,
+    Running,
+    Paused,
+    /// Waiting to retry after an error (see `message`).
+    Waiting,
+    /// Checking that no file is left and retiring the old generations.
+    Finishing,
+    Done,
+    Stopped,
+}
+
+/// What `kmfs rekey --status` shows.
+#[derive(Clone, Debug, Serialize)]
+pub struct Status {
+    pub phase: Phase,
+    pub target_generation: u16,
+    pub old_generations: Vec<u16>,
+    pub files_done: u64,
+    pub files_total: u64,
+    pub bytes_done: u64,
+    pub bytes_total: u64,
+    /// Files that could not be re-encrypted (damaged header, unknown
+    /// generation); already unreadable, they do not hold up retirement.
+    pub files_skipped: u64,
+    pub started: u64,
+    pub finished: Option<u64>,
+    pub throttle: Throttle,
+    /// Plaintext bytes per second over the current run.
+    pub bytes_per_sec: f64,
+    pub eta_secs: Option<u64>,
+    pub message: String,
+}
+
+struct Shared {
+    status: Mutex<Status>,
+    wake: Condvar,
+    paused: AtomicBool,
+    stop: AtomicBool,
+}
+
+/// A rekey in progress (or finished): the handle the daemon keeps.
+#[derive(Clone)]
+pub struct Rekey {
+    shared: Arc<Shared>,
+    backing: PathBuf,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RekeyError {
+    #[error("{0}")]
+    Io(String),
+    #[error("stopped")]
+    Stopped,
+}
+
+fn io_msg(what: &str, e: &io::Error) -> RekeyError {
+    let hint = if e.raw_os_error() == Some(libc::ENOSPC) {
+        " (free some space; the rekey resumes by itself)"
+    } else {
+        ""
+    };
+    RekeyError::Io(format!("{what}: {e}{hint}"))
+}
+
+/// Whether a backing entry is one of kmfs's own files (volume header, dir
+/// ids, journal, long-name sidecars, temporary directories) rather than a
+/// user file. User names never start with `kmfs.` in the backing tree:
+/// encrypted names are base64url (no dot), plain-text mode refuses the
+/// prefix; only long-name entries `kmfs.long.<hash>` are user files.
+fn is_own_file(name: &OsStr) -> bool {
+    let b = name.as_bytes();
+    if !b.starts_with(b"kmfs.") {
+        return false;
+    }
+    !b.starts_with(b"kmfs.long.") || b.ends_with(b".name")
+}
+
+/// Every regular user file below `backing`, depth first, as (relative path,
+/// metadata); symlinks are not followed. Unreadable directories are logged
+/// and skipped.
+fn walk(
+    backing: &Path,
+    f: &mut dyn FnMut(&Path, &std::fs::Metadata) -> Result<(), RekeyError>,
+) -> Result<(), RekeyError> {
+    let mut stack = vec![PathBuf::new()];
+    while let Some(rel) = stack.pop() {
+        let dir = backing.join(&rel);
+        let rd = match std::fs::read_dir(&dir) {
+            Ok(rd) => rd,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(io_msg(&format!("cannot list {}", dir.display()), &e)),
+        };
+        for ent in rd {
+            let Ok(ent) = ent else { continue };
+            let name = ent.file_name();
+            if is_own_file(&name) {
+                continue;
+            }
+            let Ok(md) = ent.metadata() else { continue };
+            let child = rel.join(&name);
+            if md.is_dir() {
+                stack.push(child);
+            } else if md.is_file() {
+                f(&child, &md)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The generation of the backing file at `path`: `None` if it has no header
+/// yet (empty) or is not a kmfs file.
+fn file_generation(path: &Path) -> io::Result<Option<u16>> {
+    let f = File::open(path)?;
+    Ok(FileHeader::read_from(&f)
+        .ok()
+        .flatten()
+        .map(|h| h.generation))
+}
+
+/// Finds the file of a journal record: at its recorded path if that still
+/// holds the same inode and file id, else anywhere below `backing`.
+pub fn locate(backing: &Path, r: &FileRef) -> Option<PathBuf> {
+    let matches = |p: &Path| -> bool {
+        let Ok(f) = File::open(p) else { return false };
+        let ino = f.metadata().map(|m| m.ino()).unwrap_or(0);
+        ino == r.ino
+            && FileHeader::read_from(&f)
+                .ok()
+                .flatten()
+                .is_some_and(|h| h.file_id == r.file_id)
+    };
+    let direct = backing.join(&r.path);
+    if matches(&direct) {
+        return Some(direct);
+    }
+    let mut found = None;
+    let _ = walk(backing, &mut |rel, md| {
+        if found.is_none() && md.ino() == r.ino && matches(&backing.join(rel)) {
+            found = Some(backing.join(rel));
+        }
+        Ok(())
+    });
+    found
+}
+
+fn step_for<'a>(
+    keys: &'a [(u16, Arc<crate::crypto::content::ContentCipher>)],
+    from: u16,
+    to: u16,
+) -> Option<Step<'a>> {
+    let get = |g| keys.iter().find(|(x, _)| *x == g).map(|(_, c)| c.as_ref());
+    Some(Step {
+        from_gen: from,
+        from: get(from)?,
+        to_gen: to,
+        to: get(to)?,
+    })
+}
+
+fn ciphers(
+    keys: &VolumeKeys,
+    gens: &[u16],
+) -> Vec<(u16, Arc<crate::crypto::content::ContentCipher>)> {
+    gens.iter()
+        .filter_map(|g| keys.content.get(*g).map(|c| (*g, c)))
+        .collect()
+}
+
+/// Finishes a file the journal says was in progress (after a crash), through
+/// `gate`. Run before the filesystem serves the volume, and offline before
+/// anything else. Returns the file's path if there was one.
+pub fn recover(
+    backing: &Path,
+    keys: &VolumeKeys,
+    gate: &dyn FileGate,
+) -> Result<Option<PathBuf>, RekeyError> {
+    let rec = Journal::pending(backing).map_err(|e| io_msg("cannot read the rekey journal", &e))?;
+    let Some(rec) = rec else { return Ok(None) };
+    let mut journal =
+        Journal::open(backing).map_err(|e| io_msg("cannot open the rekey journal", &e))?;
+    let Some(path) = locate(backing, &rec.file) else {
+        log::warn!(
+            "op=rekey_recover path={} result=fail error=\"the file of the journal's last record is gone\"",
+            rec.file.path.display()
+        );
+        journal
+            .idle()
+            .map_err(|e| io_msg("cannot write the rekey journal", &e))?;
+        return Ok(None);
+    };
+    let all = ciphers(keys, &[rec.from, rec.to]);
+    let step = step_for(&all, rec.from, rec.to).ok_or_else(|| {
+        RekeyError::Io(format!(
+            "the rekey journal names key generations {} → {}, which the volume header does not hold",
+            rec.from, rec.to
+        ))
+    })?;
+    let md = std::fs::metadata(&path).map_err(|e| io_msg(&path.display().to_string(), &e))?;
+    gate.exclusive(&path, &md, &mut || {
+        let f = OpenOptions::new().read(true).write(true).open(&path)?;
+        file::finish_pending(&f, &rec, &step, &mut journal).map(Some)
+    })
+    .map_err(|e| io_msg(&format!("cannot finish {}", path.display()), &e))?;
+    log::info!(
+        "op=rekey_recover path={} generation={} result=ok",
+        rec.file.path.display(),
+        rec.to
+    );
+    Ok(Some(rec.file.path))
+}
+
+/// Waits `d`, waking early on stop or (if `on_pause`) pause.
+fn nap(shared: &Shared, d: Duration) {
+    let g = shared.status.lock().unwrap_or_else(|p| p.into_inner());
+    let _ = shared.wake.wait_timeout(g, d);
+}
+
+struct Pacer {
+    start: Instant,
+    busy: Duration,
+    bytes: u64,
+}
+
+impl Pacer {
+    fn new() -> Pacer {
+        Pacer {
+            start: Instant::now(),
+            busy: Duration::ZERO,
+            bytes: 0,
+        }
+    }
+
+    /// How long to rest after having worked `busy` and done `bytes` more.
+    fn rest(&mut self, t: &Throttle, busy: Duration, bytes: u64) -> Duration {
+        self.busy += busy;
+        self.bytes += bytes;
+        let elapsed = self.start.elapsed();
+        let mut want = Duration::ZERO;
+        if let Some(mb) = t.rate_mb.filter(|r| *r > 0.0) {
+            want = want.max(Duration::from_secs_f64(self.bytes as f64 / (mb * 1e6)));
+        }
+        if let Some(c) = t.cpu.filter(|c| (1..100).contains(c)) {
+            want = want.max(self.busy.mul_f64(100.0 / c as f64));
+        }
+        want.saturating_sub(elapsed)
+    }
+}
+
+impl Rekey {
+    /// A rekey to `state.target` from `old` generations, not yet running.
+    pub fn new(backing: &Path, st: &RekeyState, old: Vec<u16>) -> Rekey {
+        let status = Status {
+            phase: if st.paused {
+                Phase::Paused
+            } else {
+                Phase::Scanning
+            },
+            target_generation: st.target,
+            old_generations: old,
+            files_done: st.files_done,
+            files_total: 0,
+            bytes_done: st.bytes_done,
+            bytes_total: 0,
+            files_skipped: 0,
+            started: st.started,
+            finished: None,
+            throttle: st.throttle,
+            bytes_per_sec: 0.0,
+            eta_secs: None,
+            message: String::new(),
+        };
+        Rekey {
+            shared: Arc::new(Shared {
+                status: Mutex::new(status),
+                wake: Condvar::new(),
+                paused: AtomicBool::new(st.paused),
+                stop: AtomicBool::new(false),
+            }),
+            backing: backing.to_path_buf(),
+        }
+    }
+
+    fn status_mut(&self) -> std::sync::MutexGuard<'_, Status> {
+        self.shared.status.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn status(&self) -> Status {
+        self.status_mut().clone()
+    }
+
+    fn persist(&self) {
+        let s = self.status();
+        let st = RekeyState {
+            target: s.target_generation,
+            started: s.started,
+            paused: self.shared.paused.load(Ordering::Relaxed),
+            throttle: s.throttle,
+            files_done: s.files_done,
+            bytes_done: s.bytes_done,
+        };
+        if let Err(e) = st.store(&self.backing) {
+            log::warn!("op=rekey_state result=fail error=\"{e}\"");
+        }
+    }
+
+    pub fn pause(&self) {
+        self.shared.paused.store(true, Ordering::Relaxed);
+        self.persist();
+        self.shared.wake.notify_all();
+    }
+
+    pub fn resume(&self) {
+        self.shared.paused.store(false, Ordering::Relaxed);
+        self.persist();
+        self.shared.wake.notify_all();
+    }
+
+    pub fn set_throttle(&self, t: Throttle) {
+        self.status_mut().throttle = t;
+        self.persist();
+        self.shared.wake.notify_all();
+    }
+
+    /// Asks the worker to stop at the next safe point (unmount).
+    pub fn stop(&self) {
+        self.shared.stop.store(true, Ordering::Relaxed);
+        self.shared.wake.notify_all();
+    }
+
+    fn stopped(&self) -> bool {
+        self.shared.stop.load(Ordering::Relaxed)
+    }
+
+    /// Between files: honours stop and pause. Returns true if it paused.
+    fn checkpoint(&self) -> Result<bool, RekeyError> {
+        let mut paused = false;
+        while self.shared.paused.load(Ordering::Relaxed) {
+            if self.stopped() {
+                return Err(RekeyError::Stopped);
+            }
+            if !paused {
+                self.status_mut().phase = Phase::Paused;
+                log::info!("op=rekey_pause result=ok");
+                paused = true;
+            }
+            nap(&self.shared, Duration::from_millis(500));
+        }
+        if self.stopped() {
+            return Err(RekeyError::Stopped);
+        }
+        if paused {
+            log::info!("op=rekey_resume result=ok");
+            self.status_mut().phase = Phase::Running;
+        }
+        Ok(paused)
+    }
+
+    /// Runs the rekey to its end (or until stopped). Errors make it wait
+    /// and retry; only a stop ends it early.
+    pub fn run(&self, keys: &VolumeKeys, gate: &dyn FileGate, host: &dyn RekeyHost) {
+        let mut backoff = Duration::from_secs(1);
+        loop {
+            match self.attempt(keys, gate, host) {
+                Ok(()) => return,
+                Err(RekeyError::Stopped) => {
+                    self.status_mut().phase = Phase::Stopped;
+                    self.persist();
+                    return;
+                }
+                Err(RekeyError::Io(msg)) => {
+                    log::warn!(
+                        "op=rekey result=wait error=\"{msg}\" retry_in={}s",
+                        backoff.as_secs()
+                    );
+                    {
+                        let mut s = self.status_mut();
+                        s.phase = Phase::Waiting;
+                        s.message = msg;
+                    }
+                    let until = Instant::now() + backoff;
+                    while Instant::now() < until && !self.stopped() {
+                        nap(&self.shared, until - Instant::now());
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(30));
+                }
+            }
+        }
+    }
+
+    fn attempt(
+        &self,
+        keys: &VolumeKeys,
+        gate: &dyn FileGate,
+        host: &dyn RekeyHost,
+    ) -> Result<(), RekeyError> {
+        let target = self.status().target_generation;
+        if self.stopped() {
+            return Err(RekeyError::Stopped);
+        }
+        let mut journal = Journal::open(&self.backing)
+            .map_err(|e| io_msg("cannot allocate the rekey journal", &e))?;
+        drop(journal);
+        recover(&self.backing, keys, gate)?;
+        journal = Journal::open(&self.backing)
+            .map_err(|e| io_msg("cannot open the rekey journal", &e))?;
+        // Count what is left.
+        {
+            let mut s = self.status_mut();
+            if s.phase != Phase::Paused {
+                s.phase = Phase::Scanning;
+            }
+        }
+        let (mut files, mut bytes) = (0u64, 0u64);
+        walk(&self.backing, &mut |rel, md| {
+            if let Ok(Some(g)) = file_generation(&self.backing.join(rel))
+                && g != target
+            {
+                files += 1;
+                bytes += md.len().saturating_sub(crate::volume::layout::HEADER_LEN);
+            }
+            Ok(())
+        })?;
+        {
+            let mut s = self.status_mut();
+            s.files_total = s.files_done + files;
+            s.bytes_total = s.bytes_done + bytes;
+            if s.phase != Phase::Paused {
+                s.phase = Phase::Running;
+            }
+            s.message.clear();
+        }
+        loop {
+            self.pass(keys, gate, &mut journal, target)?;
+            // Sweep with moves held off: a file renamed from a directory not
+            // yet visited into one already visited would otherwise be missed.
+            self.status_mut().phase = Phase::Finishing;
+            let mut left = 0u64;
+            let mut err = None;
+            gate.moves_frozen(&mut || {
+                if let Err(e) = walk(&self.backing, &mut |rel, _| {
+                    if let Ok(Some(g)) = file_generation(&self.backing.join(rel))
+                        && g != target
+                        && keys.content.get(g).is_some()
+                    {
+                        left += 1;
+                    }
+                    Ok(())
+                }) {
+                    err = Some(e);
+                }
+            });
+            if let Some(e) = err {
+                return Err(e);
+            }
+            if left == 0 {
+                break;
+            }
+            self.status_mut().phase = Phase::Running;
+        }
+        let removed = host.retire(target).map_err(RekeyError::Io)?;
+        drop(journal);
+        Journal::remove(&self.backing)
+            .map_err(|e| io_msg("cannot remove the rekey journal", &e))?;
+        state::remove(&self.backing)
+            .map_err(|e| io_msg("cannot remove the rekey state file", &e))?;
+        let mut s = self.status_mut();
+        s.phase = Phase::Done;
+        s.finished = Some(crate::volume::now_secs());
+        s.eta_secs = Some(0);
+        s.message = format!(
+            "every file is on key generation {target}; removed generation(s) {removed:?} from the header"
+        );
+        log::info!(
+            "op=rekey_done generation={target} removed={removed:?} files={} bytes={} result=ok",
+            s.files_done,
+            s.bytes_done
+        );
+        Ok(())
+    }
+
+    /// One walk over the tree, re-encrypting every file not on `target`.
+    fn pass(
+        &self,
+        keys: &VolumeKeys,
+        gate: &dyn FileGate,
+        journal: &mut Journal,
+        target: u16,
+    ) -> Result<(), RekeyError> {
+        let mut pacer = Pacer::new();
+        let run_start = Instant::now();
+        let mut run_bytes = 0u64;
+        let mut last_persist = Instant::now();
+        walk(&self.backing, &mut |rel, md| {
+            if self.checkpoint()? {
+                pacer = Pacer::new();
+            }
+            let path = self.backing.join(rel);
+            let g = match file_generation(&path) {
+                Ok(Some(g)) if g != target => g,
+                _ => return Ok(()),
+            };
+            let all = ciphers(keys, &[g, target]);
+            let Some(step) = step_for(&all, g, target) else {
+                log::error!(
+                    "op=rekey path={} error=\"file uses key generation {g}, which the volume header does not hold\" result=skip",
+                    rel.display()
+                );
+                self.status_mut().files_skipped += 1;
+                return Ok(());
+            };
+            let t0 = Instant::now();
+            let mut done_bytes = 0u64;
+            let mut outcome = None;
+            let fref = FileRef {
+                ino: md.ino(),
+                file_id: [0; 16],
+                path: rel.to_path_buf(),
+            };
+            let r = gate.exclusive(&path, md, &mut || {
+                let f = OpenOptions::new().read(true).write(true).open(&path)?;
+                // Under the gate: the header may have changed since the walk read it.
+                let hd = match FileHeader::read_from(&f) {
+                    Ok(Some(h)) if h.generation == g => h,
+                    _ => {
+                        outcome = Some(false);
+                        return Ok(None);
+                    }
+                };
+                let fref = FileRef {
+                    file_id: hd.file_id,
+                    ..fref.clone()
+                };
+                match file::reencrypt(&f, &hd, &step, 0, &fref, journal, &mut |n| done_bytes += n) {
+                    Ok(h) => {
+                        outcome = Some(true);
+                        Ok(Some(h))
+                    }
+                    Err(e) if !e.mixed => Err(e.error),
+                    Err(e) => self.finish_in_place(&f, &step, journal, e.error).map(Some),
+                }
+            });
+            match r {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+                Err(e) => return Err(io_msg(&format!("cannot re-encrypt {}", rel.display()), &e)),
+            }
+            if outcome == Some(true) {
+                run_bytes += done_bytes;
+                let mut s = self.status_mut();
+                s.files_done += 1;
+                s.bytes_done += done_bytes;
+                let secs = run_start.elapsed().as_secs_f64();
+                if secs > 0.0 {
+                    s.bytes_per_sec = run_bytes as f64 / secs;
+                }
+                let left = s.bytes_total.saturating_sub(s.bytes_done);
+                s.eta_secs =
+                    (s.bytes_per_sec > 0.0).then(|| (left as f64 / s.bytes_per_sec) as u64);
+            }
+            if last_persist.elapsed() > Duration::from_secs(2) {
+                self.persist();
+                last_persist = Instant::now();
+            }
+            let throttle = self.status().throttle;
+            let rest = pacer.rest(&throttle, t0.elapsed(), done_bytes);
+            if !rest.is_zero() {
+                let until = Instant::now() + rest.min(Duration::from_secs(5));
+                while Instant::now() < until
+                    && !self.stopped()
+                    && !self.shared.paused.load(Ordering::Relaxed)
+                {
+                    nap(&self.shared, until - Instant::now());
+                }
+            }
+            Ok(())
+        })?;
+        self.persist();
+        Ok(())
+    }
+
+    /// A file was left half re-encrypted by an error: keep it held and
+    /// retry from the journal until it completes, or until stopped (then the
+    /// journal finishes it before the next mount serves it).
+    fn finish_in_place(
+        &self,
+        f: &File,
+        step: &Step<'_>,
+        journal: &mut Journal,
+        first: io::Error,
+    ) -> io::Result<FileHeader> {
+        let mut err = first;
+        let mut backoff = Duration::from_millis(500);
+        loop {
+            let msg = format!("{err} (a file is held until its re-encryption completes)");
+            log::warn!("op=rekey result=wait error=\"{msg}\"");
+            {
+                let mut s = self.status_mut();
+                s.phase = Phase::Waiting;
+                s.message = msg;
+            }
+            if self.stopped() {
+                return Err(err);
+            }
+            nap(&self.shared, backoff);
+            backoff = (backoff * 2).min(Duration::from_secs(10));
+            let pending: Option<Record> = match Journal::pending(&self.backing) {
+                Ok(p) => p,
+                Err(e) => {
+                    err = e;
+                    continue;
+                }
+            };
+            let Some(rec) = pending else {
+                return Err(io::Error::other("the rekey journal lost its record"));
+            };
+            match file::finish_pending(f, &rec, step, journal) {
+                Ok(h) => {
+                    self.status_mut().phase = Phase::Running;
+                    return Ok(h);
+                }
+                Err(e) => err = e,
+            }
+        }
+    }
+}
+
+/// Spawns `rekey` on its own thread.
+pub fn spawn(
+    rekey: Rekey,
+    keys: Arc<VolumeKeys>,
+    gate: Arc<dyn FileGate>,
+    host: Arc<dyn RekeyHost>,
+) -> std::thread::JoinHandle<()> {
+    std::thread::Builder::new()
+        .name("kmfs-rekey".into())
+        .spawn(move || rekey.run(&keys, gate.as_ref(), host.as_ref()))
+        .expect("spawning the rekey thread")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn own_files_are_skipped_user_files_are_not() {
+        assert!(is_own_file(OsStr::new("kmfs.volume")));
+        assert!(is_own_file(OsStr::new("kmfs.rekey.journal")));
+        assert!(is_own_file(OsStr::new("kmfs.dirid")));
+        assert!(is_own_file(OsStr::new("kmfs.long.abc.name")));
+        assert!(!is_own_file(OsStr::new("kmfs.long.abc")));
+        assert!(!is_own_file(OsStr::new("report.txt")));
+    }
+
+    #[test]
+    fn pacer_holds_the_duty_cycle_and_rate() {
+        let mut p = Pacer::new();
+        let t = Throttle {
+            rate_mb: None,
+            cpu: Some(25),
+        };
+        let rest = p.rest(&t, Duration::from_millis(100), 0);
+        assert!(rest >= Duration::from_millis(250), "{rest:?}");
+        let mut p = Pacer::new();
+        let t = Throttle {
+            rate_mb: Some(10.0),
+            cpu: None,
+        };
+        let rest = p.rest(&t, Duration::ZERO, 5_000_000);
+        assert!(rest >= Duration::from_millis(400), "{rest:?}");
+        let rest = Pacer::new().rest(&Throttle::default(), Duration::from_secs(1), 1 << 30);
+        assert_eq!(rest, Duration::ZERO);
+    }
+}

@@ -1,0 +1,94 @@
+//! The rekey state file `kmfs.rekey` in the backing root: which generation a
+//! rekey moves files to, its throttle, whether it is paused, and counters.
+//! Its presence means a rekey is in progress; the mount daemon resumes it.
+//! The authoritative progress is in the per-file headers, so a stale
+//! counter here only skews the progress display.
+
+use std::io;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use super::Throttle;
+use crate::volume::header;
+
+pub const STATE_FILE: &str = "kmfs.rekey";
+const STATE_TMP: &str = "kmfs.rekey.tmp";
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RekeyState {
+    /// The generation every file is being moved to.
+    pub target: u16,
+    /// Unix seconds.
+    pub started: u64,
+    pub paused: bool,
+    pub throttle: Throttle,
+    pub files_done: u64,
+    pub bytes_done: u64,
+}
+
+pub fn path(backing: &Path) -> PathBuf {
+    backing.join(STATE_FILE)
+}
+
+impl RekeyState {
+    /// The state of the rekey in progress in `backing`, if any.
+    pub fn load(backing: &Path) -> io::Result<Option<RekeyState>> {
+        let p = path(backing);
+        let text = match std::fs::read_to_string(&p) {
+            Ok(t) => t,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        serde_json::from_str(&text).map(Some).map_err(|e| {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("{}: damaged rekey state file: {e}", p.display()),
+            )
+        })
+    }
+
+    /// Stores the state atomically.
+    pub fn store(&self, backing: &Path) -> io::Result<()> {
+        let text = serde_json::to_vec_pretty(self).map_err(io::Error::other)?;
+        header::write_atomic(backing, STATE_TMP, STATE_FILE, &text)
+            .map_err(|e| io::Error::other(e.to_string()))
+    }
+}
+
+pub fn remove(backing: &Path) -> io::Result<()> {
+    match std::fs::remove_file(path(backing)) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn store_load_remove() {
+        let d = tempfile::tempdir().unwrap();
+        assert_eq!(RekeyState::load(d.path()).unwrap(), None);
+        let s = RekeyState {
+            target: 3,
+            started: 5,
+            paused: true,
+            throttle: Throttle {
+                rate_mb: Some(2.5),
+                cpu: None,
+            },
+            files_done: 7,
+            bytes_done: 9,
+        };
+        s.store(d.path()).unwrap();
+        assert_eq!(RekeyState::load(d.path()).unwrap(), Some(s));
+        std::fs::write(path(d.path()), b"{").unwrap();
+        let e = RekeyState::load(d.path()).unwrap_err();
+        assert!(e.to_string().contains("damaged rekey state"), "{e}");
+        remove(d.path()).unwrap();
+        remove(d.path()).unwrap();
+    }
+}
