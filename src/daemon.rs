@@ -57,18 +57,27 @@ impl IoStats {
 /// rekey thread (which needs them to retire old generations at the end).
 struct Owner {
     volume: Mutex<Volume>,
-    provider: Box<dyn KeyProvider>,
+    /// Replaced only by a rotation to a new development key file.
+    provider: std::sync::RwLock<Arc<dyn KeyProvider>>,
 }
 
 impl Owner {
     fn volume(&self) -> std::sync::MutexGuard<'_, Volume> {
         self.volume.lock().unwrap_or_else(|p| p.into_inner())
     }
+
+    fn provider(&self) -> Arc<dyn KeyProvider> {
+        self.provider
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
 }
 
 impl RekeyHost for Owner {
     fn retire(&self, keep: u16) -> Result<Vec<u16>, String> {
-        generations::retire(&mut self.volume(), self.provider.as_ref(), keep)
+        let provider = self.provider();
+        generations::retire(&mut self.volume(), provider.as_ref(), keep)
     }
 }
 
@@ -100,7 +109,7 @@ impl VolumeControl {
         VolumeControl {
             owner: Arc::new(Owner {
                 volume: Mutex::new(volume),
-                provider,
+                provider: std::sync::RwLock::new(Arc::from(provider)),
             }),
             mountpoint,
             mounted_since: now_secs(),
@@ -199,7 +208,7 @@ impl ControlHandler for VolumeControl {
             "backing_dir": vol.backing,
             "mountpoint": self.mountpoint,
             "provider": h.kek.provider,
-            "key_server": self.owner.provider.describe(),
+            "key_server": self.owner.provider().describe(),
             "kek": kek_json(&h.kek),
             "last_rotation": h.history.last().map(|r| r.retired_at),
             "rotations": h.history.len(),
@@ -219,9 +228,18 @@ impl ControlHandler for VolumeControl {
             Some(path) => {
                 let p =
                     KeyfileProvider::open(path, Some(&vol.backing)).map_err(|e| e.to_string())?;
-                rotation::rotate(&mut vol, &p, req, true)
+                let r = rotation::rotate(&mut vol, &p, req, true);
+                if r.is_ok() {
+                    // Later wraps (a rekey) must use the key file the header now names.
+                    *self
+                        .owner
+                        .provider
+                        .write()
+                        .unwrap_or_else(|p| p.into_inner()) = Arc::new(p);
+                }
+                r
             }
-            None => rotation::rotate(&mut vol, self.owner.provider.as_ref(), req, false),
+            None => rotation::rotate(&mut vol, self.owner.provider().as_ref(), req, false),
         }
         .map_err(|e| e.to_string())?;
         serde_json::to_value(report).map_err(|e| e.to_string())
@@ -245,7 +263,7 @@ impl ControlHandler for VolumeControl {
                     None => {
                         let (st, _) = {
                             let mut v = self.owner.volume();
-                            generations::start(&mut v, self.owner.provider.as_ref(), t)?
+                            generations::start(&mut v, self.owner.provider().as_ref(), t)?
                         };
                         self.launch(st)?;
                     }

@@ -207,3 +207,194 @@ pub fn finish_pending(
     )
     .map_err(|e| e.error)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crypto::keys::Secret;
+    use crate::volume::content::BackingFile;
+    use std::fs::OpenOptions;
+
+    fn cipher(b: u8) -> ContentCipher {
+        ContentCipher::new(&Secret::from_slice(&[b; 32]), &[7u8; 16])
+    }
+
+    fn plain(file: &File, c: &ContentCipher) -> Vec<u8> {
+        let hd = FileHeader::read_from(file).unwrap().unwrap();
+        let size = plain_size(file.metadata().unwrap().len());
+        BackingFile {
+            file,
+            cipher: c,
+            header: &hd,
+        }
+        .read(size, 0, size as usize)
+        .unwrap()
+    }
+
+    /// A backing file of plaintext `data` on generation 0 (cipher `c`), with
+    /// a hole from 1 MiB to 2 MiB when `sparse`.
+    fn make(
+        dir: &std::path::Path,
+        name: &str,
+        data: &[u8],
+        c: &ContentCipher,
+        sparse: bool,
+    ) -> File {
+        let f = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(dir.join(name))
+            .unwrap();
+        let hd = FileHeader::generate(0).unwrap();
+        f.write_all_at(&hd.to_bytes(), 0).unwrap();
+        let bf = BackingFile {
+            file: &f,
+            cipher: c,
+            header: &hd,
+        };
+        if sparse {
+            bf.write(0, 0, &data[..1 << 20]).unwrap();
+            bf.truncate(1 << 20, 2 << 20).unwrap();
+            bf.write(2 << 20, 2 << 20, &data[2 << 20..]).unwrap();
+        } else {
+            bf.write(0, 0, data).unwrap();
+        }
+        f
+    }
+
+    fn data(n: usize, seed: u8) -> Vec<u8> {
+        (0..n)
+            .map(|i| (i as u8).wrapping_mul(31) ^ seed ^ (i >> 12) as u8)
+            .collect()
+    }
+
+    #[test]
+    fn every_shape_moves_to_the_new_generation_and_reads_the_same() {
+        let d = tempfile::tempdir().unwrap();
+        let (c0, c1) = (cipher(1), cipher(2));
+        let step = Step {
+            from_gen: 0,
+            from: &c0,
+            to_gen: 1,
+            to: &c1,
+        };
+        let mut j = Journal::open(d.path()).unwrap();
+        let sizes = [
+            0usize,
+            1,
+            15,
+            16,
+            17,
+            4095,
+            4096,
+            4097,
+            4111,
+            4112,
+            300_000,
+            (1 << 20) + 7,
+            (3 << 20) + 5,
+        ];
+        for (k, &n) in sizes.iter().enumerate() {
+            let want = data(n, k as u8);
+            let f = make(d.path(), &format!("f{k}"), &want, &c0, false);
+            let hd = FileHeader::read_from(&f).unwrap().unwrap();
+            let fref = FileRef {
+                ino: 1,
+                file_id: hd.file_id,
+                path: format!("f{k}").into(),
+            };
+            let new = reencrypt(&f, &hd, &step, 0, &fref, &mut j, &mut |_| {}).unwrap();
+            assert_eq!(new.generation, 1);
+            assert_eq!(FileHeader::read_from(&f).unwrap().unwrap().generation, 1);
+            if n > 0 {
+                assert_eq!(plain(&f, &c1), want, "size {n}");
+                assert_ne!(
+                    plain(&f, &c0),
+                    want,
+                    "size {n} still decrypts with the old key"
+                );
+            }
+            assert_eq!(Journal::pending(d.path()).unwrap(), None);
+        }
+        // Holes stay holes (no blocks allocated, zeros read back).
+        let want = {
+            let mut v = data(3 << 20, 9);
+            v[1 << 20..2 << 20].fill(0);
+            v
+        };
+        let f = make(d.path(), "sparse", &want, &c0, true);
+        let before = f.metadata().unwrap().blocks();
+        let hd = FileHeader::read_from(&f).unwrap().unwrap();
+        let fref = FileRef {
+            ino: 1,
+            file_id: hd.file_id,
+            path: "sparse".into(),
+        };
+        reencrypt(&f, &hd, &step, 0, &fref, &mut j, &mut |_| {}).unwrap();
+        assert_eq!(plain(&f, &c1), want);
+        assert!(f.metadata().unwrap().blocks() <= before + 8);
+    }
+
+    use std::os::unix::fs::MetadataExt;
+
+    /// A crash after `k` chunks, with the next chunk's overwrite torn: the
+    /// journal's record finishes the file, whatever k and the tear.
+    #[test]
+    fn a_crash_mid_file_is_finished_from_the_journal() {
+        let (c0, c1) = (cipher(1), cipher(2));
+        let step = Step {
+            from_gen: 0,
+            from: &c0,
+            to_gen: 1,
+            to: &c1,
+        };
+        let want = data((4 << 20) + 4100, 3);
+        for k in 1..=4u64 {
+            for torn in [false, true] {
+                let d = tempfile::tempdir().unwrap();
+                let f = make(d.path(), "f", &want, &c0, false);
+                let hd = FileHeader::read_from(&f).unwrap().unwrap();
+                let fref = FileRef {
+                    ino: f.metadata().unwrap().ino(),
+                    file_id: hd.file_id,
+                    path: "f".into(),
+                };
+                let mut j = Journal::open(d.path()).unwrap();
+                // "Crash": stop right after chunk k was applied.
+                let mut chunks = 0;
+                let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    reencrypt(&f, &hd, &step, 0, &fref, &mut j, &mut |_| {
+                        chunks += 1;
+                        if chunks == k {
+                            panic!("crash");
+                        }
+                    })
+                }));
+                assert!(r.is_err());
+                let rec = Journal::pending(d.path())
+                    .unwrap()
+                    .expect("a pending record");
+                if torn {
+                    // The overwrite of the record's chunk torn half way.
+                    let (off, bytes) = &rec.writes[0];
+                    f.write_all_at(&vec![0x55u8; bytes.len() / 2], *off)
+                        .unwrap();
+                }
+                let path = crate::rekey::locate(d.path(), &rec.file).expect("found");
+                assert_eq!(path, d.path().join("f"));
+                let f2 = OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .open(&path)
+                    .unwrap();
+                let mut j = Journal::open(d.path()).unwrap();
+                let h = finish_pending(&f2, &rec, &step, &mut j).unwrap();
+                assert_eq!(h.generation, 1);
+                assert_eq!(plain(&f2, &c1), want, "k={k} torn={torn}");
+                assert_eq!(Journal::pending(d.path()).unwrap(), None);
+            }
+        }
+    }
+}
