@@ -118,7 +118,11 @@ fn init_check_audit_and_outage_through_the_cli() {
         "no failed row in\n{audit}"
     );
     let (h, _) = kmfs::volume::read_header(&back).unwrap();
-    let hex: String = h.wrapped_dek.iter().map(|b| format!("{b:02x}")).collect();
+    let hex: String = h.generations[0]
+        .wrapped
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
     assert!(!audit.contains(&hex[..32]));
 
     // The chained log verifies, and names the line after an edit.

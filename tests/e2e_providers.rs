@@ -170,7 +170,9 @@ fn pkcs11_end_to_end_with_secret_scan() {
     .unwrap();
     let vol = kmfs::volume::Volume::open(&d.back, &provider).unwrap();
     let dek = vol.dek().as_bytes().to_vec();
-    let wrapped = vol.header.wrapped_dek.clone();
+    let wrapped = vol.header.generations[0].wrapped.clone();
+    let meta = vol.meta_keys().as_bytes().to_vec();
+    let wrapped_meta = vol.header.wrapped_meta.clone();
     let hay = vec![
         ("log file", std::fs::read(d.etc.join("vol.log")).unwrap()),
         (
@@ -183,6 +185,8 @@ fn pkcs11_end_to_end_with_secret_scan() {
     assert!(String::from_utf8_lossy(&hay[1].1).contains(",unwrap,"));
     scan(&hay, "DEK", &dek);
     scan(&hay, "wrapped DEK", &wrapped);
+    scan(&hay, "metadata keys", &meta);
+    scan(&hay, "wrapped metadata keys", &wrapped_meta);
     scan(&hay, "PIN", softhsm::PIN.as_bytes());
     scan(&hay, "file data", &secret_data[..64]);
     let o = kmfs(&[&"log", &"verify", &d.etc.join("vol.log")]);
@@ -222,7 +226,9 @@ fn keyfile_cycle_at_debug_level_leaks_no_kek() {
     ];
     scan(&hay, "KEK", &kek);
     scan(&hay, "DEK", vol.dek().as_bytes());
-    scan(&hay, "wrapped DEK", &vol.header.wrapped_dek);
+    scan(&hay, "wrapped DEK", &vol.header.generations[0].wrapped);
+    scan(&hay, "metadata keys", vol.meta_keys().as_bytes());
+    scan(&hay, "wrapped metadata keys", &vol.header.wrapped_meta);
     scan(&hay, "file data", b"keyfile secret scan marker");
 }
 

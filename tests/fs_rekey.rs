@@ -82,9 +82,9 @@ fn backing_generations(backing: &Path) -> BTreeMap<u16, usize> {
             continue;
         }
         let name = p.file_name().unwrap().to_string_lossy().into_owned();
-        if name.starts_with("kmfs.")
-            && !(name.starts_with("kmfs.long.") && !name.ends_with(".name"))
-        {
+        let own = name.starts_with("kmfs.")
+            && (!name.starts_with("kmfs.long.") || name.ends_with(".name"));
+        if own {
             continue;
         }
         let b = std::fs::read(&p).unwrap();
@@ -196,7 +196,7 @@ fn rekey_while_writers_and_readers_run_then_remount() {
                         errors.fetch_add(1, Ordering::Relaxed);
                     }
                 }
-                if n % 7 == 0 {
+                if n.is_multiple_of(7) {
                     let _ = std::fs::rename(&p, dir.join(format!("r{}", n % 5)));
                 }
                 n += 1;
