@@ -329,6 +329,8 @@ fn offline_rekey_twice_and_bad_requests() {
     // Offline needs the key; without it, a clear error.
     let o = kmfs(&[&"rekey", &vol.backing]);
     assert!(!o.status.success());
+    let old_hdr = vol.dir.path().join("before-rekey.hdr");
+    ok(kmfs(&[&"header", &"backup", &vol.backing, &old_hdr]));
     for g in 1..=2u64 {
         let out = ok(kmfs(&[
             &"rekey",
@@ -342,6 +344,17 @@ fn offline_rekey_twice_and_bad_requests() {
         assert_eq!(v["target_generation"], g);
         assert_all_on(&vol.backing, g);
     }
+    // A header from before the rekey would leave every file unreadable.
+    let o = kmfs(&[
+        &"header",
+        &"restore",
+        &"--keyfile",
+        &vol.key,
+        &vol.backing,
+        &old_hdr,
+    ]);
+    assert!(!o.status.success());
+    assert!(text(&o).contains("lacks key generation 2"), "{}", text(&o));
     let mut d = Daemon::mount(&vol);
     verify(&files, &root, &root);
     std::fs::write(root.join("after"), b"written on generation 2").unwrap();

@@ -161,7 +161,24 @@ pub fn run(cmd: HeaderCommand) -> Result<(), CliError> {
             let bytes = header::read_file(&file).map_err(volume::VolumeError::from)?;
             let candidate =
                 VolumeHeader::decode(&bytes, &file).map_err(volume::VolumeError::from)?;
-            if let Ok((current, _)) = volume::read_header(&backing_dir)
+            let current = volume::read_header(&backing_dir).ok().map(|(h, _)| h);
+            if let Some(current) = &current
+                && current.volume_id == candidate.volume_id
+                && let Some(g) = current
+                    .generations
+                    .iter()
+                    .find(|g| candidate.generation(g.generation).is_none())
+            {
+                return Err(CliError::other(
+                    exitcode::HEADER,
+                    format!(
+                        "{} lacks key generation {}, which files of this volume may use (the backup predates a rekey); refusing to restore",
+                        file.display(),
+                        g.generation
+                    ),
+                ));
+            }
+            if let Some(current) = &current
                 && current.volume_id != candidate.volume_id
             {
                 return Err(CliError::other(

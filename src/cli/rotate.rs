@@ -216,6 +216,24 @@ pub fn run_status(a: StatusArgs) -> Result<(), CliError> {
         kek["uid"].as_str().filter(|s| !s.is_empty()).unwrap_or("-")
     );
     println!("last rotation:  {}", time(&v["last_rotation"]));
+    println!(
+        "key generations: {} (active {})",
+        v["key_generations"], v["active_generation"]
+    );
+    let rk = &v["rekey"];
+    if rk["phase"] != "idle" {
+        println!(
+            "rekey:          {}, {} of {} files{}",
+            rk["phase"].as_str().unwrap_or("?"),
+            rk["files_done"],
+            rk["files_total"],
+            rk["message"]
+                .as_str()
+                .filter(|m| !m.is_empty())
+                .map(|m| format!(" ({m})"))
+                .unwrap_or_default()
+        );
+    }
     let io = &v["io"];
     println!(
         "I/O:            {} reads ({} bytes), {} writes ({} bytes), {} errors",
