@@ -507,6 +507,34 @@ pub fn store(backing: &Path, bytes: &[u8]) -> Result<(), HeaderError> {
     write_atomic(backing, TMP_FILE, HEADER_FILE, bytes)
 }
 
+/// A version 1 header as kmfs wrote it before DEK generations: one wrapped
+/// DEK (generation 0 of `h`), MAC keyed from it. Tests only.
+#[cfg(test)]
+pub(crate) fn encode_v1(h: &VolumeHeader, dek: &Secret) -> Vec<u8> {
+    let mut b = Vec::new();
+    b.extend_from_slice(MAGIC);
+    b.extend_from_slice(&VERSION_1.to_be_bytes());
+    b.extend_from_slice(&[0u8; 4]);
+    b.extend_from_slice(&h.flags.to_be_bytes());
+    b.extend_from_slice(&h.suite.to_be_bytes());
+    b.extend_from_slice(&h.block_size.to_be_bytes());
+    b.extend_from_slice(&h.volume_id);
+    b.extend_from_slice(&h.created.to_be_bytes());
+    b.extend_from_slice(&h.updated.to_be_bytes());
+    put_kek(&mut b, &h.kek);
+    let w = &h.generations[0].wrapped;
+    b.extend_from_slice(&(w.len() as u16).to_be_bytes());
+    b.extend_from_slice(w);
+    b.extend_from_slice(&0u16.to_be_bytes());
+    let total = (b.len() + TRAILER_LEN) as u32;
+    b[10..14].copy_from_slice(&total.to_be_bytes());
+    let tag = hmac(&v1_mac_key(dek, &h.volume_id), &b);
+    b.extend_from_slice(&tag);
+    let sum = Sha256::digest(&b);
+    b.extend_from_slice(&sum);
+    b
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -628,36 +656,10 @@ mod tests {
         ));
     }
 
-    /// A version 1 header as kmfs 0.1 wrote it: one wrapped DEK, MAC from it.
-    fn v1_bytes(h: &VolumeHeader, dek: &Secret) -> Vec<u8> {
-        let mut b = Vec::new();
-        b.extend_from_slice(MAGIC);
-        b.extend_from_slice(&VERSION_1.to_be_bytes());
-        b.extend_from_slice(&[0u8; 4]);
-        b.extend_from_slice(&h.flags.to_be_bytes());
-        b.extend_from_slice(&h.suite.to_be_bytes());
-        b.extend_from_slice(&h.block_size.to_be_bytes());
-        b.extend_from_slice(&h.volume_id);
-        b.extend_from_slice(&h.created.to_be_bytes());
-        b.extend_from_slice(&h.updated.to_be_bytes());
-        put_kek(&mut b, &h.kek);
-        let w = &h.generations[0].wrapped;
-        b.extend_from_slice(&(w.len() as u16).to_be_bytes());
-        b.extend_from_slice(w);
-        b.extend_from_slice(&0u16.to_be_bytes());
-        let total = (b.len() + TRAILER_LEN) as u32;
-        b[10..14].copy_from_slice(&total.to_be_bytes());
-        let tag = hmac(&v1_mac_key(dek, &h.volume_id), &b);
-        b.extend_from_slice(&tag);
-        let sum = Sha256::digest(&b);
-        b.extend_from_slice(&sum);
-        b
-    }
-
     #[test]
     fn version_1_headers_read_as_generation_0() {
         let h = sample();
-        let bytes = v1_bytes(&h, &dek());
+        let bytes = encode_v1(&h, &dek());
         let p = Path::new("t");
         let back = VolumeHeader::decode(&bytes, p).unwrap();
         assert_eq!(back.version, VERSION_1);

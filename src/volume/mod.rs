@@ -483,3 +483,65 @@ impl Volume {
 pub fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kms::keyfile::KeyfileProvider;
+    use std::os::unix::fs::PermissionsExt;
+
+    fn provider(dir: &Path) -> KeyfileProvider {
+        let p = dir.join("kek");
+        std::fs::write(&p, [4u8; 32]).unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
+        KeyfileProvider::open(&p, None).unwrap()
+    }
+
+    /// A volume whose header is still version 1 opens with the same keys,
+    /// and its first rekey step writes version 2 without changing names.
+    #[test]
+    fn a_version_1_volume_opens_and_upgrades_on_the_next_header_update() {
+        let d = tempfile::tempdir().unwrap();
+        let back = d.path().join("back");
+        std::fs::create_dir(&back).unwrap();
+        let p = provider(d.path());
+        let v = Volume::init(&back, &p, &InitOptions::default()).unwrap();
+        let name = v.keys.names.encrypt(&[1u8; 16], b"report.txt").unwrap();
+        let dek0 = v.dek().clone();
+        let mut v1 = v.header.clone();
+        v1.version = header::VERSION_1;
+        header::store(&back, &header::encode_v1(&v1, &dek0)).unwrap();
+
+        let v = Volume::open(&back, &p).unwrap();
+        assert_eq!(v.header.version, header::VERSION_1);
+        assert!(v.dek().ct_eq(&dek0));
+        assert_eq!(
+            v.keys.names.encrypt(&[1u8; 16], b"report.txt").unwrap(),
+            name
+        );
+
+        let mut v = v;
+        let g = v.add_generation(&p).unwrap();
+        assert_eq!(g, 1);
+        let v2 = Volume::open(&back, &p).unwrap();
+        assert_eq!(v2.header.version, header::VERSION);
+        assert_eq!(v2.header.active, 1);
+        assert_eq!(
+            v2.keys.names.encrypt(&[1u8; 16], b"report.txt").unwrap(),
+            name
+        );
+        assert!(v2.dek_of(0).unwrap().ct_eq(&dek0));
+        assert!(!v2.dek().ct_eq(&dek0));
+
+        // Retiring generation 0 leaves names and the new DEK as they were.
+        let mut v2 = v2;
+        assert_eq!(v2.retire_generations(&p, 1).unwrap(), vec![0]);
+        let v3 = Volume::open(&back, &p).unwrap();
+        assert_eq!(v3.header.generations.len(), 1);
+        assert!(v3.dek_of(0).is_none());
+        assert_eq!(
+            v3.keys.names.encrypt(&[1u8; 16], b"report.txt").unwrap(),
+            name
+        );
+    }
+}
