@@ -76,8 +76,7 @@ impl Owner {
 
 impl RekeyHost for Owner {
     fn retire(&self, keep: u16) -> Result<Vec<u16>, String> {
-        let provider = self.provider();
-        generations::retire(&mut self.volume(), provider.as_ref(), keep)
+        generations::retire(&self.volume, self.provider().as_ref(), keep)
     }
 }
 

@@ -385,6 +385,9 @@ fn daemon_log(dir: &Path) -> String {
         .unwrap_or_default()
 }
 
+/// The read timeout (6 s) is longer than the 5 s in which `kmfs rekey
+/// --status MNT` must find the daemon: status requests must keep answering
+/// while the retire step waits on a hung key manager.
 fn write_kmip_config(etc: &Path, pki: &pykmip::Pki, port: u16) -> PathBuf {
     let cfg = etc.join("rekey.toml");
     std::fs::write(
@@ -393,7 +396,7 @@ fn write_kmip_config(etc: &Path, pki: &pykmip::Pki, port: u16) -> PathBuf {
             "provider = \"kmip\"\n[volume]\nname = \"rekey\"\n\
              [log]\nlevel = \"verbose\"\nsyslog = false\nfile = \"{}\"\naudit_file = \"{}\"\n\
              [kmip]\nkey_name = \"rekey-kek\"\n\
-             connect_timeout_ms = 500\nread_timeout_ms = 700\nretry_delay_ms = 20\nfailover_cycles = 1\n\
+             connect_timeout_ms = 500\nread_timeout_ms = 6000\nretry_delay_ms = 20\nfailover_cycles = 1\n\
              [[kmip.server]]\nname = \"km-rekey\"\nhost = \"127.0.0.1\"\nport = {port}\nca = \"{}\"\nclient_cert = \"{}\"\nclient_key = \"{}\"\n",
             etc.join("kmfs.log").display(),
             etc.join("audit.csv").display(),

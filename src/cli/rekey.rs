@@ -224,8 +224,7 @@ struct OfflineHost {
 
 impl RekeyHost for OfflineHost {
     fn retire(&self, keep: u16) -> Result<Vec<u16>, String> {
-        let mut v = self.volume.lock().unwrap_or_else(|p| p.into_inner());
-        generations::retire(&mut v, self.provider.as_ref(), keep)
+        generations::retire(&self.volume, self.provider.as_ref(), keep)
     }
 }
 

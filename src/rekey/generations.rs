@@ -3,6 +3,7 @@
 //! backups in the backing directory that would still hold them.
 
 use std::path::Path;
+use std::sync::Mutex;
 
 use super::Throttle;
 use super::state::RekeyState;
@@ -87,18 +88,34 @@ pub fn old_generations(h: &VolumeHeader, target: u16) -> Vec<u16> {
 }
 
 /// Ends a rekey: removes every generation but `keep` from the header, then
-/// the backups in the backing directory that hold a removed one.
-pub fn retire(vol: &mut Volume, provider: &dyn KeyProvider, keep: u16) -> Result<Vec<u16>, String> {
-    let removed = match vol.retire_generations(provider, keep) {
+/// the backups in the backing directory that hold a removed one. The key
+/// manager's proof (an unwrap of `keep`) is obtained without holding the
+/// volume's lock, so `status` keeps answering while a key manager hangs.
+pub fn retire(
+    volume: &Mutex<Volume>,
+    provider: &dyn KeyProvider,
+    keep: u16,
+) -> Result<Vec<u16>, String> {
+    let lock = || volume.lock().unwrap_or_else(|p| p.into_inner());
+    let fail = |e: &dyn std::fmt::Display| {
+        audit_step(&lock(), "rekey_retire", keep, Err(&e.to_string()));
+        format!(
+            "cannot retire the old key generations (the key manager must confirm generation {keep} first): {e}"
+        )
+    };
+    let (kek, wrapped, aad) = lock().retire_proof_request(keep).map_err(|e| fail(&e))?;
+    let proof = provider
+        .unwrap(&kek, &wrapped, &aad)
+        .map_err(|e| fail(&e))?;
+    let mut vol = lock();
+    let removed = match vol.retire_generations(keep, &kek, &proof) {
         Ok(r) => r,
         Err(e) => {
-            audit_step(vol, "rekey_retire", keep, Err(&e.to_string()));
-            return Err(format!(
-                "cannot retire the old key generations (the key manager must confirm generation {keep} first): {e}"
-            ));
+            drop(vol);
+            return Err(fail(&e));
         }
     };
-    audit_step(vol, "rekey_retire", keep, Ok(()));
+    audit_step(&vol, "rekey_retire", keep, Ok(()));
     log::info!(
         "op=rekey_retire volume={} kept={keep} removed={removed:?} result=ok",
         vol.id_hex()

@@ -467,6 +467,7 @@ impl Rekey {
     pub fn run(&self, keys: &VolumeKeys, gate: &dyn FileGate, host: &dyn RekeyHost) {
         let mut backoff = Duration::from_secs(1);
         loop {
+            let done_before = self.status().files_done;
             match self.attempt(keys, gate, host) {
                 Ok(()) => return,
                 Err(RekeyError::Stopped) => {
@@ -475,6 +476,10 @@ impl Rekey {
                     return;
                 }
                 Err(RekeyError::Io(msg)) => {
+                    // An attempt that got somewhere starts the backoff over.
+                    if self.status().files_done > done_before {
+                        backoff = Duration::from_secs(1);
+                    }
                     log::warn!(
                         "op=rekey result=wait error=\"{msg}\" retry_in={}s",
                         backoff.as_secs()

@@ -444,22 +444,40 @@ impl Volume {
         Ok(next)
     }
 
-    /// Removes every generation but `keep` from the header, after proving with
-    /// the key manager that `keep`'s wrap still unwraps to the DEK in use.
-    /// Returns the generations removed. In-memory ciphers stay until unmount.
-    pub fn retire_generations(
-        &mut self,
-        provider: &dyn KeyProvider,
+    /// What the key manager must unwrap to prove generation `keep` before
+    /// the others are retired: the KEK reference, the wrapped DEK and its AAD.
+    pub fn retire_proof_request(
+        &self,
         keep: u16,
-    ) -> Result<Vec<u16>, VolumeError> {
-        let vid = self.header.volume_id;
-        let g = self.header.generation(keep).cloned().ok_or_else(|| {
+    ) -> Result<(KekRef, Vec<u8>, Vec<u8>), VolumeError> {
+        let g = self.header.generation(keep).ok_or_else(|| {
             VolumeError::Kms(KmsError::Config(format!(
                 "key generation {keep} is not in the volume header"
             )))
         })?;
-        let check = provider.unwrap(&self.header.kek, &g.wrapped, &header::dek_aad(&vid, keep))?;
-        if !self.dek_of(keep).is_some_and(|d| d.ct_eq(&check)) {
+        let aad = header::dek_aad(&self.header.volume_id, keep);
+        Ok((self.header.kek.clone(), g.wrapped.clone(), aad))
+    }
+
+    /// Removes every generation but `keep` from the header. `proof` is what
+    /// the key manager unwrapped for [`Self::retire_proof_request`] under
+    /// `kek`; it must equal the DEK in use, and `kek` must still be the
+    /// header's KEK. Returns the generations removed. In-memory ciphers stay
+    /// until unmount.
+    pub fn retire_generations(
+        &mut self,
+        keep: u16,
+        kek: &KekRef,
+        proof: &Secret,
+    ) -> Result<Vec<u16>, VolumeError> {
+        if &self.header.kek != kek {
+            return Err(KmsError::Protocol(
+                "the KEK changed while its unwrap was being checked; the next attempt uses the new one"
+                    .into(),
+            )
+            .into());
+        }
+        if !self.dek_of(keep).is_some_and(|d| d.ct_eq(proof)) {
             return Err(KmsError::VerifyMismatch.into());
         }
         let removed: Vec<u16> = self
@@ -535,7 +553,12 @@ mod tests {
 
         // Retiring generation 0 leaves names and the new DEK as they were.
         let mut v2 = v2;
-        assert_eq!(v2.retire_generations(&p, 1).unwrap(), vec![0]);
+        let (kek, wrapped, aad) = v2.retire_proof_request(1).unwrap();
+        let proof = p.unwrap(&kek, &wrapped, &aad).unwrap();
+        let wrong = Secret::from_slice(&[0u8; 32]);
+        assert!(v2.retire_generations(1, &kek, &wrong).is_err());
+        assert_eq!(v2.header.generations.len(), 2);
+        assert_eq!(v2.retire_generations(1, &kek, &proof).unwrap(), vec![0]);
         let v3 = Volume::open(&back, &p).unwrap();
         assert_eq!(v3.header.generations.len(), 1);
         assert!(v3.dek_of(0).is_none());
