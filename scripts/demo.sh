@@ -157,6 +157,12 @@ kmfs rotate-kek "$D/plain"
 [ "$(sha256sum < "$D/plain/reports/q3.bin")" = "$sum_before" ] && echo "data unchanged after rotation"
 kmfs header dump "$D/cipher" | grep -E "KEK|rotation"
 
+step "re-encrypt the data with a new DEK generation, online (kmfs rekey)"
+kmfs rekey "$D/plain"
+kmfs rekey --status --wait "$D/plain"
+[ "$(sha256sum < "$D/plain/reports/q3.bin")" = "$sum_before" ] && echo "data unchanged after the rekey"
+kmfs header dump "$D/cipher" | grep -E "generation"
+
 step "audit trail of every key-manager operation ($D/audit.csv)"
 tail -n 5 "$D/audit.csv"
 kmfs log verify "$D/demo.log"
@@ -169,6 +175,7 @@ kmfs demo is running.
   ciphertext:       $D/cipher
   status:           kmfs status $D/plain
   rotate the KEK:   kmfs rotate-kek $D/plain
+  re-encrypt data:  kmfs rekey $D/plain; kmfs rekey --status $D/plain
   stop / clean up:  scripts/demo.sh stop | scripts/demo.sh clean
 EOF
   exit 0
