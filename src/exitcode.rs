@@ -27,3 +27,5 @@ pub const MOUNT: i32 = 17;
 pub const LOG_VERIFY: i32 = 18;
 /// The control socket of a mounted volume could not be reached.
 pub const CONTROL: i32 = 19;
+/// `kmfs check` found errors (unreadable names or files).
+pub const CHECK: i32 = 20;

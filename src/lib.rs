@@ -6,6 +6,7 @@
 //! `kms::KeyProvider`, which the filesystem layer never sees.
 
 pub mod audit;
+pub mod check;
 pub mod cli;
 pub mod config;
 pub mod control;

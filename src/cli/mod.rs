@@ -2,6 +2,7 @@
 //! dispatch to one module per subcommand, and the mapping from typed errors to
 //! one-line messages and exit codes.
 
+pub mod check;
 pub mod header;
 pub mod init;
 pub mod keyserver;
@@ -51,6 +52,8 @@ pub enum Command {
     /// Re-encrypt every file with a new data key (online through the daemon,
     /// or offline), and follow, pause or resume it.
     Rekey(rekey::RekeyArgs),
+    /// Offline consistency check of a backing directory (read-only unless --repair).
+    Check(check::CheckArgs),
     /// Key-server health.
     #[command(subcommand)]
     Keyserver(keyserver::KeyserverCommand),
@@ -184,6 +187,7 @@ pub fn normalize_args(mut args: Vec<OsString>) -> Vec<OsString> {
         "rotate-kek",
         "status",
         "rekey",
+        "check",
         "help",
     ];
     if let Some(first) = args.get(1) {
@@ -205,6 +209,7 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
         Command::RotateKek(a) => rotate::run_rotate(a),
         Command::Status(a) => rotate::run_status(a),
         Command::Rekey(a) => rekey::run(a),
+        Command::Check(a) => check::run(a),
         Command::Log(LogCommand::Verify { file }) => {
             match crate::logging::verify::verify_file(&file) {
                 Ok(report) => {
