@@ -363,10 +363,14 @@ impl KmfsFs {
                 Ok(hd)
             }
             Ok(None) => {
-                let hd =
-                    FileHeader::generate(self.vol.keys.content.active()).map_err(Errno::from)?;
-                file.write_all_at(&hd.to_bytes(), 0)
-                    .map_err(|e| self.fail(op, inode, e))?;
+                // Generation and header write under one hold of the active
+                // generation, so a rekey's final sweep (after a barrier)
+                // sees every file created with an old one.
+                let hd = self.vol.keys.content.with_active(|g| {
+                    let hd = FileHeader::generate(g)?;
+                    file.write_all_at(&hd.to_bytes(), 0).map(|_| hd)
+                });
+                let hd = hd.map_err(|e| self.fail(op, inode, e))?;
                 inode.cache_header(hd.clone());
                 Ok(hd)
             }

@@ -546,6 +546,9 @@ impl Rekey {
             // Sweep with moves held off: a file renamed from a directory not
             // yet visited into one already visited would otherwise be missed.
             self.status_mut().phase = Phase::Finishing;
+            // A file created just as the generation switched may still be
+            // writing its header with the old one: wait for it.
+            keys.content.barrier();
             let mut left = 0u64;
             let mut err = None;
             gate.moves_frozen(&mut || {

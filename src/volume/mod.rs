@@ -82,6 +82,20 @@ impl ContentKeys {
         self.read().active
     }
 
+    /// Runs `f` (which writes a new file's header) with the active
+    /// generation, holding it: a [`Self::barrier`] waits for `f` to finish.
+    pub fn with_active<R>(&self, f: impl FnOnce(u16) -> R) -> R {
+        let g = self.read();
+        f(g.active)
+    }
+
+    /// Waits until every [`Self::with_active`] that began before it has
+    /// finished: after a generation switch, no header can still be written
+    /// with the old active generation once this returns.
+    pub fn barrier(&self) {
+        drop(self.write());
+    }
+
     /// The cipher of generation `g`, if this volume holds it.
     pub fn get(&self, g: u16) -> Option<Arc<ContentCipher>> {
         self.read()
