@@ -316,7 +316,7 @@ pub fn recover(
     Ok(Some(rec.file.path))
 }
 
-/// Waits `d`, waking early on stop or (if `on_pause`) pause.
+/// Waits `d`, or less if woken (stop, pause, resume, throttle change).
 fn nap(shared: &Shared, d: Duration) {
     let g = shared.status.lock().unwrap_or_else(|p| p.into_inner());
     let _ = shared.wake.wait_timeout(g, d);
@@ -509,12 +509,10 @@ impl Rekey {
         if self.stopped() {
             return Err(RekeyError::Stopped);
         }
+        // A file left half done by a crash first (its own journal handle).
+        recover(&self.backing, keys, gate)?;
         let mut journal = Journal::open(&self.backing)
             .map_err(|e| io_msg("cannot allocate the rekey journal", &e))?;
-        drop(journal);
-        recover(&self.backing, keys, gate)?;
-        journal = Journal::open(&self.backing)
-            .map_err(|e| io_msg("cannot open the rekey journal", &e))?;
         // Count what is left.
         {
             let mut s = self.status_mut();
