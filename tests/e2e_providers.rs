@@ -145,6 +145,21 @@ fn pkcs11_end_to_end_with_secret_scan() {
         secret_data
     );
     ok(kmfs(&[&"rotate-kek", &d.mnt]));
+    // The generation-0 DEK and its wrap, before a rekey retires them.
+    let (dek0, wrapped0) = {
+        let provider = kmfs::kms::pkcs11::Pkcs11Provider::from_config(&{
+            let mut c = hsm.config("e2e-kek");
+            c.key_version = None;
+            c
+        })
+        .unwrap();
+        let v = kmfs::volume::Volume::open(&d.back, &provider).unwrap();
+        (v.dek().as_bytes().to_vec(), v.header.generations[0].wrapped.clone())
+    };
+    // Online rekey through the token (new DEK from its RNG, wrapped inside it).
+    ok(kmfs(&[&"rekey", &"--cpu", &"100", &d.mnt]));
+    let out = ok(kmfs(&[&"rekey", &"--status", &"--wait", &d.mnt]));
+    assert!(out.contains("removed generation(s) [0]"), "{out}");
     unmount(&d.mnt);
     let st = Command::new(KMFS)
         .args(["mount", "--config"])
@@ -183,8 +198,12 @@ fn pkcs11_end_to_end_with_secret_scan() {
     ];
     assert!(hay[0].1.len() > 1000, "debug log unexpectedly short");
     assert!(String::from_utf8_lossy(&hay[1].1).contains(",unwrap,"));
+    assert_eq!(vol.header.active, 1);
+    assert!(dek != dek0, "the rekey kept the DEK");
     scan(&hay, "DEK", &dek);
     scan(&hay, "wrapped DEK", &wrapped);
+    scan(&hay, "retired DEK", &dek0);
+    scan(&hay, "retired wrapped DEK", &wrapped0);
     scan(&hay, "metadata keys", &meta);
     scan(&hay, "wrapped metadata keys", &wrapped_meta);
     scan(&hay, "PIN", softhsm::PIN.as_bytes());
