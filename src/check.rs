@@ -128,9 +128,18 @@ impl Checker<'_> {
         let abs = self.vol.backing.join(rel);
         let at_root = rel.as_os_str().is_empty();
         let encrypted = !self.vol.header.plaintext_names();
-        let id: Option<[u8; DIR_ID_LEN]> = if encrypted {
+        let key: Option<([u8; DIR_ID_LEN], u16)> = if encrypted {
             match dirid::read(&abs) {
-                Ok(id) => Some(id),
+                Ok((id, g)) if self.vol.keys.generations.get(g).is_some() => Some((id, g)),
+                Ok((_, g)) => {
+                    self.find(
+                        Severity::Error,
+                        &rel.join(dirid::DIRID_FILE),
+                        plain.as_deref(),
+                        format!("the names in this directory use key generation {g}, which the volume header does not hold"),
+                    );
+                    None
+                }
                 Err(e) => {
                     self.find(
                         Severity::Error,
@@ -210,8 +219,8 @@ impl Checker<'_> {
                 } else {
                     Some(name.clone())
                 }
-            } else if let Some(id) = id {
-                self.decrypt_name(&abs, &brel, plain.as_deref(), &id, b)
+            } else if let Some((id, g)) = key {
+                self.decrypt_name(&abs, &brel, plain.as_deref(), &id, g, b)
             } else {
                 None
             };
@@ -239,6 +248,7 @@ impl Checker<'_> {
         brel: &Path,
         parent: Option<&Path>,
         id: &[u8; DIR_ID_LEN],
+        g: u16,
         b: &[u8],
     ) -> Option<OsString> {
         // The entry's own name is what is wrong: say which directory it is in.
@@ -292,7 +302,8 @@ impl Checker<'_> {
                 }
             }
         };
-        match self.vol.keys.names.decrypt(id, &full) {
+        let keys = self.vol.keys.generations.get(g)?;
+        match keys.names.decrypt(id, &full) {
             Ok(n) => Some(OsString::from_vec(n)),
             Err(_) => {
                 self.find(
@@ -367,7 +378,7 @@ impl Checker<'_> {
         let hd = fs::File::open(&abs).and_then(|f| FileHeader::read_from(&f));
         match hd {
             Ok(Some(h)) => {
-                if self.vol.keys.content.get(h.generation).is_none() {
+                if self.vol.keys.generations.get(h.generation).is_none() {
                     self.find(
                         Severity::Error,
                         brel,
@@ -395,18 +406,21 @@ impl Checker<'_> {
         }
         match fs::read_link(self.vol.backing.join(brel)) {
             Ok(t) => {
-                if self
+                let stored = t.as_os_str().as_bytes();
+                let ok = self
                     .vol
                     .keys
-                    .names
-                    .decrypt_symlink(t.as_os_str().as_bytes())
-                    .is_err()
-                {
+                    .generations
+                    .all()
+                    .iter()
+                    .any(|(_, k)| k.names.decrypt_symlink(stored).is_ok());
+                if !ok {
                     self.find(
                         Severity::Error,
                         brel,
                         plain,
-                        "symlink target does not decrypt".into(),
+                        "symlink target does not decrypt with any key generation the header holds"
+                            .into(),
                     );
                 }
             }

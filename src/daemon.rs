@@ -151,12 +151,17 @@ impl VolumeControl {
             .get()
             .cloned()
             .ok_or("the filesystem is not ready yet")?;
-        let (backing, keys, old) = {
+        let (backing, keys, old, plain) = {
             let v = self.owner.volume();
             let old = generations::old_generations(&v.header, st.target);
-            (v.backing.clone(), v.keys.clone(), old)
+            (
+                v.backing.clone(),
+                v.keys.clone(),
+                old,
+                v.header.plaintext_names(),
+            )
         };
-        let r = Rekey::new(&backing, &st, old);
+        let r = Rekey::new(&backing, &st, old, plain);
         let host: Arc<dyn RekeyHost> = self.owner.clone();
         let thread = rekey::spawn(r.clone(), keys, gate, host);
         *self.running() = Some(Running {

@@ -19,4 +19,5 @@ pub mod kms;
 pub mod logging;
 pub mod rekey;
 pub mod rotation;
+pub mod sys;
 pub mod volume;

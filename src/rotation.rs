@@ -119,8 +119,8 @@ pub fn rotate(
     }
     audit_step(vol, "rotate_new_kek", &new, Ok(()));
 
-    // 2. Wrap the metadata keys and every DEK generation, 3. verify each.
-    let (wrapped_meta, generations) = vol.wrap_all(provider, &new).map_err(|e| {
+    // 2. Wrap every DEK generation, 3. verify each.
+    let generations = vol.wrap_all(provider, &new).map_err(|e| {
         audit_step(vol, "rotate_wrap", &new, Err(&e.to_string()));
         if matches!(e, KmsError::VerifyMismatch) {
             return RotateError::VerifyFailed {
@@ -154,7 +154,6 @@ pub fn rotate(
         kek: old.clone(),
     });
     hdr.kek = new.clone();
-    hdr.wrapped_meta = wrapped_meta;
     hdr.generations = generations;
     hdr.updated = now;
     if let Err(e) = vol.store_header(hdr) {

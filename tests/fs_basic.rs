@@ -13,7 +13,7 @@ use std::os::unix::fs::{FileExt, MetadataExt, PermissionsExt};
 use std::path::Path;
 use std::process::Command;
 
-use mount::{Volume, all_files, pattern};
+use mount::{Volume, all_files, getx, listx, pattern, setx};
 
 fn c(p: &Path) -> CString {
     CString::new(p.as_os_str().as_bytes()).unwrap()
@@ -350,45 +350,6 @@ fn directories_with_many_entries_and_long_names() {
         .collect();
     assert!(root.iter().all(|n| !n.contains("entry") && n != "a"));
     assert!(!root.iter().any(|n| n.starts_with("kmfs.tmp.")));
-}
-
-fn setx(p: &Path, name: &str, v: &[u8]) -> i32 {
-    let (cp, cn) = (c(p), CString::new(name).unwrap());
-    // SAFETY: valid C strings and buffer.
-    let r = unsafe { libc::setxattr(cp.as_ptr(), cn.as_ptr(), v.as_ptr().cast(), v.len(), 0) };
-    if r == 0 {
-        0
-    } else {
-        std::io::Error::last_os_error().raw_os_error().unwrap()
-    }
-}
-
-fn getx(p: &Path, name: &str) -> Result<Vec<u8>, i32> {
-    let (cp, cn) = (c(p), CString::new(name).unwrap());
-    let mut buf = vec![0u8; 65536];
-    // SAFETY: valid C strings; buf is writable.
-    let r = unsafe { libc::getxattr(cp.as_ptr(), cn.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
-    if r < 0 {
-        return Err(std::io::Error::last_os_error().raw_os_error().unwrap());
-    }
-    buf.truncate(r as usize);
-    Ok(buf)
-}
-
-fn listx(p: &Path) -> Vec<String> {
-    let cp = c(p);
-    let mut buf = vec![0u8; 65536];
-    // SAFETY: valid C string; buf is writable.
-    let r = unsafe { libc::listxattr(cp.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
-    assert!(r >= 0);
-    buf.truncate(r as usize);
-    let mut v: Vec<String> = buf
-        .split(|&b| b == 0)
-        .filter(|s| !s.is_empty())
-        .map(|s| String::from_utf8_lossy(s).into_owned())
-        .collect();
-    v.sort();
-    v
 }
 
 #[test]

@@ -40,6 +40,54 @@ fn size_of(i: usize) -> usize {
     }
 }
 
+/// Names, symlinks and extended attributes of the test tree: a symlink and
+/// an attribute in every directory, an attribute on every 10th file.
+fn meta_of(root: &Path, files: &BTreeMap<PathBuf, Vec<u8>>) -> Vec<(PathBuf, String)> {
+    let mut m: Vec<(PathBuf, String)> = Vec::new();
+    for (i, p) in files.keys().enumerate() {
+        let dir = p.parent().unwrap().to_path_buf();
+        if !m.iter().any(|(d, _)| *d == dir) {
+            m.push((dir.clone(), format!("dir {}", dir.display())));
+        }
+        if i % 10 == 0 {
+            m.push((p.clone(), format!("file {i}")));
+        }
+    }
+    m.push((root.to_path_buf(), "root".into()));
+    m
+}
+
+fn set_meta(root: &Path, files: &BTreeMap<PathBuf, Vec<u8>>) {
+    for (p, v) in meta_of(root, files) {
+        assert_eq!(
+            mount::setx(&p, "user.rekey", v.as_bytes()),
+            0,
+            "{}",
+            p.display()
+        );
+        if p.is_dir() && p != root {
+            let l = p.join("link-to-parent");
+            if !l.exists() {
+                std::os::unix::fs::symlink(format!("../target of {}", p.display()), &l).unwrap();
+            }
+        }
+    }
+}
+
+/// Every attribute and symlink target reads back (through the mount).
+fn verify_meta(root: &Path, files: &BTreeMap<PathBuf, Vec<u8>>) {
+    for (p, v) in meta_of(root, files) {
+        assert_eq!(
+            mount::getx(&p, "user.rekey").map_err(|e| format!("{}: errno {e}", p.display())),
+            Ok(v.into_bytes())
+        );
+        if p.is_dir() && p != root {
+            let t = std::fs::read_link(p.join("link-to-parent")).unwrap();
+            assert_eq!(t, PathBuf::from(format!("../target of {}", p.display())));
+        }
+    }
+}
+
 /// Writes `n` files in a small tree below `root`; returns path → content.
 fn populate(root: &Path, n: usize) -> BTreeMap<PathBuf, Vec<u8>> {
     let mut files = BTreeMap::new();
@@ -58,6 +106,7 @@ fn populate(root: &Path, n: usize) -> BTreeMap<PathBuf, Vec<u8>> {
         std::fs::write(dir.join(&name), &data).unwrap();
         files.insert(dir.join(name), data);
     }
+    set_meta(root, &files);
     files
 }
 
@@ -115,9 +164,29 @@ fn wait_phase(mnt: &Path, want: &[&str], timeout: Duration) -> serde_json::Value
     }
 }
 
-/// Asserts the end state: one generation `g` in the header and in every
-/// file, no rekey state or journal left, no backup holding another one.
-fn assert_all_on(backing: &Path, g: u64) {
+/// Asserts the end state: one generation `g` in the header, in every file
+/// and every directory id, no rekey state or journal left, no backup holding
+/// another one, and `kmfs check` (which decrypts every name and symlink
+/// target with the header's keys) finds nothing.
+fn assert_all_on(vol: &Volume, g: u64) {
+    let backing = &vol.backing;
+    for p in mount::all_files(backing) {
+        if p.file_name().is_some_and(|n| n == "kmfs.dirid") {
+            let b = std::fs::read(&p).unwrap();
+            let dg = if b.len() == 18 {
+                u16::from_be_bytes([b[16], b[17]])
+            } else {
+                0
+            };
+            assert_eq!(dg as u64, g, "{} names are on generation {dg}", p.display());
+        }
+    }
+    let o = kmfs(&[&"check", &"--keyfile", &vol.key, &backing]);
+    assert!(
+        o.status.success() && text(&o).contains("0 errors, 0 warnings, 0 leftovers"),
+        "kmfs check after the rekey:\n{}",
+        text(&o)
+    );
     let h = header_json(backing);
     assert_eq!(h["active_generation"], g, "{h}");
     let gens: Vec<u64> = h["generations"]
@@ -250,10 +319,11 @@ fn rekey_while_writers_and_readers_run_then_remount() {
     let audit = d.log_text();
     assert!(!audit.contains("panicked"), "{audit}");
     d.unmount();
-    assert_all_on(&vol.backing, 1);
+    assert_all_on(&vol, 1);
     // Remount: only generation 1 exists, every byte still reads back.
     let mut d = Daemon::mount(&vol);
     verify(&files, &root, &root);
+    verify_meta(&root, &files);
     d.unmount();
 }
 
@@ -309,9 +379,10 @@ fn sigkill_mid_rekey_resumes_at_the_next_mount_and_pause_survives_it() {
     assert!(out.contains("done"), "{out}");
     verify(&files, &root, &root);
     d.unmount();
-    assert_all_on(&vol.backing, 1);
+    assert_all_on(&vol, 1);
     let d = Daemon::mount(&vol);
     verify(&files, &root, &root);
+    verify_meta(&root, &files);
     drop(d);
 }
 
@@ -342,7 +413,7 @@ fn offline_rekey_twice_and_bad_requests() {
         let v: serde_json::Value = serde_json::from_str(&out).unwrap();
         assert_eq!(v["phase"], "done", "{v}");
         assert_eq!(v["target_generation"], g);
-        assert_all_on(&vol.backing, g);
+        assert_all_on(&vol, g);
     }
     // A header from before the rekey would leave every file unreadable.
     let o = kmfs(&[
@@ -357,6 +428,7 @@ fn offline_rekey_twice_and_bad_requests() {
     assert!(text(&o).contains("lacks key generation 2"), "{}", text(&o));
     let mut d = Daemon::mount(&vol);
     verify(&files, &root, &root);
+    verify_meta(&root, &files);
     std::fs::write(root.join("after"), b"written on generation 2").unwrap();
     d.unmount();
     assert_eq!(

@@ -68,14 +68,6 @@ fn dump_text(h: &VolumeHeader) -> String {
     );
     s += &format!("KEK version:      {}\n", h.kek.version);
     s += &format!("format version:   {}\n", h.version);
-    s += &format!(
-        "metadata keys:    {}\n",
-        if h.wrapped_meta.is_empty() {
-            "derived from key generation 0 (version 1 header)".to_string()
-        } else {
-            format!("wrapped, {} bytes", h.wrapped_meta.len())
-        }
-    );
     s += &format!("active key gen:   {}\n", h.active);
     s += &format!("key generations:  {}\n", h.generations.len());
     for g in &h.generations {

@@ -290,7 +290,7 @@ fn offline(a: &RekeyArgs) -> Result<(), CliError> {
     st.paused = false;
     st.throttle = throttle;
     let keys = vol.keys.clone();
-    let r = Rekey::new(backing, &st, old);
+    let r = Rekey::new(backing, &st, old, vol.header.plaintext_names());
     let host = Arc::new(OfflineHost {
         volume: Mutex::new(vol),
         provider,

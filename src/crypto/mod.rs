@@ -3,4 +3,5 @@
 pub mod content;
 pub mod keys;
 pub mod names;
+pub mod xattr;
 pub mod xts;

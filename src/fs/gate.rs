@@ -10,14 +10,34 @@ use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::Path;
 use std::sync::{Arc, RwLock};
 
-use super::inode::InodeTable;
-use super::sys;
+use super::inode::{Inode, InodeTable};
+use crate::crypto::names::DIR_ID_LEN;
 use crate::rekey::FileGate;
+use crate::sys;
 use crate::volume::layout::FileHeader;
 
 pub struct FsGate {
     pub(super) inodes: Arc<InodeTable>,
     pub(super) moves: Arc<RwLock<()>>,
+}
+
+impl FsGate {
+    /// The inode-table entry of the backing inode at `path` (one reference
+    /// taken: the caller forgets it), the same one the kernel's lookups get,
+    /// so both sides share its locks. ENOENT if `path` is no longer the
+    /// inode the walk saw (`md`): the next pass finds the new one.
+    fn entry(&self, path: &Path, md: &std::fs::Metadata) -> io::Result<Arc<Inode>> {
+        let fd: OwnedFd = OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_PATH | libc::O_NOFOLLOW)
+            .open(path)?
+            .into();
+        let st = sys::fstat(fd.as_fd())?;
+        if st.st_ino != md.ino() {
+            return Err(io::Error::from_raw_os_error(libc::ENOENT));
+        }
+        Ok(self.inodes.lookup(fd, &st))
+    }
 }
 
 impl FileGate for FsGate {
@@ -27,23 +47,31 @@ impl FileGate for FsGate {
         md: &std::fs::Metadata,
         work: &mut dyn FnMut() -> io::Result<Option<FileHeader>>,
     ) -> io::Result<()> {
-        let fd: OwnedFd = OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_PATH | libc::O_NOFOLLOW)
-            .open(path)?
-            .into();
-        let st = sys::fstat(fd.as_fd())?;
-        if st.st_ino != md.ino() {
-            // Replaced since the walk saw it; the next pass finds the new file.
-            return Err(io::Error::from_raw_os_error(libc::ENOENT));
-        }
-        // The same entry the kernel's lookups get: one lock for both sides.
-        let inode = self.inodes.lookup(fd, &st);
+        let inode = self.entry(path, md)?;
         let r = {
             let _g = inode.io.write().unwrap_or_else(|p| p.into_inner());
             let r = work();
             if let Ok(Some(h)) = &r {
                 inode.cache_header(h.clone());
+            }
+            r
+        };
+        self.inodes.forget(inode.ino, 1);
+        r.map(drop)
+    }
+
+    fn exclusive_names(
+        &self,
+        path: &Path,
+        md: &std::fs::Metadata,
+        work: &mut dyn FnMut() -> io::Result<Option<([u8; DIR_ID_LEN], u16)>>,
+    ) -> io::Result<()> {
+        let inode = self.entry(path, md)?;
+        let r = {
+            let _g = inode.names.write().unwrap_or_else(|p| p.into_inner());
+            let r = work();
+            if let Ok(Some(k)) = &r {
+                inode.cache_dir_key(*k);
             }
             r
         };

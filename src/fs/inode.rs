@@ -13,7 +13,7 @@
 use std::collections::HashMap;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::AtomicUsize;
-use std::sync::{Arc, Mutex, OnceLock, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 
 use fuser::FileType;
 
@@ -27,8 +27,13 @@ pub struct Inode {
     pub ino: u64,
     fd: OwnedFd,
     pub kind: FileType,
-    /// Directory id (encrypted-names mode), read on first use.
-    pub dir_id: OnceLock<[u8; DIR_ID_LEN]>,
+    /// Directory id and the key generation of the names in it
+    /// (encrypted-names mode), read on first use; a rekey changes the
+    /// generation while holding `names` for writing.
+    dir_key: Mutex<Option<([u8; DIR_ID_LEN], u16)>>,
+    /// Held shared by every operation that encodes or decodes names in this
+    /// directory, exclusively by a rekey re-encrypting them.
+    pub names: RwLock<()>,
     /// Per-file header, cached once read or written. Only a rekey changes it
     /// (its DEK generation), holding `io` for writing.
     header: Mutex<Option<FileHeader>>,
@@ -41,6 +46,15 @@ pub struct Inode {
 impl Inode {
     pub fn fd(&self) -> BorrowedFd<'_> {
         self.fd.as_fd()
+    }
+
+    /// The cached directory id and names generation.
+    pub fn cached_dir_key(&self) -> Option<([u8; DIR_ID_LEN], u16)> {
+        *self.dir_key.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn cache_dir_key(&self, k: ([u8; DIR_ID_LEN], u16)) {
+        *self.dir_key.lock().unwrap_or_else(|p| p.into_inner()) = Some(k);
     }
 
     /// The cached per-file header, if read or written before.
@@ -92,7 +106,8 @@ impl InodeTable {
             ino: ROOT,
             fd: root_fd,
             kind: FileType::Directory,
-            dir_id: OnceLock::new(),
+            dir_key: Mutex::new(None),
+            names: RwLock::new(()),
             header: Mutex::new(None),
             io: RwLock::new(()),
             writers: AtomicUsize::new(0),
@@ -169,7 +184,8 @@ impl InodeTable {
             ino,
             fd,
             kind: kind_of(st.st_mode),
-            dir_id: OnceLock::new(),
+            dir_key: Mutex::new(None),
+            names: RwLock::new(()),
             header: Mutex::new(None),
             io: RwLock::new(()),
             writers: AtomicUsize::new(0),
@@ -219,7 +235,7 @@ impl InodeTable {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::fs::sys;
+    use crate::sys;
 
     #[test]
     fn lookup_shares_hard_links_and_forget_drops() {

@@ -1,6 +1,6 @@
 //! The FUSE filesystem: the plaintext view of a volume.
 //!
-//! Design (see also the module docs of [`inode`], [`names`], [`xattr`]):
+//! Design (see also the module docs of [`inode`], [`names`], [`crate::crypto::xattr`]):
 //! * every known inode is an `O_PATH` descriptor into the backing directory;
 //!   all operations are `*at` system calls relative to those descriptors;
 //! * node ids are backing inode numbers (root = 1), hard links share one;
@@ -32,8 +32,6 @@ pub mod gate;
 pub mod handle;
 pub mod inode;
 pub mod names;
-pub mod sys;
-pub mod xattr;
 
 use std::ffi::{CStr, OsStr};
 use std::fs::File;
@@ -42,7 +40,7 @@ use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fuser::{
@@ -52,9 +50,11 @@ use fuser::{
     ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 
-use crate::crypto::content::ContentCipher;
 use crate::crypto::names::DIR_ID_LEN;
+use crate::crypto::xattr::{self, Mapped, XattrCipher, XattrError};
 use crate::daemon::IoStats;
+use crate::sys;
+use crate::volume::GenKeys;
 use crate::volume::VolumeView;
 use crate::volume::content::BackingFile;
 use crate::volume::dirid;
@@ -62,7 +62,6 @@ use crate::volume::layout::{FileHeader, HEADER_LEN, plain_size};
 use handle::{DirEntry, Handles, OpenDir, OpenFile};
 use inode::{Inode, InodeTable};
 use names::{BackingName, Names};
-use xattr::{Mapped, XattrCipher, XattrError};
 
 /// Mount-time behaviour of the filesystem.
 #[derive(Clone, Debug)]
@@ -100,7 +99,8 @@ pub struct KmfsFs {
     files: Handles<OpenFile>,
     dirs: Handles<OpenDir>,
     names: Names,
-    xattrs: XattrCipher,
+    /// Attribute ciphers per key generation, made on first use.
+    xattrs: Mutex<Vec<(u16, Arc<XattrCipher>)>>,
     root_dir: File,
     opts: FsOptions,
     /// The kernel's writeback cache is on (negotiated at init).
@@ -111,6 +111,10 @@ pub struct KmfsFs {
 }
 
 type R<T> = Result<T, Errno>;
+
+fn read_lock(l: &std::sync::RwLock<()>) -> std::sync::RwLockReadGuard<'_, ()> {
+    l.read().unwrap_or_else(|p| p.into_inner())
+}
 
 /// Largest request buffer a worker thread keeps between requests.
 const IO_BUF_KEEP: usize = (1 << 20) + 2 * 4096;
@@ -187,10 +191,9 @@ impl KmfsFs {
         let inodes = Arc::new(InodeTable::new(root_path, &st));
         let names = Names::new(vol.clone());
         if !names.plaintext() {
-            let id = dirid::read(&vol.backing)?;
-            let _ = inodes.root().dir_id.set(id);
+            inodes.root().cache_dir_key(dirid::read(&vol.backing)?);
         }
-        let xattrs = XattrCipher::new(&vol.keys.metadata);
+        let xattrs = Mutex::new(Vec::new());
         Ok(KmfsFs {
             vol,
             inodes,
@@ -287,6 +290,7 @@ impl KmfsFs {
         if parent.kind != FileType::Directory {
             return Err(Errno::ENOTDIR);
         }
+        let _n = read_lock(&parent.names);
         let b = match self.names.encode(parent, name) {
             Ok(b) => b,
             // A reserved name cannot exist in plaintext-names mode.
@@ -366,7 +370,7 @@ impl KmfsFs {
                 // Generation and header write under one hold of the active
                 // generation, so a rekey's final sweep (after a barrier)
                 // sees every file created with an old one.
-                let hd = self.vol.keys.content.with_active(|g| {
+                let hd = self.vol.keys.generations.with_active(|g, _| {
                     let hd = FileHeader::generate(g)?;
                     file.write_all_at(&hd.to_bytes(), 0).map(|_| hd)
                 });
@@ -386,8 +390,8 @@ impl KmfsFs {
 
     /// The content cipher of the DEK generation `hd` names; EIO (logged) if
     /// the volume header does not hold that generation.
-    fn cipher(&self, inode: &Inode, hd: &FileHeader, op: &str) -> R<Arc<ContentCipher>> {
-        self.vol.keys.content.get(hd.generation).ok_or_else(|| {
+    fn cipher(&self, inode: &Inode, hd: &FileHeader, op: &str) -> R<Arc<GenKeys>> {
+        self.vol.keys.generations.get(hd.generation).ok_or_else(|| {
             log::error!(
                 "op={op} path={} error=\"file uses key generation {}, which the volume header does not hold\" result=eio",
                 sys::fd_path(inode.fd()),
@@ -425,7 +429,7 @@ impl KmfsFs {
         let cipher = self.cipher(inode, &header, "truncate")?;
         BackingFile {
             file,
-            cipher: &cipher,
+            cipher: &cipher.content,
             header: &header,
         }
         .truncate(size, new_size)
@@ -534,6 +538,7 @@ impl KmfsFs {
     ) -> R<(Arc<Inode>, FileAttr)> {
         self.ro()?;
         let parent = self.inode(parent)?;
+        let _n = read_lock(&parent.names);
         let b = self.names.encode(&parent, name)?;
         let perm = self.create_mode(&parent, mode, umask);
         if self.names.plaintext() {
@@ -562,14 +567,18 @@ impl KmfsFs {
             }
         };
         let tpath = sys::proc_path(tfd.as_raw_fd());
-        let id: [u8; DIR_ID_LEN] =
-            match dirid::create(Path::new(OsStr::from_bytes(tpath.as_bytes()))) {
-                Ok(id) => id,
-                Err(e) => {
-                    cleanup(Some(&tfd));
-                    return Err(self.fail("mkdir", &parent, e));
-                }
-            };
+        // The new directory's names use the active generation (held, so a
+        // rekey's final sweep sees it).
+        let key = self.vol.keys.generations.with_active(|g, _| {
+            dirid::create(Path::new(OsStr::from_bytes(tpath.as_bytes())), g).map(|id| (id, g))
+        });
+        let key: ([u8; DIR_ID_LEN], u16) = match key {
+            Ok(k) => k,
+            Err(e) => {
+                cleanup(Some(&tfd));
+                return Err(self.fail("mkdir", &parent, e));
+            }
+        };
         self.set_owner(&parent, tfd.as_fd(), req, perm);
         let placed = self.with_sidecar(&parent, &b, || {
             match sys::renameat2(
@@ -595,14 +604,17 @@ impl KmfsFs {
         }
         let st = sys::fstat(tfd.as_fd()).map_err(Errno::from)?;
         let inode = self.inodes.lookup(tfd, &st);
-        let _ = inode.dir_id.set(id);
+        inode.cache_dir_key(key);
         let attr = self.attr(&inode, &st);
         Ok((inode, attr))
     }
 
     /// Removes the bookkeeping of an empty backing directory so that the
     /// backing rmdir/rename-over can succeed; returns its id for restoring.
-    fn strip_empty_dir(&self, dir_fd: std::os::fd::BorrowedFd<'_>) -> R<Option<[u8; DIR_ID_LEN]>> {
+    fn strip_empty_dir(
+        &self,
+        dir_fd: std::os::fd::BorrowedFd<'_>,
+    ) -> R<Option<([u8; DIR_ID_LEN], u16)>> {
         if !self.names.dir_is_empty(dir_fd)? {
             return Err(Errno::ENOTEMPTY);
         }
@@ -621,10 +633,14 @@ impl KmfsFs {
         Ok(id)
     }
 
-    fn restore_dirid(&self, dir_fd: std::os::fd::BorrowedFd<'_>, id: Option<[u8; DIR_ID_LEN]>) {
-        if let Some(id) = id {
+    fn restore_dirid(
+        &self,
+        dir_fd: std::os::fd::BorrowedFd<'_>,
+        id: Option<([u8; DIR_ID_LEN], u16)>,
+    ) {
+        if let Some((id, g)) = id {
             let p = sys::proc_path(dir_fd.as_raw_fd());
-            if let Err(e) = dirid::write(Path::new(OsStr::from_bytes(p.as_bytes())), &id) {
+            if let Err(e) = dirid::write(Path::new(OsStr::from_bytes(p.as_bytes())), &id, g) {
                 log::error!(
                     "op=restore_dirid path={} error=\"{e}\"",
                     sys::fd_path(dir_fd)
@@ -636,6 +652,7 @@ impl KmfsFs {
     fn do_rmdir(&self, parent: INodeNo, name: &OsStr) -> R<()> {
         self.ro()?;
         let parent = self.inode(parent)?;
+        let _n = read_lock(&parent.names);
         let b = self.names.encode(&parent, name)?;
         let cfd = sys::open_path(parent.fd(), &b.name).map_err(Errno::from)?;
         let st = sys::fstat(cfd.as_fd()).map_err(Errno::from)?;
@@ -654,6 +671,7 @@ impl KmfsFs {
     fn do_unlink(&self, parent: INodeNo, name: &OsStr) -> R<()> {
         self.ro()?;
         let parent = self.inode(parent)?;
+        let _n = read_lock(&parent.names);
         let b = self.names.encode(&parent, name)?;
         sys::unlinkat(parent.fd(), &b.name, 0).map_err(Errno::from)?;
         self.names.remove_sidecar(&parent, &b);
@@ -675,12 +693,14 @@ impl KmfsFs {
         let _moves = self.moves.read().unwrap_or_else(|p| p.into_inner());
         let p = self.inode(parent)?;
         let np = self.inode(newparent)?;
+        let _n1 = read_lock(&p.names);
+        let _n2 = (np.ino != p.ino).then(|| read_lock(&np.names));
         let ob = self.names.encode(&p, name)?;
         let nb = self.names.encode(&np, newname)?;
         let exchange = flags.contains(RenameFlags::RENAME_EXCHANGE);
         let noreplace = flags.contains(RenameFlags::RENAME_NOREPLACE);
         let src = sys::fstatat(p.fd(), &ob.name, libc::AT_SYMLINK_NOFOLLOW).map_err(Errno::from)?;
-        let mut stripped: Option<(std::os::fd::OwnedFd, Option<[u8; DIR_ID_LEN]>)> = None;
+        let mut stripped: Option<(std::os::fd::OwnedFd, Option<dirid::DirKey>)> = None;
         let target_existed;
         match sys::fstatat(np.fd(), &nb.name, libc::AT_SYMLINK_NOFOLLOW) {
             Ok(tst) => {
@@ -740,6 +760,7 @@ impl KmfsFs {
     ) -> R<(FileAttr, u64)> {
         self.ro()?;
         let parent = self.inode(parent)?;
+        let _n = read_lock(&parent.names);
         let b = self.names.encode(&parent, name)?;
         let perm = self.create_mode(&parent, mode, umask);
         let mut created = false;
@@ -817,7 +838,7 @@ impl KmfsFs {
         IO_BUF.with_borrow_mut(|buf| {
             let r = BackingFile {
                 file: &h.file,
-                cipher: &cipher,
+                cipher: &cipher.content,
                 header: &header,
             }
             .read_into(fsize, offset, size as usize, buf);
@@ -848,7 +869,7 @@ impl KmfsFs {
             .with_borrow_mut(|buf| {
                 let r = BackingFile {
                     file: &h.file,
-                    cipher: &cipher,
+                    cipher: &cipher.content,
                     header: &header,
                 }
                 .write_with(size, off, data, buf);
@@ -880,7 +901,7 @@ impl KmfsFs {
         if mode & libc::FALLOC_FL_KEEP_SIZE == 0 && end > size {
             BackingFile {
                 file: &h.file,
-                cipher: &cipher,
+                cipher: &cipher.content,
                 header: &header,
             }
             .truncate(size, end)
@@ -931,7 +952,10 @@ impl KmfsFs {
     }
 
     fn snapshot(&self, dir: &Inode) -> R<Vec<DirEntry>> {
-        let list = self.names.list(dir)?;
+        let list = {
+            let _n = read_lock(&dir.names);
+            self.names.list(dir)?
+        };
         let dev = sys::fstat(dir.fd()).map_err(Errno::from)?.st_dev;
         Ok(list
             .into_iter()
@@ -944,8 +968,44 @@ impl KmfsFs {
             .collect())
     }
 
-    fn xattr_name(&self, name: &OsStr) -> R<Mapped> {
-        self.xattrs.map_name(name.as_bytes()).map_err(|e| match e {
+    /// A readdir snapshot entry looked up for readdirplus. A rekey may have
+    /// renamed the backing entry since the snapshot: then its plaintext name
+    /// is encoded again.
+    fn lookup_listed(&self, dir: &Inode, e: &DirEntry) -> R<(Arc<Inode>, FileAttr)> {
+        let _n = read_lock(&dir.names);
+        match self.lookup_backing(dir, &e.backing) {
+            Err(err) if err == Errno::ENOENT && !self.names.plaintext() => {
+                let b = self.names.encode(dir, &e.name)?;
+                self.lookup_backing(dir, &b.name)
+            }
+            r => r,
+        }
+    }
+
+    /// The attribute ciphers of every key generation, the active one first.
+    fn xattr_ciphers(&self) -> Vec<(u16, Arc<XattrCipher>)> {
+        self.vol
+            .keys
+            .generations
+            .all()
+            .into_iter()
+            .map(|(g, k)| (g, self.xattr_cipher_for(g, &k)))
+            .collect()
+    }
+
+    /// The attribute cipher of generation `g` (keys `k`), made once.
+    fn xattr_cipher_for(&self, g: u16, k: &GenKeys) -> Arc<XattrCipher> {
+        let mut cache = self.xattrs.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((_, c)) = cache.iter().find(|(x, _)| *x == g) {
+            return c.clone();
+        }
+        let c = Arc::new(XattrCipher::new(&k.metadata));
+        cache.push((g, c.clone()));
+        c
+    }
+
+    fn xattr_name(c: &XattrCipher, name: &OsStr) -> R<Mapped> {
+        c.map_name(name.as_bytes()).map_err(|e| match e {
             XattrError::Unsupported => Errno::EOPNOTSUPP,
             XattrError::Invalid => Errno::ERANGE,
         })
@@ -953,30 +1013,45 @@ impl KmfsFs {
 
     fn do_getxattr(&self, ino: INodeNo, name: &OsStr) -> R<Vec<u8>> {
         let inode = self.inode(ino)?;
-        match self.xattr_name(name)? {
-            Mapped::Clear(n) => {
-                sys::getxattr(inode.fd(), &sys::cstr(&n).map_err(Errno::from)?).map_err(Errno::from)
-            }
-            Mapped::Encrypted(b) => {
-                let blob = sys::getxattr(inode.fd(), &sys::cstr(&b).map_err(Errno::from)?)
-                    .map_err(Errno::from)?;
-                match self.xattrs.open(&b, &blob) {
-                    Some((n, v)) if n == name.as_bytes() => Ok(v),
-                    _ => {
-                        log::error!(
-                            "op=getxattr path={} attr={} error=\"value does not authenticate\" result=eio",
-                            sys::fd_path(inode.fd()),
-                            String::from_utf8_lossy(&b)
-                        );
-                        Err(Errno::EIO)
-                    }
+        let _g = inode.io.read().unwrap_or_else(|p| p.into_inner());
+        let mut missing = Errno::ENODATA;
+        // Stored under the generation it was written with: try each.
+        for (_, c) in self.xattr_ciphers() {
+            let b = match Self::xattr_name(&c, name)? {
+                Mapped::Clear(n) => {
+                    return sys::getxattr(inode.fd(), &sys::cstr(&n).map_err(Errno::from)?)
+                        .map_err(Errno::from);
                 }
-            }
+                Mapped::Encrypted(b) => b,
+            };
+            let blob = match sys::getxattr(inode.fd(), &sys::cstr(&b).map_err(Errno::from)?) {
+                Ok(v) => v,
+                Err(e) if e.raw_os_error() == Some(libc::ENODATA) => continue,
+                Err(e) => {
+                    missing = Errno::from(e);
+                    continue;
+                }
+            };
+            return match c.open(&b, &blob) {
+                Some((n, v)) if n == name.as_bytes() => Ok(v),
+                _ => {
+                    log::error!(
+                        "op=getxattr path={} attr={} error=\"value does not authenticate\" result=eio",
+                        sys::fd_path(inode.fd()),
+                        String::from_utf8_lossy(&b)
+                    );
+                    Err(Errno::EIO)
+                }
+            };
         }
+        Err(missing)
     }
 
     fn do_listxattr(&self, ino: INodeNo) -> R<Vec<u8>> {
         let inode = self.inode(ino)?;
+        let _g = inode.io.read().unwrap_or_else(|p| p.into_inner());
+        let ciphers = self.xattr_ciphers();
+        let mut seen: Vec<Vec<u8>> = Vec::new();
         let raw = match sys::listxattr(inode.fd()) {
             Ok(r) => r,
             Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => Vec::new(),
@@ -992,10 +1067,13 @@ impl KmfsFs {
                 let Ok(blob) = sys::getxattr(inode.fd(), &c) else {
                     continue;
                 };
-                match self.xattrs.open(n, &blob) {
+                match ciphers.iter().find_map(|(_, c)| c.open(n, &blob)) {
+                    // During a rekey one attribute may briefly exist twice.
+                    Some((name, _)) if seen.contains(&name) => {}
                     Some((name, _)) => {
                         out.extend_from_slice(&name);
                         out.push(0);
+                        seen.push(name);
                     }
                     None => log::error!(
                         "op=listxattr path={} attr={} error=\"value does not authenticate\"",
@@ -1039,10 +1117,12 @@ impl KmfsFs {
                 }
             }
         }
-        if let Ok(Mapped::Encrypted(b)) = self.xattrs.map_name(b"security.capability")
-            && let Ok(n) = sys::cstr(&b)
-        {
-            let _ = sys::removexattr(inode.fd(), &n);
+        for (_, c) in self.xattr_ciphers() {
+            if let Ok(Mapped::Encrypted(b)) = c.map_name(b"security.capability")
+                && let Ok(n) = sys::cstr(&b)
+            {
+                let _ = sys::removexattr(inode.fd(), &n);
+            }
         }
     }
 
@@ -1107,9 +1187,15 @@ impl KmfsFs {
     ) -> R<(Arc<Inode>, FileAttr)> {
         self.ro()?;
         let parent = self.inode(parent)?;
+        let _n = read_lock(&parent.names);
         let b = self.names.encode(&parent, link_name)?;
-        let t = self.names.encrypt_target(target.as_os_str().as_bytes())?;
-        self.with_sidecar(&parent, &b, || sys::symlinkat(&t, parent.fd(), &b.name))?;
+        // Target encrypted and stored under one hold of the active generation.
+        self.vol.keys.generations.with_active(|_, k| {
+            let t = self
+                .names
+                .encrypt_target(k, target.as_os_str().as_bytes())?;
+            self.with_sidecar(&parent, &b, || sys::symlinkat(&t, parent.fd(), &b.name))
+        })?;
         self.finish_new(&parent, &b, req, 0o777)
     }
 
@@ -1123,6 +1209,7 @@ impl KmfsFs {
         let _moves = self.moves.read().unwrap_or_else(|p| p.into_inner());
         let inode = self.inode(ino)?;
         let np = self.inode(newparent)?;
+        let _n = read_lock(&np.names);
         let b = self.names.encode(&np, newname)?;
         self.with_sidecar(&np, &b, || sys::link_fd(inode.fd(), np.fd(), &b.name))?;
         self.lookup_backing(&np, &b.name)
@@ -1152,7 +1239,7 @@ impl KmfsFs {
                     let Some(e) = entries.get((i - 2) as usize) else {
                         break;
                     };
-                    match self.lookup_backing(&d.inode, &e.backing) {
+                    match self.lookup_listed(&d.inode, e) {
                         Ok((inode, attr)) => {
                             let full = reply.add(
                                 INodeNo(inode.ino),
@@ -1617,27 +1704,61 @@ impl Filesystem for KmfsFs {
         let r = (|| {
             self.ro()?;
             let inode = self.inode(ino)?;
-            match self.xattr_name(name)? {
-                Mapped::Clear(n) => sys::setxattr(
-                    inode.fd(),
-                    &sys::cstr(&n).map_err(Errno::from)?,
-                    value,
-                    flags,
-                ),
-                Mapped::Encrypted(b) => {
-                    let blob = self
-                        .xattrs
-                        .seal(&b, name.as_bytes(), value)
-                        .map_err(Errno::from)?;
-                    sys::setxattr(
+            let _g = inode.io.write().unwrap_or_else(|p| p.into_inner());
+            let ciphers = self.xattr_ciphers();
+            // Sealed and stored under one hold of the active generation, so a
+            // rekey's final sweep (after a barrier) sees it. No other lock of
+            // the generations is taken inside.
+            self.vol.keys.generations.with_active(|g, k| {
+                let active = self.xattr_cipher_for(g, k);
+                match Self::xattr_name(&active, name)? {
+                    Mapped::Clear(n) => sys::setxattr(
                         inode.fd(),
-                        &sys::cstr(&b).map_err(Errno::from)?,
-                        &blob,
+                        &sys::cstr(&n).map_err(Errno::from)?,
+                        value,
                         flags,
                     )
+                    .map_err(Errno::from),
+                    Mapped::Encrypted(b) => {
+                        // The same attribute under an older generation (a
+                        // rekey has not reached this inode yet) counts as
+                        // existing, and goes once the new one is written.
+                        let mut older = Vec::new();
+                        for (og, c) in &ciphers {
+                            if *og == g {
+                                continue;
+                            }
+                            if let Ok(Mapped::Encrypted(o)) = c.map_name(name.as_bytes())
+                                && let Ok(oc) = sys::cstr(&o)
+                                && sys::getxattr(inode.fd(), &oc).is_ok()
+                            {
+                                older.push(oc);
+                            }
+                        }
+                        let mut flags = flags;
+                        if !older.is_empty() {
+                            if flags & libc::XATTR_CREATE != 0 {
+                                return Err(Errno::EEXIST);
+                            }
+                            flags &= !libc::XATTR_REPLACE;
+                        }
+                        let blob = active
+                            .seal(&b, name.as_bytes(), value)
+                            .map_err(Errno::from)?;
+                        sys::setxattr(
+                            inode.fd(),
+                            &sys::cstr(&b).map_err(Errno::from)?,
+                            &blob,
+                            flags,
+                        )
+                        .map_err(Errno::from)?;
+                        for o in older {
+                            let _ = sys::removexattr(inode.fd(), &o);
+                        }
+                        Ok(())
+                    }
                 }
-            }
-            .map_err(Errno::from)
+            })
         })();
         match r {
             Ok(()) => reply.ok(),
@@ -1657,10 +1778,19 @@ impl Filesystem for KmfsFs {
         let r = (|| {
             self.ro()?;
             let inode = self.inode(ino)?;
-            let n = match self.xattr_name(name)? {
-                Mapped::Clear(n) | Mapped::Encrypted(n) => n,
-            };
-            sys::removexattr(inode.fd(), &sys::cstr(&n).map_err(Errno::from)?).map_err(Errno::from)
+            let _g = inode.io.write().unwrap_or_else(|p| p.into_inner());
+            let mut result = Err(Errno::ENODATA);
+            for (_, c) in self.xattr_ciphers() {
+                let n = match Self::xattr_name(&c, name)? {
+                    Mapped::Clear(n) | Mapped::Encrypted(n) => n,
+                };
+                match sys::removexattr(inode.fd(), &sys::cstr(&n).map_err(Errno::from)?) {
+                    Ok(()) => result = Ok(()),
+                    Err(e) if e.raw_os_error() == Some(libc::ENODATA) => {}
+                    Err(e) => return Err(Errno::from(e)),
+                }
+            }
+            result
         })();
         match r {
             Ok(()) => reply.ok(),

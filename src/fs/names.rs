@@ -21,13 +21,13 @@ use std::sync::Arc;
 use fuser::Errno;
 
 use super::inode::Inode;
-use super::sys;
 use crate::crypto::names::{
     self as cn, DIR_ID_LEN, EncodedName, NameError, is_long, is_reserved, long_backing,
     long_sidecar,
 };
-use crate::volume::VolumeView;
+use crate::sys;
 use crate::volume::dirid;
+use crate::volume::{GenKeys, VolumeView};
 
 /// Where a plaintext name lives in its backing directory.
 #[derive(Debug, Clone)]
@@ -68,16 +68,17 @@ impl Names {
         self.plaintext
     }
 
-    /// The directory id of `dir` (cached). EIO if it is missing or damaged.
-    pub fn dir_id(&self, dir: &Inode) -> Result<[u8; DIR_ID_LEN], Errno> {
-        if let Some(id) = dir.dir_id.get() {
-            return Ok(*id);
+    /// The directory id of `dir` and the generation of its names (cached).
+    /// EIO if it is missing or damaged.
+    pub fn dir_key(&self, dir: &Inode) -> Result<([u8; DIR_ID_LEN], u16), Errno> {
+        if let Some(k) = dir.cached_dir_key() {
+            return Ok(k);
         }
         let p = sys::proc_path(dir.fd().as_raw_fd());
         match dirid::read(Path::new(OsStr::from_bytes(p.as_bytes()))) {
-            Ok(id) => {
-                let _ = dir.dir_id.set(id);
-                Ok(id)
+            Ok(k) => {
+                dir.cache_dir_key(k);
+                Ok(k)
             }
             Err(e) => {
                 log::error!(
@@ -103,8 +104,13 @@ impl Names {
                 long: None,
             });
         }
-        let id = self.dir_id(dir)?;
-        match self.vol.keys.names.encrypt(&id, b).map_err(name_errno)? {
+        let (id, g) = self.dir_key(dir)?;
+        match self
+            .keys(dir, g)?
+            .names
+            .encrypt(&id, b)
+            .map_err(name_errno)?
+        {
             EncodedName::Short(s) => Ok(BackingName {
                 name: sys::cstr(s.as_bytes()).map_err(Errno::from)?,
                 long: None,
@@ -117,6 +123,18 @@ impl Names {
                 )),
             }),
         }
+    }
+
+    /// The keys of generation `g`, which names in `dir` use; EIO (logged) if
+    /// the volume header does not hold it.
+    fn keys(&self, dir: &Inode, g: u16) -> Result<Arc<GenKeys>, Errno> {
+        self.vol.keys.generations.get(g).ok_or_else(|| {
+            log::error!(
+                "op=names path={} error=\"names use key generation {g}, which the volume header does not hold\" result=eio",
+                sys::fd_path(dir.fd())
+            );
+            Errno::EIO
+        })
     }
 
     /// Writes the sidecar of a long name (idempotent: same name, same content).
@@ -150,7 +168,13 @@ impl Names {
 
     /// Decodes one backing entry name of `dir`; `None` for kmfs's own files and
     /// for entries that do not decrypt (logged).
-    fn decode(&self, dir: &Inode, id: &[u8; DIR_ID_LEN], backing: &[u8]) -> Option<OsString> {
+    fn decode(
+        &self,
+        dir: &Inode,
+        id: &[u8; DIR_ID_LEN],
+        keys: Option<&GenKeys>,
+        backing: &[u8],
+    ) -> Option<OsString> {
         if self.plaintext {
             if is_reserved(backing) {
                 return None;
@@ -179,7 +203,7 @@ impl Names {
         } else {
             std::str::from_utf8(backing).ok()?.to_string()
         };
-        match self.vol.keys.names.decrypt(id, &full) {
+        match keys?.names.decrypt(id, &full) {
             Ok(n) => Some(OsString::from_vec(n)),
             Err(_) => {
                 if !(dir.ino == super::inode::ROOT && backing == b"lost+found") {
@@ -196,10 +220,11 @@ impl Names {
 
     /// All user-visible entries of `dir` (without `.` and `..`).
     pub fn list(&self, dir: &Inode) -> Result<Vec<ListedEntry>, Errno> {
-        let id = if self.plaintext {
-            [0u8; DIR_ID_LEN]
+        let (id, keys) = if self.plaintext {
+            ([0u8; DIR_ID_LEN], None)
         } else {
-            self.dir_id(dir)?
+            let (id, g) = self.dir_key(dir)?;
+            (id, Some(self.keys(dir, g)?))
         };
         let p = sys::proc_path(dir.fd().as_raw_fd());
         let rd =
@@ -208,7 +233,7 @@ impl Names {
         for e in rd {
             let e = e.map_err(Errno::from)?;
             let bname = e.file_name();
-            if let Some(name) = self.decode(dir, &id, bname.as_bytes()) {
+            if let Some(name) = self.decode(dir, &id, keys.as_deref(), bname.as_bytes()) {
                 out.push(ListedEntry {
                     name,
                     backing: match CString::new(bname.into_vec()) {
@@ -251,18 +276,23 @@ impl Names {
         Ok(true)
     }
 
-    /// The symlink target as stored in the backing symlink.
-    pub fn encrypt_target(&self, target: &[u8]) -> Result<CString, Errno> {
-        let s = self
-            .vol
-            .keys
-            .names
-            .encrypt_symlink(target)
-            .map_err(name_errno)?;
+    /// The symlink target as stored in the backing symlink, encrypted with
+    /// the keys `k` (the active generation's).
+    pub fn encrypt_target(&self, k: &GenKeys, target: &[u8]) -> Result<CString, Errno> {
+        let s = k.names.encrypt_symlink(target).map_err(name_errno)?;
         sys::cstr(s.as_bytes()).map_err(Errno::from)
     }
 
+    /// A stored symlink target, decrypted with whichever generation it was
+    /// written with (the active one first; AES-SIV tells).
     pub fn decrypt_target(&self, stored: &[u8]) -> Result<Vec<u8>, NameError> {
-        self.vol.keys.names.decrypt_symlink(stored)
+        let mut err = NameError::Corrupt;
+        for (_, k) in self.vol.keys.generations.all() {
+            match k.names.decrypt_symlink(stored) {
+                Ok(t) => return Ok(t),
+                Err(e) => err = e,
+            }
+        }
+        Err(err)
     }
 }

@@ -94,6 +94,7 @@ fn run(
         next_unit,
         complete,
         writes,
+        directory: false,
     };
     if size == 0 || layout.is_tiny() {
         let mut writes = vec![gen_write];

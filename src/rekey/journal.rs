@@ -28,6 +28,7 @@ const MAGIC: &[u8; 4] = b"KMRJ";
 const VERSION: u8 = 1;
 const KIND_IDLE: u8 = 0;
 const KIND_CHUNK: u8 = 1;
+const KIND_DIR: u8 = 2;
 /// Units per chunk: 1 MiB of data, plus a merged tail of up to 15 bytes.
 pub const CHUNK_UNITS: u64 = 256;
 /// Bytes reserved per slot: the largest chunk, its header write, the path and
@@ -44,7 +45,9 @@ pub struct FileRef {
     pub path: PathBuf,
 }
 
-/// One journal record: the writes of one chunk of one file.
+/// One journal record: the writes of one chunk of one file, or (with
+/// `directory`) that the names of a directory are being moved to another
+/// generation (`file.file_id` then holds the directory id).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Record {
     pub seq: u64,
@@ -57,6 +60,8 @@ pub struct Record {
     pub complete: bool,
     /// (backing offset, bytes) — ciphertext and header bytes only.
     pub writes: Vec<(u64, Vec<u8>)>,
+    /// A directory record (no writes; recovery runs the directory again).
+    pub directory: bool,
 }
 
 pub struct Journal {
@@ -65,7 +70,12 @@ pub struct Journal {
     seq: u64,
 }
 
-fn encode(kind: u8, r: Option<&Record>, seq: u64) -> Vec<u8> {
+fn encode(r: Option<&Record>, seq: u64) -> Vec<u8> {
+    let kind = match r {
+        None => KIND_IDLE,
+        Some(r) if r.directory => KIND_DIR,
+        Some(_) => KIND_CHUNK,
+    };
     let mut b =
         Vec::with_capacity(64 + r.map_or(0, |r| r.writes.iter().map(|w| w.1.len() + 12).sum()));
     b.extend_from_slice(MAGIC);
@@ -145,7 +155,7 @@ fn decode(slot: &[u8]) -> Option<(u64, Option<Record>)> {
     if kind == KIND_IDLE {
         return Some((seq, None));
     }
-    if kind != KIND_CHUNK {
+    if kind != KIND_CHUNK && kind != KIND_DIR {
         return None;
     }
     let ino = c.u64()?;
@@ -175,6 +185,7 @@ fn decode(slot: &[u8]) -> Option<(u64, Option<Record>)> {
             next_unit,
             complete,
             writes,
+            directory: kind == KIND_DIR,
         }),
     ))
 }
@@ -253,13 +264,13 @@ impl Journal {
     /// Commits `r` durably (its `seq` is assigned here).
     pub fn commit(&mut self, r: &mut Record) -> io::Result<()> {
         r.seq = self.seq + 1;
-        let bytes = encode(KIND_CHUNK, Some(r), r.seq);
+        let bytes = encode(Some(r), r.seq);
         self.put(&bytes)
     }
 
     /// Records that no file is in progress.
     pub fn idle(&mut self) -> io::Result<()> {
-        let bytes = encode(KIND_IDLE, None, self.seq + 1);
+        let bytes = encode(None, self.seq + 1);
         self.put(&bytes)
     }
 
@@ -289,6 +300,7 @@ mod tests {
             next_unit: n,
             complete: false,
             writes: vec![(40, vec![n as u8; 100]), (6, vec![0, 1])],
+            directory: n == 3,
         }
     }
 
@@ -320,13 +332,13 @@ mod tests {
     #[test]
     fn decode_never_panics_on_garbage() {
         for n in [0usize, 7, 8, 60, 200] {
-            let mut b = encode(KIND_CHUNK, Some(&rec(5)), 9);
+            let mut b = encode(Some(&rec(5)), 9);
             b.truncate(n.min(b.len()));
             assert!(decode(&b).is_none());
         }
-        let mut b = encode(KIND_CHUNK, Some(&rec(5)), 9);
+        let mut b = encode(Some(&rec(5)), 9);
         b[30] ^= 1;
         assert!(decode(&b).is_none());
-        assert!(decode(&encode(KIND_CHUNK, Some(&rec(5)), 9)).is_some());
+        assert!(decode(&encode(Some(&rec(5)), 9)).is_some());
     }
 }

@@ -23,6 +23,7 @@
 pub mod file;
 pub mod generations;
 pub mod journal;
+pub mod metadata;
 pub mod state;
 
 use std::ffi::OsStr;
@@ -37,8 +38,9 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use crate::volume::VolumeKeys;
+use crate::crypto::names::DIR_ID_LEN;
 use crate::volume::layout::FileHeader;
+use crate::volume::{GenKeys, VolumeKeys, dirid};
 use file::Step;
 use journal::{FileRef, Journal, Record};
 use state::RekeyState;
@@ -55,6 +57,16 @@ pub trait FileGate: Send + Sync {
         work: &mut dyn FnMut() -> io::Result<Option<FileHeader>>,
     ) -> io::Result<()>;
 
+    /// Runs `work` on backing directory `path` (stat `md`) while the
+    /// filesystem does no name operation in it, then installs the directory
+    /// id and names generation `work` returns as that directory's.
+    fn exclusive_names(
+        &self,
+        path: &Path,
+        md: &std::fs::Metadata,
+        work: &mut dyn FnMut() -> io::Result<Option<([u8; DIR_ID_LEN], u16)>>,
+    ) -> io::Result<()>;
+
     /// Runs `f` while no rename or link can move a file between directories.
     fn moves_frozen(&self, f: &mut dyn FnMut());
 }
@@ -68,6 +80,14 @@ impl FileGate for Offline {
         _: &Path,
         _: &std::fs::Metadata,
         work: &mut dyn FnMut() -> io::Result<Option<FileHeader>>,
+    ) -> io::Result<()> {
+        work().map(drop)
+    }
+    fn exclusive_names(
+        &self,
+        _: &Path,
+        _: &std::fs::Metadata,
+        work: &mut dyn FnMut() -> io::Result<Option<([u8; DIR_ID_LEN], u16)>>,
     ) -> io::Result<()> {
         work().map(drop)
     }
@@ -149,6 +169,7 @@ struct Shared {
 pub struct Rekey {
     shared: Arc<Shared>,
     backing: PathBuf,
+    plaintext_names: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -181,16 +202,20 @@ fn is_own_file(name: &OsStr) -> bool {
     !b.starts_with(b"kmfs.long.") || b.ends_with(b".name")
 }
 
-/// Every regular user file below `backing`, depth first, as (relative path,
-/// metadata); symlinks are not followed. Unreadable directories are logged
-/// and skipped.
-fn walk(
+/// Every user entry below `backing` and the root itself, as (relative
+/// path, metadata), symlinks not followed. A directory is reported before it
+/// is listed, so whatever `f` renames in it is listed under its new names.
+fn walk_all(
     backing: &Path,
     f: &mut dyn FnMut(&Path, &std::fs::Metadata) -> Result<(), RekeyError>,
 ) -> Result<(), RekeyError> {
     let mut stack = vec![PathBuf::new()];
     while let Some(rel) = stack.pop() {
         let dir = backing.join(&rel);
+        match std::fs::symlink_metadata(&dir) {
+            Ok(md) if md.is_dir() => f(&rel, &md)?,
+            _ => continue,
+        }
         let rd = match std::fs::read_dir(&dir) {
             Ok(rd) => rd,
             Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
@@ -206,12 +231,22 @@ fn walk(
             let child = rel.join(&name);
             if md.is_dir() {
                 stack.push(child);
-            } else if md.is_file() {
+            } else {
                 f(&child, &md)?;
             }
         }
     }
     Ok(())
+}
+
+/// Every regular user file below `backing` (see [`walk_all`]).
+fn walk(
+    backing: &Path,
+    f: &mut dyn FnMut(&Path, &std::fs::Metadata) -> Result<(), RekeyError>,
+) -> Result<(), RekeyError> {
+    walk_all(backing, &mut |rel, md| {
+        if md.is_file() { f(rel, md) } else { Ok(()) }
+    })
 }
 
 /// The generation of the backing file at `path`: `None` if it has no header
@@ -250,12 +285,8 @@ pub fn locate(backing: &Path, r: &FileRef) -> Option<PathBuf> {
     found
 }
 
-fn step_for<'a>(
-    keys: &'a [(u16, Arc<crate::crypto::content::ContentCipher>)],
-    from: u16,
-    to: u16,
-) -> Option<Step<'a>> {
-    let get = |g| keys.iter().find(|(x, _)| *x == g).map(|(_, c)| c.as_ref());
+fn step_for(keys: &[(u16, Arc<GenKeys>)], from: u16, to: u16) -> Option<Step<'_>> {
+    let get = |g| keys.iter().find(|(x, _)| *x == g).map(|(_, c)| &c.content);
     Some(Step {
         from_gen: from,
         from: get(from)?,
@@ -264,12 +295,9 @@ fn step_for<'a>(
     })
 }
 
-fn ciphers(
-    keys: &VolumeKeys,
-    gens: &[u16],
-) -> Vec<(u16, Arc<crate::crypto::content::ContentCipher>)> {
+fn ciphers(keys: &VolumeKeys, gens: &[u16]) -> Vec<(u16, Arc<GenKeys>)> {
     gens.iter()
-        .filter_map(|g| keys.content.get(*g).map(|c| (*g, c)))
+        .filter_map(|g| keys.generations.get(*g).map(|c| (*g, c)))
         .collect()
 }
 
@@ -285,6 +313,9 @@ pub fn recover(
     let Some(rec) = rec else { return Ok(None) };
     let mut journal =
         Journal::open(backing).map_err(|e| io_msg("cannot open the rekey journal", &e))?;
+    if rec.directory {
+        return recover_dir(backing, keys, gate, &rec, &mut journal);
+    }
     let Some(path) = locate(backing, &rec.file) else {
         log::warn!(
             "op=rekey_recover path={} result=fail error=\"the file of the journal's last record is gone\"",
@@ -314,6 +345,60 @@ pub fn recover(
         rec.to
     );
     Ok(Some(rec.file.path))
+}
+
+/// Finishes the directory of a journal record (names being moved to
+/// `rec.to`): found at its recorded path if its id matches, else anywhere by
+/// inode number and id.
+fn recover_dir(
+    backing: &Path,
+    keys: &VolumeKeys,
+    gate: &dyn FileGate,
+    rec: &Record,
+    journal: &mut Journal,
+) -> Result<Option<PathBuf>, RekeyError> {
+    let is_it = |p: &Path| dirid::read(p).is_ok_and(|(id, _)| id == rec.file.file_id);
+    let mut found = Some(rec.file.path.clone()).filter(|p| is_it(&backing.join(p)));
+    if found.is_none() {
+        let _ = walk_all(backing, &mut |rel, md| {
+            if found.is_none()
+                && md.is_dir()
+                && md.ino() == rec.file.ino
+                && is_it(&backing.join(rel))
+            {
+                found = Some(rel.to_path_buf());
+            }
+            Ok(())
+        });
+    }
+    let Some(rel) = found else {
+        log::warn!(
+            "op=rekey_recover path={} result=fail error=\"the directory of the journal's last record is gone\"",
+            rec.file.path.display()
+        );
+        journal
+            .idle()
+            .map_err(|e| io_msg("cannot write the rekey journal", &e))?;
+        return Ok(None);
+    };
+    let path = backing.join(&rel);
+    let all = keys.generations.all();
+    let md = std::fs::metadata(&path).map_err(|e| io_msg(&path.display().to_string(), &e))?;
+    gate.exclusive_names(&path, &md, &mut || {
+        metadata::rekey_dir(&path, &rel, &all, rec.to, journal).map(Some)
+    })
+    .map_err(|e| {
+        io_msg(
+            &format!("cannot finish the names of {}", path.display()),
+            &e,
+        )
+    })?;
+    log::info!(
+        "op=rekey_recover path={} generation={} result=ok",
+        rel.display(),
+        rec.to
+    );
+    Ok(Some(rel))
 }
 
 /// Waits `d`, or less if woken (stop, pause, resume, throttle change).
@@ -355,7 +440,8 @@ impl Pacer {
 
 impl Rekey {
     /// A rekey to `state.target` from `old` generations, not yet running.
-    pub fn new(backing: &Path, st: &RekeyState, old: Vec<u16>) -> Rekey {
+    /// `plaintext_names`: the volume keeps names in clear (no directory ids).
+    pub fn new(backing: &Path, st: &RekeyState, old: Vec<u16>, plaintext_names: bool) -> Rekey {
         let status = Status {
             phase: if st.paused {
                 Phase::Paused
@@ -384,6 +470,7 @@ impl Rekey {
                 stop: AtomicBool::new(false),
             }),
             backing: backing.to_path_buf(),
+            plaintext_names,
         }
     }
 
@@ -546,25 +633,10 @@ impl Rekey {
             self.status_mut().phase = Phase::Finishing;
             // A file created just as the generation switched may still be
             // writing its header with the old one: wait for it.
-            keys.content.barrier();
-            let mut left = 0u64;
-            let mut err = None;
-            gate.moves_frozen(&mut || {
-                if let Err(e) = walk(&self.backing, &mut |rel, _| {
-                    if let Ok(Some(g)) = file_generation(&self.backing.join(rel))
-                        && g != target
-                        && keys.content.get(g).is_some()
-                    {
-                        left += 1;
-                    }
-                    Ok(())
-                }) {
-                    err = Some(e);
-                }
-            });
-            if let Some(e) = err {
-                return Err(e);
-            }
+            keys.generations.barrier();
+            let mut result = Ok(0);
+            gate.moves_frozen(&mut || result = self.left_behind(keys, target));
+            let left = result?;
             if left == 0 {
                 break;
             }
@@ -603,9 +675,15 @@ impl Rekey {
         let run_start = Instant::now();
         let mut run_bytes = 0u64;
         let mut last_persist = Instant::now();
-        walk(&self.backing, &mut |rel, md| {
+        let all = keys.generations.all();
+        let xciphers = metadata::xattr_ciphers(&all);
+        walk_all(&self.backing, &mut |rel, md| {
             if self.checkpoint()? {
                 pacer = Pacer::new();
+            }
+            self.metadata_step(keys, gate, journal, target, &all, &xciphers, rel, md)?;
+            if !md.is_file() {
+                return Ok(());
             }
             let path = self.backing.join(rel);
             let g = match file_generation(&path) {
@@ -689,6 +767,104 @@ impl Rekey {
         })?;
         self.persist();
         Ok(())
+    }
+
+    /// Names (or symlink targets) of a directory and the attributes of any
+    /// inode, moved to `target` if they are not on it yet.
+    #[allow(clippy::too_many_arguments)]
+    fn metadata_step(
+        &self,
+        keys: &VolumeKeys,
+        gate: &dyn FileGate,
+        journal: &mut Journal,
+        target: u16,
+        all: &[(u16, Arc<GenKeys>)],
+        xciphers: &[(u16, crate::crypto::xattr::XattrCipher)],
+        rel: &Path,
+        md: &std::fs::Metadata,
+    ) -> Result<(), RekeyError> {
+        let path = self.backing.join(rel);
+        let Some(to_keys) = keys.generations.get(target) else {
+            return Err(RekeyError::Io(format!("no keys for generation {target}")));
+        };
+        let fail = |what: &str, e: io::Error| -> Result<(), RekeyError> {
+            if e.kind() == io::ErrorKind::NotFound {
+                Ok(()) // gone or replaced since the walk saw it
+            } else {
+                Err(io_msg(
+                    &format!("cannot re-encrypt the {what} of {}", path.display()),
+                    &e,
+                ))
+            }
+        };
+        if md.is_dir() {
+            let behind = if self.plaintext_names {
+                metadata::symlinks_behind(&path, &to_keys)
+            } else {
+                dirid::read(&path)
+                    .map(|(_, g)| g != target)
+                    .unwrap_or(false)
+            };
+            if behind {
+                let r = gate.exclusive_names(&path, md, &mut || {
+                    if self.plaintext_names {
+                        metadata::rekey_symlinks(&path, all, target).map(|_| None)
+                    } else {
+                        metadata::rekey_dir(&path, rel, all, target, journal).map(Some)
+                    }
+                });
+                if let Err(e) = r {
+                    fail("names", e)?;
+                }
+            }
+        }
+        if !md.file_type().is_symlink()
+            && metadata::xattrs_behind(&path, xciphers, target).unwrap_or(false)
+        {
+            let r = gate.exclusive(&path, md, &mut || {
+                metadata::rekey_xattrs(&path, xciphers, target).map(|_| None)
+            });
+            if let Err(e) = r {
+                fail("attributes", e)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// What is still on another generation: files, directory names,
+    /// symlink targets, attributes (the final sweep).
+    fn left_behind(&self, keys: &VolumeKeys, target: u16) -> Result<u64, RekeyError> {
+        let Some(to_keys) = keys.generations.get(target) else {
+            return Err(RekeyError::Io(format!("no keys for generation {target}")));
+        };
+        let xciphers = metadata::xattr_ciphers(&keys.generations.all());
+        let mut left = 0u64;
+        walk_all(&self.backing, &mut |rel, md| {
+            let path = self.backing.join(rel);
+            let behind = if md.is_file() {
+                matches!(file_generation(&path), Ok(Some(g)) if g != target && keys.generations.get(g).is_some())
+            } else if md.is_dir() {
+                if self.plaintext_names {
+                    false
+                } else {
+                    dirid::read(&path)
+                        .map(|(_, g)| g != target)
+                        .unwrap_or(false)
+                }
+            } else if md.file_type().is_symlink() {
+                !metadata::symlink_on(&path, &to_keys)
+            } else {
+                false
+            };
+            let xattrs = !md.file_type().is_symlink()
+                && metadata::xattrs_behind(&path, &xciphers, target).unwrap_or(false);
+            if behind || xattrs {
+                log::debug!("op=rekey_sweep path={} result=behind", rel.display());
+                left += 1;
+            }
+            Ok(())
+        })?;
+        Ok(left)
     }
 
     /// A file was left half re-encrypted by an error: keep it held and

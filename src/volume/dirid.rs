@@ -1,7 +1,9 @@
 //! Directory ids: every backing directory of a volume with encrypted names holds a
-//! file `kmfs.dirid` with 16 random bytes. Names in the directory are encrypted
-//! with that id as associated data, so renaming a directory never re-encrypts its
-//! children, and an entry copied into another directory does not decrypt there.
+//! file `kmfs.dirid` with 16 random bytes, followed by the key generation its
+//! names are encrypted with (2 bytes, big-endian; absent = generation 0).
+//! Names in the directory are encrypted with that id as associated data, so
+//! renaming a directory never re-encrypts its children, and an entry copied
+//! into another directory does not decrypt there.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
@@ -13,6 +15,9 @@ use crate::crypto::names::DIR_ID_LEN;
 pub const DIRID_FILE: &str = "kmfs.dirid";
 const DIRID_TMP: &str = "kmfs.dirid.tmp";
 
+/// A directory id and the key generation of the names under it.
+pub type DirKey = ([u8; DIR_ID_LEN], u16);
+
 /// A fresh random directory id.
 pub fn generate() -> io::Result<[u8; DIR_ID_LEN]> {
     let mut id = [0u8; DIR_ID_LEN];
@@ -20,15 +25,26 @@ pub fn generate() -> io::Result<[u8; DIR_ID_LEN]> {
     Ok(id)
 }
 
-/// Writes a new id into directory `dir` durably and returns it.
-pub fn create(dir: &Path) -> io::Result<[u8; DIR_ID_LEN]> {
+/// Writes a new id for names of generation `generation` into directory
+/// `dir` durably and returns it.
+pub fn create(dir: &Path, generation: u16) -> io::Result<[u8; DIR_ID_LEN]> {
     let id = generate()?;
-    write(dir, &id)?;
+    write(dir, &id, generation)?;
     Ok(id)
 }
 
-/// Writes `id` as the directory id of `dir` (temporary file, fsync, rename).
-pub fn write(dir: &Path, id: &[u8; DIR_ID_LEN]) -> io::Result<()> {
+/// The bytes of a `kmfs.dirid` file.
+pub fn encode(id: &[u8; DIR_ID_LEN], generation: u16) -> Vec<u8> {
+    let mut b = id.to_vec();
+    if generation != 0 {
+        b.extend_from_slice(&generation.to_be_bytes());
+    }
+    b
+}
+
+/// Writes `id` (names of generation `generation`) as the directory id of
+/// `dir` (temporary file, fsync, rename).
+pub fn write(dir: &Path, id: &[u8; DIR_ID_LEN], generation: u16) -> io::Result<()> {
     let tmp = dir.join(DIRID_TMP);
     let _ = fs::remove_file(&tmp);
     let mut f = OpenOptions::new()
@@ -36,23 +52,34 @@ pub fn write(dir: &Path, id: &[u8; DIR_ID_LEN]) -> io::Result<()> {
         .create_new(true)
         .mode(0o444)
         .open(&tmp)?;
-    f.write_all(id)?;
+    f.write_all(&encode(id, generation))?;
     f.sync_all()?;
     drop(f);
     fs::rename(&tmp, dir.join(DIRID_FILE))?;
     File::open(dir)?.sync_all()
 }
 
-/// Reads the id of directory `dir`.
-pub fn read(dir: &Path) -> io::Result<[u8; DIR_ID_LEN]> {
+/// Parses the bytes of a `kmfs.dirid` file: (id, generation).
+pub fn decode(b: &[u8]) -> Option<([u8; DIR_ID_LEN], u16)> {
+    let id: [u8; DIR_ID_LEN] = b.get(..DIR_ID_LEN)?.try_into().ok()?;
+    match b.len() {
+        DIR_ID_LEN => Some((id, 0)),
+        n if n == DIR_ID_LEN + 2 => Some((id, u16::from_be_bytes([b[16], b[17]]))),
+        _ => None,
+    }
+}
+
+/// Reads the id of directory `dir` and the generation of its names.
+pub fn read(dir: &Path) -> io::Result<([u8; DIR_ID_LEN], u16)> {
     let b = fs::read(dir.join(DIRID_FILE))?;
-    b.as_slice().try_into().map_err(|_| {
+    decode(&b).ok_or_else(|| {
         io::Error::new(
             io::ErrorKind::InvalidData,
             format!(
-                "{}: directory id is {} bytes, expected {DIR_ID_LEN}",
+                "{}: directory id is {} bytes, expected {DIR_ID_LEN} or {}",
                 dir.join(DIRID_FILE).display(),
-                b.len()
+                b.len(),
+                DIR_ID_LEN + 2
             ),
         )
     })
@@ -65,8 +92,11 @@ mod tests {
     #[test]
     fn create_read_and_reject_damaged() {
         let d = tempfile::tempdir().unwrap();
-        let id = create(d.path()).unwrap();
-        assert_eq!(read(d.path()).unwrap(), id);
+        let id = create(d.path(), 0).unwrap();
+        assert_eq!(read(d.path()).unwrap(), (id, 0));
+        assert_eq!(std::fs::read(d.path().join(DIRID_FILE)).unwrap().len(), 16);
+        write(d.path(), &id, 7).unwrap();
+        assert_eq!(read(d.path()).unwrap(), (id, 7));
         std::fs::remove_file(d.path().join(DIRID_FILE)).unwrap();
         std::fs::write(d.path().join(DIRID_FILE), b"short").unwrap();
         let e = read(d.path()).unwrap_err();

@@ -2,13 +2,12 @@
 //! (docs/FORMAT.md, "Volume header").
 //!
 //! It holds the format version, volume id, cipher suite, block size, which KEK
-//! wraps the keys, the wrapped metadata keys (names, extended attributes, header
-//! MAC), one wrapped DEK per content-key generation (more than one only while a
-//! rekey runs), and the rotation history. Nothing in it is secret. A SHA-256
-//! checksum detects accidental damage without any key; an HMAC-SHA256 keyed
-//! from the metadata keys authenticates every field once they are unwrapped.
-//! Version 1 headers (one DEK, MAC keyed from it) are still read; the next
-//! header update writes version 2. It is replaced atomically (temporary file, fsync, rename, fsync of
+//! wraps the keys, one wrapped DEK per key generation (more than one only
+//! while a rekey runs) and which one is active, and the rotation history.
+//! Nothing in it is secret. A SHA-256 checksum detects accidental damage
+//! without any key; an HMAC-SHA256 keyed from the active generation's DEK
+//! authenticates every field once it is unwrapped. Version 1 headers (one
+//! DEK) are still read; the next header update writes version 2. It is replaced atomically (temporary file, fsync, rename, fsync of
 //! the directory) and the previous version is kept as `kmfs.volume.bak`.
 
 use std::fs::{self, File, OpenOptions};
@@ -60,14 +59,7 @@ pub fn dek_aad(volume_id: &[u8; 16], generation: u16) -> Vec<u8> {
     aad
 }
 
-/// AAD bound to every wrap of this volume's metadata keys.
-pub fn meta_aad(volume_id: &[u8; 16]) -> Vec<u8> {
-    let mut aad = b"kmfs v2 metadata keys ".to_vec();
-    aad.extend_from_slice(volume_id);
-    aad
-}
-
-/// One content-key generation: a DEK wrapped by the header's KEK.
+/// One key generation: a DEK wrapped by the header's KEK.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DekGeneration {
     pub generation: u16,
@@ -92,10 +84,7 @@ pub struct VolumeHeader {
     pub created: u64,
     pub updated: u64,
     pub kek: KekRef,
-    /// The metadata keys (names ‖ metadata ‖ header MAC) wrapped by the KEK.
-    /// Empty in a version 1 header, whose subkeys all derive from generation 0.
-    pub wrapped_meta: Vec<u8>,
-    /// The generation new files are written with.
+    /// The generation new files, directories, symlinks and attributes get.
     pub active: u16,
     /// Every DEK generation a file may still use, in increasing order.
     pub generations: Vec<DekGeneration>,
@@ -225,8 +214,6 @@ impl VolumeHeader {
         b.extend_from_slice(&self.updated.to_be_bytes());
         debug_assert_eq!(b.len(), FIXED_LEN);
         put_kek(&mut b, &self.kek);
-        b.extend_from_slice(&(self.wrapped_meta.len() as u16).to_be_bytes());
-        b.extend_from_slice(&self.wrapped_meta);
         b.extend_from_slice(&self.active.to_be_bytes());
         b.extend_from_slice(&(self.generations.len() as u16).to_be_bytes());
         for g in &self.generations {
@@ -251,7 +238,7 @@ impl VolumeHeader {
     }
 
     /// Serialises the header (always the current version), authenticated with
-    /// the header MAC key `mac_key` (see [`crate::volume::MetaKeys`]).
+    /// the header MAC key `mac_key` (derived from the active generation's DEK).
     pub fn encode(&self, mac_key: &Secret) -> Vec<u8> {
         let mut b = self.body();
         let tag = hmac(mac_key, &b);
@@ -327,7 +314,7 @@ impl VolumeHeader {
         let created = r.u64("created").map_err(malformed)?;
         let updated = r.u64("updated").map_err(malformed)?;
         let kek = r.kek("KEK reference").map_err(malformed)?;
-        let (wrapped_meta, active, generations) = if version == VERSION_1 {
+        let (active, generations) = if version == VERSION_1 {
             let n = r.u16("wrapped key").map_err(malformed)? as usize;
             let wrapped = r.take(n, "wrapped key").map_err(malformed)?.to_vec();
             let g = DekGeneration {
@@ -335,13 +322,8 @@ impl VolumeHeader {
                 created,
                 wrapped,
             };
-            (Vec::new(), 0, vec![g])
+            (0, vec![g])
         } else {
-            let n = r.u16("wrapped metadata keys").map_err(malformed)? as usize;
-            let meta = r
-                .take(n, "wrapped metadata keys")
-                .map_err(malformed)?
-                .to_vec();
             let active = r.u16("active generation").map_err(malformed)?;
             let count = r.u16("key generations").map_err(malformed)?;
             let mut gens: Vec<DekGeneration> = Vec::with_capacity(count as usize);
@@ -366,7 +348,7 @@ impl VolumeHeader {
                     "the active key generation {active} is not in the header"
                 )));
             }
-            (meta, active, gens)
+            (active, gens)
         };
         let count = r.u16("rotation history").map_err(malformed)?;
         let mut history = Vec::with_capacity(count as usize);
@@ -389,7 +371,6 @@ impl VolumeHeader {
             created,
             updated,
             kek,
-            wrapped_meta,
             active,
             generations,
             history,
@@ -554,7 +535,6 @@ mod tests {
                 uid: "42".into(),
                 version: 3,
             },
-            wrapped_meta: vec![0xbb; 157],
             active: 2,
             generations: vec![
                 DekGeneration {
@@ -667,7 +647,6 @@ mod tests {
         assert_eq!(back.generations.len(), 1);
         assert_eq!(back.generations[0].generation, 0);
         assert_eq!(back.generations[0].wrapped, h.generations[0].wrapped);
-        assert!(back.wrapped_meta.is_empty());
         VolumeHeader::verify(&bytes, &v1_mac_key(&dek(), &h.volume_id), p).unwrap();
         assert!(VolumeHeader::verify(&bytes, &dek(), p).is_err());
     }
@@ -692,7 +671,6 @@ mod tests {
         v1.extend_from_slice(&id);
         assert_eq!(dek_aad(&id, 0), v1);
         assert_ne!(dek_aad(&id, 1), dek_aad(&id, 2));
-        assert_ne!(dek_aad(&id, 1), meta_aad(&id));
     }
 
     proptest! {

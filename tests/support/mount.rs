@@ -273,3 +273,49 @@ pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
         })
         .collect()
 }
+
+fn cpath(p: &Path) -> std::ffi::CString {
+    std::ffi::CString::new(std::os::unix::ffi::OsStrExt::as_bytes(p.as_os_str())).unwrap()
+}
+
+/// setxattr(2) on `p`; 0 or the errno.
+pub fn setx(p: &Path, name: &str, v: &[u8]) -> i32 {
+    let (cp, cn) = (cpath(p), std::ffi::CString::new(name).unwrap());
+    // SAFETY: valid C strings and buffer.
+    let r = unsafe { libc::setxattr(cp.as_ptr(), cn.as_ptr(), v.as_ptr().cast(), v.len(), 0) };
+    if r == 0 {
+        0
+    } else {
+        std::io::Error::last_os_error().raw_os_error().unwrap()
+    }
+}
+
+/// getxattr(2) on `p`: the value or the errno.
+pub fn getx(p: &Path, name: &str) -> Result<Vec<u8>, i32> {
+    let (cp, cn) = (cpath(p), std::ffi::CString::new(name).unwrap());
+    let mut buf = vec![0u8; 65536];
+    // SAFETY: valid C strings; buf is writable.
+    let r = unsafe { libc::getxattr(cp.as_ptr(), cn.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+    if r < 0 {
+        return Err(std::io::Error::last_os_error().raw_os_error().unwrap());
+    }
+    buf.truncate(r as usize);
+    Ok(buf)
+}
+
+/// listxattr(2) on `p`, sorted.
+pub fn listx(p: &Path) -> Vec<String> {
+    let cp = cpath(p);
+    let mut buf = vec![0u8; 65536];
+    // SAFETY: valid C string; buf is writable.
+    let r = unsafe { libc::listxattr(cp.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+    assert!(r >= 0);
+    buf.truncate(r as usize);
+    let mut v: Vec<String> = buf
+        .split(|&b| b == 0)
+        .filter(|s| !s.is_empty())
+        .map(|s| String::from_utf8_lossy(s).into_owned())
+        .collect();
+    v.sort();
+    v
+}

@@ -204,6 +204,24 @@ pub fn utimens_fd(fd: BorrowedFd<'_>, times: &[libc::timespec; 2]) -> io::Result
     cvt(unsafe { libc::utimensat(libc::AT_FDCWD, p.as_ptr(), times.as_ptr(), 0) }).map(drop)
 }
 
+/// Sets the times of entry `name` in `dir` itself (a symlink is not followed).
+pub fn utimensat_nofollow(
+    dir: BorrowedFd<'_>,
+    name: &CStr,
+    times: &[libc::timespec; 2],
+) -> io::Result<()> {
+    // SAFETY: valid C string; `times` points to two timespecs.
+    cvt(unsafe {
+        libc::utimensat(
+            dir.as_raw_fd(),
+            name.as_ptr(),
+            times.as_ptr(),
+            libc::AT_SYMLINK_NOFOLLOW,
+        )
+    })
+    .map(drop)
+}
+
 pub fn fallocate(f: &File, mode: libc::c_int, off: u64, len: u64) -> io::Result<()> {
     // SAFETY: plain integer arguments on a descriptor we own.
     cvt(unsafe { libc::fallocate(f.as_raw_fd(), mode, off as libc::off_t, len as libc::off_t) })
