@@ -12,6 +12,8 @@
 //!   database, or SIGCONT), rotation succeeds, and the volume remounts with
 //!   the rotated KEK.
 
+#[path = "support/cli.rs"]
+mod cli;
 #[path = "support/fault.rs"]
 mod fault;
 #[path = "support/mount.rs"]
@@ -23,29 +25,14 @@ use std::ffi::OsString;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use cli::{kmfs, text};
 use fault::Daemon;
-use mount::{KMFS, pattern};
-
-fn kmfs(args: &[&dyn AsRef<std::ffi::OsStr>]) -> Output {
-    let mut c = Command::new(KMFS);
-    for a in args {
-        c.arg(a);
-    }
-    c.output().unwrap()
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
+use mount::pattern;
 
 fn write_config(dir: &Path, pki: &pykmip::Pki, port: u16) -> PathBuf {
     let mut t = String::from("provider = \"kmip\"\n[volume]\nname = \"outage\"\n");

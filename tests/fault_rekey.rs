@@ -17,6 +17,8 @@
 //!   generation, and the audit trail shows the failed and then the successful
 //!   `rekey_retire`.
 
+#[path = "support/cli.rs"]
+mod cli;
 #[path = "support/fault.rs"]
 mod fault;
 #[path = "support/mount.rs"]
@@ -29,28 +31,13 @@ use std::fs::File;
 use std::io::{Read, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 use std::time::{Duration, Instant};
 
+use cli::{kmfs, text};
 use fault::{Daemon, Tmpfs};
-use mount::{KMFS, Volume, pattern};
+use mount::{Volume, pattern};
 use serde_json::Value;
-
-fn kmfs(args: &[&dyn AsRef<std::ffi::OsStr>]) -> Output {
-    let mut c = Command::new(KMFS);
-    for a in args {
-        c.arg(a);
-    }
-    c.output().unwrap()
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
 
 fn json_ok(o: Output, what: &str) -> Value {
     assert!(o.status.success(), "{what} failed: {}", text(&o));
@@ -410,38 +397,6 @@ fn write_kmip_config(etc: &Path, pki: &pykmip::Pki, port: u16) -> PathBuf {
     cfg
 }
 
-/// RFC 4180 rows of the audit CSV (quoted fields may hold commas, quotes
-/// and line ends).
-fn csv_rows(t: &str) -> Vec<Vec<String>> {
-    let mut rows = Vec::new();
-    let mut row = Vec::new();
-    let mut field = String::new();
-    let mut quoted = false;
-    let mut it = t.chars().peekable();
-    while let Some(c) = it.next() {
-        match (quoted, c) {
-            (true, '"') if it.peek() == Some(&'"') => {
-                it.next();
-                field.push('"');
-            }
-            (true, '"') => quoted = false,
-            (true, c) => field.push(c),
-            (false, '"') => quoted = true,
-            (false, ',') => row.push(std::mem::take(&mut field)),
-            (false, '\n') => {
-                row.push(std::mem::take(&mut field));
-                rows.push(std::mem::take(&mut row));
-            }
-            (false, c) => field.push(c),
-        }
-    }
-    if !field.is_empty() || !row.is_empty() {
-        row.push(field);
-        rows.push(row);
-    }
-    rows
-}
-
 #[test]
 fn key_server_outage_during_rekey_waits_then_resumes() {
     if !pykmip::available() {
@@ -582,7 +537,7 @@ fn key_server_outage_during_rekey_waits_then_resumes() {
     // The audit trail: the new generation, then failed and finally a
     // successful retirement of the old one.
     let audit = std::fs::read_to_string(etc.join("audit.csv")).unwrap();
-    let rows = csv_rows(&audit);
+    let rows = cli::parse_csv(&audit);
     assert_eq!(
         rows.first().map(|r| r.join(",")).as_deref(),
         Some("date,time,volume,operation,server,ip,port,key,version,user,result,reason")

@@ -2,6 +2,9 @@
 //! `verify_file`, restarts, rotation, concurrency, the CSV audit file, and the
 //! process-wide `logging::init`.
 
+#[path = "support/cli.rs"]
+mod cli;
+
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -315,37 +318,6 @@ fn rec(op: &str, result: &str, reason: &str) -> AuditRecord {
     }
 }
 
-/// Minimal RFC 4180 reader for checking what we wrote.
-fn parse_csv(text: &str) -> Vec<Vec<String>> {
-    let mut rows = Vec::new();
-    let mut row = Vec::new();
-    let mut field = String::new();
-    let mut quoted = false;
-    let mut chars = text.chars().peekable();
-    while let Some(c) = chars.next() {
-        match (quoted, c) {
-            (true, '"') if chars.peek() == Some(&'"') => {
-                chars.next();
-                field.push('"');
-            }
-            (true, '"') => quoted = false,
-            (true, c) => field.push(c),
-            (false, '"') => quoted = true,
-            (false, ',') => row.push(std::mem::take(&mut field)),
-            (false, '\n') => {
-                row.push(std::mem::take(&mut field));
-                rows.push(std::mem::take(&mut row));
-            }
-            (false, c) => field.push(c),
-        }
-    }
-    assert!(
-        field.is_empty() && row.is_empty(),
-        "file must end with a row end"
-    );
-    rows
-}
-
 #[test]
 fn csv_header_once_and_append_only() {
     let dir = tempfile::tempdir().unwrap();
@@ -362,7 +334,7 @@ fn csv_header_once_and_append_only() {
     assert!(after.starts_with(&before), "existing rows untouched");
     let text = String::from_utf8(after).unwrap();
     assert_eq!(text.matches(CSV_HEADER).count(), 1);
-    let rows = parse_csv(&text);
+    let rows = cli::parse_csv(&text);
     assert_eq!(rows.len(), 4);
     assert_eq!(rows[0].join(","), CSV_HEADER);
     assert_eq!(rows[3][3], "revoke");
@@ -378,7 +350,7 @@ fn csv_quotes_commas_quotes_newlines() {
     let reason = "Item Not Found, \"vol1-kek\"\nsecond line\r\nthird";
     a.append(&rec("locate", "fail", reason), "1000(alice)")
         .unwrap();
-    let rows = parse_csv(&fs::read_to_string(&path).unwrap());
+    let rows = cli::parse_csv(&fs::read_to_string(&path).unwrap());
     assert_eq!(rows.len(), 2);
     assert_eq!(rows[1].len(), 12);
     assert_eq!(rows[1][2], "vol, \"one\"");
@@ -395,7 +367,7 @@ fn csv_columns_utc_and_user() {
         .to_offset(time::UtcOffset::from_hms(-5, 0, 0).unwrap());
     a.append_at(&rec("unwrap", "ok", ""), "1000(alice)", t)
         .unwrap();
-    let rows = parse_csv(&fs::read_to_string(&path).unwrap());
+    let rows = cli::parse_csv(&fs::read_to_string(&path).unwrap());
     let header: Vec<&str> = CSV_HEADER.split(',').collect();
     assert_eq!(
         header,
@@ -470,7 +442,7 @@ fn csv_syncs_every_row_and_is_thread_safe() {
         t.join().unwrap();
     }
     assert_eq!(a.rows_synced(), 100);
-    let rows = parse_csv(&fs::read_to_string(&path).unwrap());
+    let rows = cli::parse_csv(&fs::read_to_string(&path).unwrap());
     assert_eq!(rows.len(), 101);
     assert!(rows.iter().all(|r| r.len() == 12));
 }
@@ -539,7 +511,7 @@ fn init_installs_file_logger_and_audit_sink() {
         "level=WARN volume=vol1 op=rotate_kek server=km1 ip=10.0.0.5 port=5696 key=vol1-kek version=3 user=4242(carol) result=fail error=\"server said: \\\"Permission Denied\\\"\""
     ), "{text}");
 
-    let rows = parse_csv(&fs::read_to_string(&audit_path).unwrap());
+    let rows = cli::parse_csv(&fs::read_to_string(&audit_path).unwrap());
     assert_eq!(rows.len(), 3);
     assert_eq!(rows[1][3], "unwrap");
     assert_eq!(rows[1][9], audit::process_user());
