@@ -608,9 +608,29 @@ impl Pkcs11Provider {
 
     /// Runs `f` with the provider's session, reopening it once if the token
     /// dropped it.
-    fn with_session<T>(&self, f: impl FnMut(&Session) -> OpResult<T>) -> Result<T, KmsError> {
-        let _shared = OBJECTS_CHANGE.read().unwrap_or_else(|e| e.into_inner());
-        self.with_session_inner(f)
+    ///
+    /// A key that is not found is looked for twice more, 150 ms apart and on
+    /// a fresh session: SoftHSM 2.6 keeps its objects in files, and while
+    /// another *process* writes the token (creates a key: another kmfs
+    /// rotating, pkcs11-tool), a reader can briefly see the token without
+    /// objects that are there. A key that is really missing costs 0.3 s more
+    /// to report.
+    fn with_session<T>(&self, mut f: impl FnMut(&Session) -> OpResult<T>) -> Result<T, KmsError> {
+        let mut attempt = 0;
+        loop {
+            let r = {
+                let _shared = OBJECTS_CHANGE.read().unwrap_or_else(|e| e.into_inner());
+                self.with_session_inner(&mut f)
+            };
+            match r {
+                Err(KmsError::KeyNotFound(_)) if attempt < 2 => {
+                    attempt += 1;
+                    *self.session.lock().unwrap_or_else(|e| e.into_inner()) = None;
+                    std::thread::sleep(std::time::Duration::from_millis(150));
+                }
+                r => return r,
+            }
+        }
     }
 
     /// [`with_session`](Self::with_session) for operations that create or
