@@ -21,7 +21,6 @@ mod mount;
 #[path = "support/pykmip.rs"]
 mod pykmip;
 
-use std::ffi::OsString;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -211,20 +210,7 @@ fn io_and_status_survive_key_server_outages_and_rotation_recovers() {
     let cfg = write_config(&etc, &pki, port);
     let back = tmp.path().join("back");
     let mnt = tmp.path().join("mnt");
-    std::fs::create_dir(&back).unwrap();
-    std::fs::create_dir(&mnt).unwrap();
-    let o = kmfs(&[&"init", &"--create-kek", &"--config", &cfg, &back]);
-    assert!(o.status.success(), "{}", text(&o));
-
-    let args: Vec<OsString> = vec![
-        "mount".into(),
-        "--config".into(),
-        cfg.clone().into(),
-        "-f".into(),
-        back.clone().into(),
-        mnt.clone().into(),
-    ];
-    let mut d = Daemon::spawn(&args, &mnt, tmp.path());
+    let mut d = Daemon::init_and_mount(&cfg, &back, &mnt, tmp.path());
     std::fs::write(mnt.join("before"), pattern(1, 123_457)).unwrap();
     let v1 = status_ok(&mnt)["kek"]["version"].as_u64().unwrap();
 
@@ -267,7 +253,7 @@ fn io_and_status_survive_key_server_outages_and_rotation_recovers() {
     let st = d.unmount();
     assert!(st.is_some_and(|s| s.success()), "{}", d.log_text());
     assert!(!d.log_text().contains("panicked"));
-    let d = Daemon::spawn(&args, &mnt, tmp.path());
+    let d = Daemon::mount_config(&cfg, &back, &mnt, tmp.path());
     assert_eq!(
         std::fs::read(mnt.join("before")).unwrap(),
         pattern(1, 123_457)

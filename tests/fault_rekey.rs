@@ -26,7 +26,6 @@ mod mount;
 #[path = "support/pykmip.rs"]
 mod pykmip;
 
-use std::ffi::OsString;
 use std::fs::File;
 use std::io::{Read, Write};
 use std::os::unix::fs::PermissionsExt;
@@ -416,19 +415,7 @@ fn key_server_outage_during_rekey_waits_then_resumes() {
     let cfg = write_kmip_config(&etc, &pki, server.port);
     let back = tmp.path().join("back");
     let mnt = tmp.path().join("mnt");
-    std::fs::create_dir(&back).unwrap();
-    std::fs::create_dir(&mnt).unwrap();
-    let o = kmfs(&[&"init", &"--create-kek", &"--config", &cfg, &back]);
-    assert!(o.status.success(), "init: {}", text(&o));
-    let args: Vec<OsString> = vec![
-        "mount".into(),
-        "--config".into(),
-        cfg.clone().into(),
-        "-f".into(),
-        back.clone().into(),
-        mnt.clone().into(),
-    ];
-    let mut d = Daemon::spawn(&args, &mnt, tmp.path());
+    let mut d = Daemon::init_and_mount(&cfg, &back, &mnt, tmp.path());
 
     // 300 files of 20–60 KiB (about 12 MB): at 2 MB/s the walk takes
     // several seconds, so the server is surely stopped before the end.
@@ -584,7 +571,7 @@ fn key_server_outage_during_rekey_waits_then_resumes() {
     let t = d.log_text();
     assert!(st.is_some_and(|s| s.success()), "{t}");
     assert!(!t.contains("panicked"), "{t}");
-    let mut d = Daemon::spawn(&args, &mnt, tmp.path());
+    let mut d = Daemon::mount_config(&cfg, &back, &mnt, tmp.path());
     verify(&mnt, &files, "after a remount");
     let st = d.unmount();
     assert!(st.is_some_and(|s| s.success()), "{}", d.log_text());

@@ -46,6 +46,39 @@ impl Daemon {
         Daemon::spawn(&args, &vol.mnt, vol.dir.path())
     }
 
+    /// `kmfs init --create-kek --config CFG BACK`, then a foreground mount of
+    /// BACK on `mnt` with the same config (logs in `logdir`).
+    pub fn init_and_mount(cfg: &Path, back: &Path, mnt: &Path, logdir: &Path) -> Daemon {
+        std::fs::create_dir_all(back).unwrap();
+        std::fs::create_dir_all(mnt).unwrap();
+        let o = Command::new(KMFS)
+            .args(["init", "--create-kek", "--config"])
+            .arg(cfg)
+            .arg(back)
+            .output()
+            .unwrap();
+        assert!(
+            o.status.success(),
+            "kmfs init: {}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
+        Daemon::mount_config(cfg, back, mnt, logdir)
+    }
+
+    /// `kmfs mount --config CFG -f BACK MNT` (logs in `logdir`).
+    pub fn mount_config(cfg: &Path, back: &Path, mnt: &Path, logdir: &Path) -> Daemon {
+        let args: Vec<OsString> = vec![
+            "mount".into(),
+            "--config".into(),
+            cfg.into(),
+            "-f".into(),
+            back.into(),
+            mnt.into(),
+        ];
+        Daemon::spawn(&args, mnt, logdir)
+    }
+
     /// Runs `kmfs ARGS` (a foreground mount of `mnt`), logging stderr to a file
     /// in `logdir`, and waits until the mount is live.
     pub fn spawn(args: &[OsString], mnt: &Path, logdir: &Path) -> Daemon {
