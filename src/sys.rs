@@ -321,3 +321,24 @@ pub fn listxattr(fd: BorrowedFd<'_>) -> io::Result<Vec<u8>> {
         }
     }
 }
+
+/// Whether process `pid`, whose file-system gid is `fsgid`, is a member of
+/// group `gid`: its fsgid or one of its supplementary groups (the `Groups:`
+/// line of /proc/PID/status). When the process cannot be inspected (gone,
+/// or /proc unreadable) the answer is no.
+pub fn pid_in_group(pid: u32, fsgid: u32, gid: u32) -> bool {
+    if fsgid == gid {
+        return true;
+    }
+    let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
+        return false;
+    };
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Groups:"))
+        .is_some_and(|groups| {
+            groups
+                .split_whitespace()
+                .any(|g| g.parse::<u32>() == Ok(gid))
+        })
+}

@@ -8,7 +8,7 @@
 
 #[path = "support/cli.rs"]
 mod cli;
-use cli::{KMFS, is_mounted, text};
+use cli::{KMFS, fstype, is_mounted, text};
 
 #[path = "support/pykmip.rs"]
 mod pykmip;
@@ -141,6 +141,11 @@ fn mount_t_fuse_kmfs_fstab_and_failure_paths() {
     assert!(
         is_mounted(&s.mnt),
         "mount returned before the mount was live"
+    );
+    assert_eq!(
+        fstype(&s.mnt).as_deref(),
+        Some("fuse.kmfs"),
+        "the mount table should name the type fstab uses"
     );
     std::fs::write(s.mnt.join("hello.txt"), b"through mount(8)").unwrap();
     assert_eq!(

@@ -763,4 +763,26 @@ fn fallocate_by_non_root_clears_setid_bits() {
     assert!(st.success());
     assert_eq!(fs::metadata(&f).unwrap().mode() & 0o7777, 0o0775);
     assert_eq!(fs::metadata(&f).unwrap().len(), 65536);
+
+    // Set-gid without group-execute (the kernel's rule, generic/683): it
+    // goes when the caller is not in the file's group, and stays when it is.
+    for (name, group, after) in [("other", 12345, 0o0666), ("member", 65534, 0o2666)] {
+        let f = dir.join(name);
+        fs::write(&f, b"data").unwrap();
+        std::os::unix::fs::chown(&f, Some(0), Some(group)).unwrap();
+        fs::set_permissions(&f, fs::Permissions::from_mode(0o2666)).unwrap();
+        let st = Command::new("fallocate")
+            .args(["-l", "8192"])
+            .arg(&f)
+            .uid(65534)
+            .gid(65534)
+            .status()
+            .unwrap();
+        assert!(st.success());
+        assert_eq!(
+            fs::metadata(&f).unwrap().mode() & 0o7777,
+            after,
+            "{name}: file group {group}, caller group 65534"
+        );
+    }
 }

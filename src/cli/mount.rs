@@ -459,10 +459,13 @@ fn fuse_config(plan: &Plan, allow_other: bool, read_only: bool) -> fuser::Config
         ),
         M::DefaultPermissions,
     ];
+    // The subtype goes to the kernel as a mount option (fuser would keep
+    // `Subtype` for fusermount only), so the mount table says `fuse.kmfs`, the
+    // type fstab and `mount -t` use, and `findmnt -t fuse.kmfs` finds it.
     match plan.opts.subtype.as_deref() {
-        None => mo.push(M::Subtype("kmfs".into())),
+        None => mo.push(M::CUSTOM("subtype=kmfs".into())),
         Some("") => {}
-        Some(s) => mo.push(M::Subtype(s.to_string())),
+        Some(s) => mo.push(M::CUSTOM(format!("subtype={s}"))),
     }
     if read_only {
         mo.push(M::RO);

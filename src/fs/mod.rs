@@ -886,7 +886,7 @@ impl KmfsFs {
         offset: u64,
         length: u64,
         mode: i32,
-        caller_uid: u32,
+        caller: Caller,
     ) -> R<()> {
         self.ro()?;
         if mode & !libc::FALLOC_FL_KEEP_SIZE != 0 {
@@ -914,8 +914,8 @@ impl KmfsFs {
         }
         // fallocate modifies the file like a write: a caller without
         // CAP_FSETID (non-root here) loses the set-id bits (xfstests generic/683).
-        if caller_uid != 0 {
-            self.kill_priv(&h.inode, true);
+        if caller.uid != 0 {
+            self.kill_priv(&h.inode, Some(caller));
         }
         Ok(())
     }
@@ -1098,13 +1098,18 @@ impl KmfsFs {
     /// What the kernel leaves to us under FUSE_HANDLE_KILLPRIV_V2 after a
     /// write or truncate by a caller without CAP_FSETID, or a chown: clear
     /// S_ISUID, S_ISGID when group-executable, and the file capability.
-    fn kill_priv(&self, inode: &Inode, clear_mode: bool) {
+    fn kill_priv(&self, inode: &Inode, clear_mode: Option<Caller>) {
         if inode.kind != FileType::RegularFile {
             return;
         }
-        if clear_mode && let Ok(st) = sys::fstat(inode.fd()) {
+        if let Some(caller) = clear_mode
+            && let Ok(st) = sys::fstat(inode.fd())
+        {
+            // The kernel's rule (setattr_should_drop_sgid): set-gid goes with
+            // group-execute, or when the caller is not in the file's group;
+            // set-gid without group-execute is otherwise a locking marker.
             let mut kill = libc::S_ISUID;
-            if st.st_mode & libc::S_IXGRP != 0 {
+            if st.st_mode & libc::S_IXGRP != 0 || !caller.in_group(st.st_gid) {
                 kill |= libc::S_ISGID;
             }
             if st.st_mode & kill != 0
@@ -1137,7 +1142,7 @@ impl KmfsFs {
         atime: Option<TimeOrNow>,
         mtime: Option<TimeOrNow>,
         fh: Option<FileHandle>,
-        caller_uid: u32,
+        caller: Caller,
     ) -> R<FileAttr> {
         let inode = self.inode(ino)?;
         if mode.is_some()
@@ -1154,7 +1159,7 @@ impl KmfsFs {
             // The backing chown cleared the set-id bits; the capability is
             // one of our encrypted attributes.
             if self.killpriv {
-                self.kill_priv(&inode, false);
+                self.kill_priv(&inode, None);
             }
         }
         if let Some(m) = mode {
@@ -1167,8 +1172,8 @@ impl KmfsFs {
             self.truncate(&inode, fh, s)?;
             // The kernel's FATTR_KILL_SUIDGID (caller without CAP_FSETID) is
             // not passed on by fuser: a non-root caller stands for it.
-            if self.killpriv && caller_uid != 0 {
-                self.kill_priv(&inode, true);
+            if self.killpriv && caller.uid != 0 {
+                self.kill_priv(&inode, Some(caller));
             }
         }
         if atime.is_some() || mtime.is_some() {
@@ -1267,6 +1272,29 @@ impl KmfsFs {
     }
 }
 
+/// Who sent a request, for the set-id rules that depend on the caller.
+#[derive(Clone, Copy, Debug)]
+struct Caller {
+    uid: u32,
+    gid: u32,
+    pid: u32,
+}
+
+impl Caller {
+    fn of(req: &Request) -> Caller {
+        Caller {
+            uid: req.uid(),
+            gid: req.gid(),
+            pid: req.pid(),
+        }
+    }
+
+    /// Whether the caller is a member of group `gid`.
+    fn in_group(&self, gid: u32) -> bool {
+        sys::pid_in_group(self.pid, self.gid, gid)
+    }
+}
+
 impl Filesystem for KmfsFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> io::Result<()> {
         let _ = config.set_max_write(1 << 20);
@@ -1346,7 +1374,7 @@ impl Filesystem for KmfsFs {
         _flags: Option<fuser::BsdFileFlags>,
         reply: ReplyAttr,
     ) {
-        match self.do_setattr(ino, mode, uid, gid, size, atime, mtime, fh, req.uid()) {
+        match self.do_setattr(ino, mode, uid, gid, size, atime, mtime, fh, Caller::of(req)) {
             Ok(a) => reply.attr(&self.opts.ttl, &a),
             Err(e) => reply.error(e),
         }
@@ -1494,7 +1522,7 @@ impl Filesystem for KmfsFs {
 
     fn write(
         &self,
-        _req: &Request,
+        req: &Request,
         _ino: INodeNo,
         fh: FileHandle,
         offset: u64,
@@ -1510,7 +1538,7 @@ impl Filesystem for KmfsFs {
             && write_flags.contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID)
             && let Some(h) = self.files.get(fh.0)
         {
-            self.kill_priv(&h.inode, true);
+            self.kill_priv(&h.inode, Some(Caller::of(req)));
         }
         match r {
             Ok(n) => {
@@ -1839,7 +1867,7 @@ impl Filesystem for KmfsFs {
         mode: i32,
         reply: ReplyEmpty,
     ) {
-        match self.do_fallocate(fh, offset, length, mode, req.uid()) {
+        match self.do_fallocate(fh, offset, length, mode, Caller::of(req)) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(e),
         }

@@ -41,6 +41,19 @@ pub fn is_mounted(p: &Path) -> bool {
         .any(|l| l.split(' ').nth(4) == Some(want.as_str()))
 }
 
+/// The file-system type /proc/self/mountinfo gives for the mountpoint `p`
+/// (the field after the ` - ` separator), if `p` is mounted.
+pub fn fstype(p: &Path) -> Option<String> {
+    let want = p.display().to_string();
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .rfind(|l| l.split(' ').nth(4) == Some(want.as_str()))
+        .and_then(|l| l.split(" - ").nth(1))
+        .and_then(|rest| rest.split(' ').next())
+        .map(str::to_string)
+}
+
 /// Minimal RFC 4180 reader (quoted fields may hold commas, quotes and line
 /// ends), for checking the audit CSV kmfs writes.
 pub fn parse_csv(text: &str) -> Vec<Vec<String>> {
