@@ -5,7 +5,8 @@
 //! the tree and checks what the filesystem relies on: every directory has its
 //! id, every name decrypts in its directory, long names match their
 //! sidecars, symlink targets decrypt, every file header parses and names a
-//! key generation the header holds. It also finds what crashes leave behind
+//! key generation the header holds, and every encrypted extended attribute
+//! of a file or directory authenticates with one of those generations. It also finds what crashes leave behind
 //! (temporary files, half-created directories, orphaned sidecars, torn file
 //! headers, a pending rekey journal record); `--repair` removes or finishes
 //! those, and never touches anything it cannot prove is a leftover.
@@ -19,6 +20,7 @@ use std::path::{Path, PathBuf};
 use serde::Serialize;
 
 use crate::crypto::names::{self, DIR_ID_LEN};
+use crate::crypto::xattr::{Mapped, XattrCipher};
 use crate::rekey;
 use crate::volume::layout::{FileHeader, HEADER_LEN};
 use crate::volume::{Volume, dirid, header};
@@ -68,6 +70,8 @@ impl Report {
 
 struct Checker<'a> {
     vol: &'a Volume,
+    /// The attribute cipher of every generation the header holds.
+    xciphers: Vec<(u16, XattrCipher)>,
     repair: bool,
     report: Report,
     progress: &'a mut dyn FnMut(u64),
@@ -153,6 +157,7 @@ impl Checker<'_> {
         } else {
             None
         };
+        self.xattrs(rel, plain.as_deref());
         let mut entries: Vec<(OsString, fs::Metadata)> = match fs::read_dir(&abs) {
             Ok(rd) => rd
                 .flatten()
@@ -353,6 +358,7 @@ impl Checker<'_> {
 
     fn file(&mut self, brel: &Path, plain: Option<&Path>, md: &fs::Metadata) {
         self.report.files += 1;
+        self.xattrs(brel, plain);
         let len = md.len();
         if len == 0 {
             return;
@@ -399,6 +405,56 @@ impl Checker<'_> {
         }
     }
 
+    /// The encrypted extended attributes of the file or directory `brel`:
+    /// each must authenticate (AES-GCM, bound to its backing name) with a
+    /// generation the header holds. A name stored under two generations is
+    /// what an interrupted rekey leaves; the next rekey removes the old one.
+    fn xattrs(&mut self, brel: &Path, plain: Option<&Path>) {
+        let mut bad: Vec<String> = Vec::new();
+        let mut seen: Vec<Vec<u8>> = Vec::new();
+        let mut twice = 0;
+        let ciphers = &self.xciphers;
+        let r = rekey::metadata::each_xattr(&self.vol.backing.join(brel), &mut |_, n, blob| {
+            let opened = ciphers.iter().find_map(|(_, c)| {
+                let (name, _) = c.open(n, blob)?;
+                // The value names the attribute it belongs to; the backing
+                // name must be that name's encoding under the same key.
+                (c.map_name(&name).ok()? == Mapped::Encrypted(n.to_vec())).then_some(name)
+            });
+            match opened {
+                Some(name) if seen.contains(&name) => twice += 1,
+                Some(name) => seen.push(name),
+                None => bad.push(String::from_utf8_lossy(n).into_owned()),
+            }
+            Ok(())
+        });
+        if let Err(e) = r {
+            self.find(
+                Severity::Error,
+                brel,
+                plain,
+                format!("cannot list extended attributes: {e}"),
+            );
+            return;
+        }
+        for n in bad {
+            self.find(
+                Severity::Error,
+                brel,
+                plain,
+                format!("extended attribute {n} does not authenticate with any key generation the header holds (damaged or foreign): unreadable"),
+            );
+        }
+        if twice > 0 {
+            self.find(
+                Severity::Warning,
+                brel,
+                plain,
+                format!("{twice} extended attribute(s) stored under two key generations (an interrupted rekey); the copy on the newest generation is used and the next rekey removes the other"),
+            );
+        }
+    }
+
     fn symlink(&mut self, brel: &Path, plain: Option<&Path>) {
         self.report.symlinks += 1;
         if self.vol.header.plaintext_names() {
@@ -442,6 +498,7 @@ impl Checker<'_> {
 pub fn check(vol: &Volume, repair: bool, progress: &mut dyn FnMut(u64)) -> Report {
     let mut c = Checker {
         vol,
+        xciphers: rekey::metadata::xattr_ciphers(&vol.keys.generations.all()),
         repair,
         report: Report::default(),
         progress,

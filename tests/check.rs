@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 
 use cli::{kmfs, text};
 use fault::Daemon;
-use mount::Volume;
+use mount::{Volume, getx, listx, setx};
 
 fn check(vol: &Volume, extra: &[&str]) -> (i32, String, serde_json::Value) {
     let mut args: Vec<&dyn AsRef<std::ffi::OsStr>> = vec![&"check", &"--keyfile", &vol.key];
@@ -71,6 +71,8 @@ fn clean_damaged_repaired_and_mounted() {
     std::fs::write(m.join("empty"), b"").unwrap();
     std::fs::write(m.join("L".repeat(220)), b"long name").unwrap();
     std::os::unix::fs::symlink("a/b/data", m.join("link")).unwrap();
+    assert_eq!(setx(&m.join("a/b/data"), "user.tag", b"backup set 7"), 0);
+    assert_eq!(setx(&m.join("c"), "user.owner", b"finance"), 0);
     std::fs::hard_link(m.join("tiny"), m.join("a/tiny2")).unwrap();
     nix::unistd::mkfifo(
         &m.join("fifo"),
@@ -133,6 +135,17 @@ fn clean_damaged_repaired_and_mounted() {
         .path();
     std::fs::write(&torn_src, [b'K'; 10]).unwrap();
     std::fs::write(b.join("kmfs.volume.bak"), b"not a header").unwrap();
+    // (5) A damaged encrypted attribute value (on a/b/data).
+    let data = only_entry(&sub);
+    let attr: Vec<String> = listx(&data)
+        .into_iter()
+        .filter(|n| n.starts_with("user.kmfs."))
+        .collect();
+    assert_eq!(attr.len(), 1, "{attr:?}");
+    let good = getx(&data, &attr[0]).unwrap();
+    let mut bad = good.clone();
+    *bad.last_mut().unwrap() ^= 1;
+    assert_eq!(setx(&data, &attr[0], &bad), 0);
 
     let (code, out, j) = check(&vol, &[]);
     assert_eq!(code, 20, "{out}");
@@ -145,12 +158,13 @@ fn clean_damaged_repaired_and_mounted() {
         "long-name sidecar without its entry",
         "file header incomplete (10 of 40 bytes",
         "header backup is damaged",
+        "does not authenticate with any key generation the header holds",
         "/c/victim",
         "/empty",
     ] {
         assert!(out.contains(want), "missing {want:?} in\n{out}");
     }
-    assert_eq!(count(&j, "error"), 3, "{j:#}");
+    assert_eq!(count(&j, "error"), 4, "{j:#}");
     assert_eq!(count(&j, "leftover"), 4, "{j:#}");
     assert_eq!(count(&j, "warning"), 1, "{j:#}");
     // Read-only by default: everything is still there.
@@ -173,13 +187,19 @@ fn clean_damaged_repaired_and_mounted() {
         std::fs::read(b.join("kmfs.volume")).unwrap()
     );
     let (_, _, j) = check(&vol, &[]);
-    assert_eq!(count(&j, "error"), 3, "{j:#}");
+    assert_eq!(count(&j, "error"), 4, "{j:#}");
+    assert_eq!(
+        getx(&data, &attr[0]).unwrap(),
+        bad,
+        "repair left the attribute alone"
+    );
     assert_eq!(count(&j, "leftover") + count(&j, "warning"), 0, "{j:#}");
 
     // Undo the damage by hand: clean again, and the volume mounts and reads.
     std::fs::remove_file(b.join(victim.file_name().unwrap())).unwrap();
     std::fs::remove_file(&victim).unwrap();
     std::fs::write(sub.join("kmfs.dirid"), &id).unwrap();
+    assert_eq!(setx(&data, &attr[0], &good), 0);
     let (code, out, _) = check(&vol, &[]);
     assert_eq!(code, 0, "{out}");
     let d = Daemon::mount(&vol);
@@ -188,6 +208,11 @@ fn clean_damaged_repaired_and_mounted() {
         vec![7u8; 100_000]
     );
     assert_eq!(std::fs::read(m.join("empty")).unwrap(), b"");
+    assert_eq!(
+        getx(&m.join("a/b/data"), "user.tag").unwrap(),
+        b"backup set 7"
+    );
+    assert_eq!(getx(&m.join("c"), "user.owner").unwrap(), b"finance");
     drop(d);
 }
 

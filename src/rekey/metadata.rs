@@ -273,9 +273,11 @@ pub fn xattrs_behind(path: &Path, ciphers: &[(u16, XattrCipher)], to: u16) -> io
 }
 
 /// Called with (inode, backing attribute name, stored value).
-type XattrVisit<'a> = dyn FnMut(BorrowedFd<'_>, &[u8], &[u8]) -> io::Result<()> + 'a;
+pub(crate) type XattrVisit<'a> = dyn FnMut(BorrowedFd<'_>, &[u8], &[u8]) -> io::Result<()> + 'a;
 
-fn each_xattr(path: &Path, f: &mut XattrVisit<'_>) -> io::Result<()> {
+/// Calls `f` for every encrypted attribute (`user.kmfs.*`) of the backing
+/// inode at `path` (not followed if it is a symlink).
+pub(crate) fn each_xattr(path: &Path, f: &mut XattrVisit<'_>) -> io::Result<()> {
     let fd: OwnedFd = std::fs::OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_PATH | libc::O_NOFOLLOW)
