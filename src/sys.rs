@@ -342,3 +342,11 @@ pub fn pid_in_group(pid: u32, fsgid: u32, gid: u32) -> bool {
                 .any(|g| g.parse::<u32>() == Ok(gid))
         })
 }
+
+/// Removes the file at `p`; one that is already gone is not an error.
+pub fn remove_file_if_exists(p: &std::path::Path) -> io::Result<()> {
+    match std::fs::remove_file(p) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    }
+}

@@ -740,6 +740,18 @@ fn rsync_and_tar_roundtrip_with_acls_and_xattrs() {
     assert_eq!(getx(&x.join("sub/a.bin"), "user.tag").unwrap(), b"backup");
 }
 
+/// `fallocate -l LEN F` as uid and gid 65534 (nobody, nogroup).
+fn fallocate_as_nobody(f: &Path, len: u64) {
+    let st = Command::new("fallocate")
+        .args(["-l", &len.to_string()])
+        .arg(f)
+        .uid(65534)
+        .gid(65534)
+        .status()
+        .unwrap();
+    assert!(st.success(), "fallocate -l {len} {} as nobody", f.display());
+}
+
 /// fallocate by a caller without CAP_FSETID clears the set-id bits, as a
 /// write does (xfstests generic/683).
 #[test]
@@ -753,14 +765,7 @@ fn fallocate_by_non_root_clears_setid_bits() {
     std::os::unix::fs::chown(&f, Some(65534), Some(65534)).unwrap();
     fs::set_permissions(&f, fs::Permissions::from_mode(0o6775)).unwrap();
     assert_eq!(fs::metadata(&f).unwrap().mode() & 0o7777, 0o6775);
-    let st = Command::new("fallocate")
-        .args(["-l", "65536"])
-        .arg(&f)
-        .uid(65534)
-        .gid(65534)
-        .status()
-        .unwrap();
-    assert!(st.success());
+    fallocate_as_nobody(&f, 65536);
     assert_eq!(fs::metadata(&f).unwrap().mode() & 0o7777, 0o0775);
     assert_eq!(fs::metadata(&f).unwrap().len(), 65536);
 
@@ -771,14 +776,7 @@ fn fallocate_by_non_root_clears_setid_bits() {
         fs::write(&f, b"data").unwrap();
         std::os::unix::fs::chown(&f, Some(0), Some(group)).unwrap();
         fs::set_permissions(&f, fs::Permissions::from_mode(0o2666)).unwrap();
-        let st = Command::new("fallocate")
-            .args(["-l", "8192"])
-            .arg(&f)
-            .uid(65534)
-            .gid(65534)
-            .status()
-            .unwrap();
-        assert!(st.success());
+        fallocate_as_nobody(&f, 8192);
         assert_eq!(
             fs::metadata(&f).unwrap().mode() & 0o7777,
             after,

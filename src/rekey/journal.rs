@@ -276,10 +276,7 @@ impl Journal {
 
     /// Removes the journal of `backing` (the rekey finished).
     pub fn remove(backing: &Path) -> io::Result<()> {
-        match std::fs::remove_file(path(backing)) {
-            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
-            _ => Ok(()),
-        }
+        crate::sys::remove_file_if_exists(&path(backing))
     }
 }
 

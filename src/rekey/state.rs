@@ -58,10 +58,7 @@ impl RekeyState {
 }
 
 pub fn remove(backing: &Path) -> io::Result<()> {
-    match std::fs::remove_file(path(backing)) {
-        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
-        _ => Ok(()),
-    }
+    crate::sys::remove_file_if_exists(&path(backing))
 }
 
 #[cfg(test)]
