@@ -10,7 +10,6 @@ use cli::{kmfs, ok};
 #[path = "support/softhsm.rs"]
 mod softhsm;
 
-use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::Command;
 
@@ -31,9 +30,7 @@ fn rotate_twice_then_restore_the_oldest_backup() {
     let _turn = TOKEN_LOCK.lock().unwrap_or_else(|e| e.into_inner());
     let hsm = softhsm::Hsm::shared();
     let tmp = tempfile::tempdir().unwrap();
-    let etc = tmp.path().join("etc");
-    std::fs::create_dir(&etc).unwrap();
-    std::fs::set_permissions(&etc, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let etc = cli::private_dir(tmp.path().join("etc"));
     let cfg = etc.join("vol.toml");
     softhsm::write_private(
         &cfg,
@@ -119,9 +116,7 @@ fn rotation_failure_leaves_the_volume_usable() {
     let _turn = TOKEN_LOCK.lock().unwrap_or_else(|e| e.into_inner());
     let hsm = softhsm::Hsm::shared();
     let tmp = tempfile::tempdir().unwrap();
-    let etc = tmp.path().join("etc");
-    std::fs::create_dir(&etc).unwrap();
-    std::fs::set_permissions(&etc, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let etc = cli::private_dir(tmp.path().join("etc"));
     let cfg = etc.join("vol.toml");
     let write = |extra: &str| {
         softhsm::write_private(

@@ -95,9 +95,7 @@ fn write_cfg(path: &Path, pki: &pykmip::Pki, port: u16, etc: &Path) {
 
 fn setup(pki: &pykmip::Pki, port: u16) -> Setup {
     let tmp = tempfile::tempdir().unwrap();
-    let etc = tmp.path().join("etc");
-    std::fs::create_dir(&etc).unwrap();
-    std::fs::set_permissions(&etc, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let etc = cli::private_dir(tmp.path().join("etc"));
     let cfg = etc.join("deploy.toml");
     write_cfg(&cfg, pki, port, &etc);
     let back = tmp.path().join("cipher");

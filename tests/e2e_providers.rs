@@ -33,9 +33,7 @@ struct Dirs {
 
 fn dirs() -> Dirs {
     let tmp = tempfile::tempdir().unwrap();
-    let etc = tmp.path().join("etc");
-    std::fs::create_dir(&etc).unwrap();
-    std::fs::set_permissions(&etc, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let etc = cli::private_dir(tmp.path().join("etc"));
     let back = tmp.path().join("back");
     let mnt = tmp.path().join("mnt");
     std::fs::create_dir(&back).unwrap();

@@ -199,9 +199,7 @@ fn io_and_status_survive_key_server_outages_and_rotation_recovers() {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();
-    let etc = tmp.path().join("etc");
-    std::fs::create_dir(&etc).unwrap();
-    std::fs::set_permissions(&etc, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let etc = cli::private_dir(tmp.path().join("etc"));
     let pki = pykmip::Pki::generate(&tmp.path().join("pki"));
     let db = tmp.path().join("km.db");
     let sdir = tmp.path().join("km");

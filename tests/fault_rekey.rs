@@ -402,9 +402,7 @@ fn key_server_outage_during_rekey_waits_then_resumes() {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();
-    let etc = tmp.path().join("etc");
-    std::fs::create_dir(&etc).unwrap();
-    std::fs::set_permissions(&etc, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let etc = cli::private_dir(tmp.path().join("etc"));
     let pki = pykmip::Pki::generate(&tmp.path().join("pki"));
     let mut server = pykmip::PykmipServer::start(
         &pki,

@@ -26,9 +26,7 @@ struct Vol {
 impl Vol {
     fn new(pki: &pykmip::Pki, port: u16, key: &str) -> Vol {
         let tmp = tempfile::tempdir().unwrap();
-        let etc = tmp.path().join("etc");
-        std::fs::create_dir(&etc).unwrap();
-        std::fs::set_permissions(&etc, std::fs::Permissions::from_mode(0o700)).unwrap();
+        let etc = cli::private_dir(tmp.path().join("etc"));
         let cfg = etc.join("v.toml");
         std::fs::write(
             &cfg,

@@ -3,7 +3,7 @@
 #![allow(dead_code)]
 
 use std::ffi::OsStr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 pub const KMFS: &str = env!("CARGO_BIN_EXE_kmfs");
@@ -30,6 +30,15 @@ pub fn text(o: &Output) -> String {
 pub fn ok(o: Output) -> String {
     assert!(o.status.success(), "{}", text(&o));
     String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// Creates `dir` with mode 0700 (where configs and key files go: kmfs
+/// refuses them in a directory others can write) and returns it.
+pub fn private_dir(dir: PathBuf) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::create_dir(&dir).unwrap();
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).unwrap();
+    dir
 }
 
 /// Whether `p` is a mountpoint now (per /proc/self/mountinfo).
