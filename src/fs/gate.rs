@@ -3,22 +3,65 @@
 //! filesystem's own reads and writes of it, and the final sweep runs while
 //! renames and links wait.
 
+use std::collections::HashMap;
 use std::fs::OpenOptions;
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::Path;
-use std::sync::{Arc, RwLock};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
 
 use super::inode::{Inode, InodeTable};
 use crate::crypto::names::DIR_ID_LEN;
-use crate::rekey::FileGate;
+use crate::rekey::{FileGate, Frontier};
 use crate::sys;
 use crate::volume::layout::FileHeader;
 
 pub struct FsGate {
     pub(super) inodes: Arc<InodeTable>,
     pub(super) moves: Arc<RwLock<()>>,
+    pub(super) splits: Arc<Splits>,
+}
+
+/// Files a rekey has left half way (by file id), so reads and writes use
+/// the right generation on each side of the frontier. Keyed by file id, not
+/// inode, so the entry outlives the kernel forgetting the inode; a rekey
+/// splits at most one file at a time.
+#[derive(Default)]
+pub struct Splits {
+    /// Entries in `map`: the I/O path skips the lock while it is 0.
+    count: AtomicUsize,
+    map: Mutex<HashMap<[u8; 16], Frontier>>,
+}
+
+impl Splits {
+    /// The frontier of the file with id `file_id`. Read under the file's
+    /// I/O lock; the rekey changes it only while holding that lock
+    /// exclusively, which orders the two.
+    pub fn get(&self, file_id: &[u8; 16]) -> Option<Frontier> {
+        if self.count.load(Ordering::Relaxed) == 0 {
+            return None;
+        }
+        self.map
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(file_id)
+            .copied()
+    }
+
+    pub fn set(&self, file_id: &[u8; 16], f: Option<Frontier>) {
+        let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        match f {
+            Some(f) => {
+                map.insert(*file_id, f);
+            }
+            None => {
+                map.remove(file_id);
+            }
+        }
+        self.count.store(map.len(), Ordering::Relaxed);
+    }
 }
 
 impl FsGate {
@@ -82,5 +125,13 @@ impl FileGate for FsGate {
     fn moves_frozen(&self, f: &mut dyn FnMut()) {
         let _g = self.moves.write().unwrap_or_else(|p| p.into_inner());
         f()
+    }
+
+    fn set_frontier(&self, file_id: &[u8; 16], frontier: Option<Frontier>) {
+        self.splits.set(file_id, frontier)
+    }
+
+    fn frontier(&self, file_id: &[u8; 16]) -> Option<Frontier> {
+        self.splits.get(file_id)
     }
 }

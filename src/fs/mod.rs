@@ -50,6 +50,7 @@ use fuser::{
     ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 
+use crate::crypto::content::Units;
 use crate::crypto::names::DIR_ID_LEN;
 use crate::crypto::xattr::{self, Mapped, XattrCipher, XattrError};
 use crate::daemon::IoStats;
@@ -96,6 +97,8 @@ pub struct KmfsFs {
     /// Renames and links hold this shared; a rekey's final sweep holds it
     /// exclusively so no file moves while it looks.
     moves: Arc<std::sync::RwLock<()>>,
+    /// Files a running rekey has re-encrypted part of.
+    splits: Arc<gate::Splits>,
     files: Handles<OpenFile>,
     dirs: Handles<OpenDir>,
     names: Names,
@@ -198,6 +201,7 @@ impl KmfsFs {
             vol,
             inodes,
             moves: Arc::default(),
+            splits: Arc::default(),
             files: Handles::default(),
             dirs: Handles::default(),
             names,
@@ -214,6 +218,7 @@ impl KmfsFs {
         Arc::new(gate::FsGate {
             inodes: self.inodes.clone(),
             moves: self.moves.clone(),
+            splits: self.splits.clone(),
         })
     }
 
@@ -390,15 +395,22 @@ impl KmfsFs {
 
     /// The content cipher of the DEK generation `hd` names; EIO (logged) if
     /// the volume header does not hold that generation.
-    fn cipher(&self, inode: &Inode, hd: &FileHeader, op: &str) -> R<Arc<GenKeys>> {
-        self.vol.keys.generations.get(hd.generation).ok_or_else(|| {
-            log::error!(
-                "op={op} path={} error=\"file uses key generation {}, which the volume header does not hold\" result=eio",
-                sys::fd_path(inode.fd()),
-                hd.generation
-            );
-            Errno::EIO
-        })
+    fn cipher(&self, inode: &Inode, hd: &FileHeader, op: &str) -> R<FileKeys> {
+        let get = |g: u16| {
+            self.vol.keys.generations.get(g).ok_or_else(|| {
+                log::error!(
+                    "op={op} path={} error=\"file uses key generation {g}, which the volume header does not hold\" result=eio",
+                    sys::fd_path(inode.fd()),
+                );
+                Errno::EIO
+            })
+        };
+        let keys = get(hd.generation)?;
+        let split = match self.splits.get(&hd.file_id) {
+            Some(f) => Some((f.next_unit, get(f.to)?)),
+            None => None,
+        };
+        Ok(FileKeys { keys, split })
     }
 
     fn file_size(file: &File) -> R<u64> {
@@ -429,7 +441,7 @@ impl KmfsFs {
         let cipher = self.cipher(inode, &header, "truncate")?;
         BackingFile {
             file,
-            cipher: &cipher.content,
+            cipher: cipher.units(),
             header: &header,
         }
         .truncate(size, new_size)
@@ -838,7 +850,7 @@ impl KmfsFs {
         IO_BUF.with_borrow_mut(|buf| {
             let r = BackingFile {
                 file: &h.file,
-                cipher: &cipher.content,
+                cipher: cipher.units(),
                 header: &header,
             }
             .read_into(fsize, offset, size as usize, buf);
@@ -869,7 +881,7 @@ impl KmfsFs {
             .with_borrow_mut(|buf| {
                 let r = BackingFile {
                     file: &h.file,
-                    cipher: &cipher.content,
+                    cipher: cipher.units(),
                     header: &header,
                 }
                 .write_with(size, off, data, buf);
@@ -901,7 +913,7 @@ impl KmfsFs {
         if mode & libc::FALLOC_FL_KEEP_SIZE == 0 && end > size {
             BackingFile {
                 file: &h.file,
-                cipher: &cipher.content,
+                cipher: cipher.units(),
                 header: &header,
             }
             .truncate(size, end)
@@ -1269,6 +1281,27 @@ impl KmfsFs {
             i += 1;
         }
         Ok(())
+    }
+}
+
+/// The content keys of one file: those of its header's generation, and
+/// while a rekey is half way through it, the new generation's below the
+/// frontier.
+struct FileKeys {
+    keys: Arc<GenKeys>,
+    split: Option<(u64, Arc<GenKeys>)>,
+}
+
+impl FileKeys {
+    fn units(&self) -> Units<'_> {
+        match &self.split {
+            None => Units::One(&self.keys.content),
+            Some((at, below)) => Units::Split {
+                below: &below.content,
+                above: &self.keys.content,
+                at: *at,
+            },
+        }
     }
 }
 

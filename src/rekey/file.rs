@@ -1,14 +1,19 @@
 //! Re-encrypting one backing file in place, from one DEK generation to
 //! another, chunk by chunk through the journal (see [`super::journal`]).
 //!
-//! The caller holds the file against the filesystem's own I/O for the whole
-//! call, so nobody ever sees a file whose units are on two generations; a
-//! crash in the middle is finished by [`finish_pending`] before the file is
-//! served again.
+//! The caller holds the file against the filesystem's own I/O for each
+//! call. [`reencrypt_some`] may stop after a time budget with the file split
+//! between the generations at a unit boundary (the frontier); it then
+//! commits a journal record that names only the frontier, so that the
+//! chunk records before it are never applied again over writes the
+//! filesystem makes once it serves the file again (below the frontier with
+//! the new generation, above it with the old one). A crash in the middle is
+//! finished by [`finish_pending`] before the file is served again.
 
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
+use std::time::{Duration, Instant};
 
 use super::journal::{CHUNK_UNITS, FileRef, Journal, Record};
 use crate::crypto::content::ContentCipher;
@@ -43,6 +48,25 @@ fn crypto_err(e: impl std::fmt::Display) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, e.to_string())
 }
 
+/// How much one call of [`reencrypt_some`] may do before it returns with
+/// the file split (it always does at least one chunk).
+#[derive(Clone, Copy, Debug)]
+pub struct Budget {
+    pub time: Duration,
+    /// Plaintext bytes.
+    pub bytes: u64,
+}
+
+/// How far [`reencrypt_some`] got.
+#[derive(Debug)]
+pub enum Progress {
+    /// The file is on the new generation: its new header.
+    Done(FileHeader),
+    /// Units below this one are on the new generation, the rest (and a tiny
+    /// unit) on the old; the journal's pending record says so.
+    Partial(u64),
+}
+
 /// Re-encrypts `file` (header `hd`, opened read-write) from unit `start` on,
 /// and returns its new header. `progress` is told the plaintext bytes done.
 pub fn reencrypt(
@@ -54,6 +78,26 @@ pub fn reencrypt(
     journal: &mut Journal,
     progress: &mut dyn FnMut(u64),
 ) -> Result<FileHeader, FileError> {
+    match reencrypt_some(file, hd, step, start, fref, journal, progress, None)? {
+        Progress::Done(h) => Ok(h),
+        Progress::Partial(_) => unreachable!("no time budget: runs to the end"),
+    }
+}
+
+/// Like [`reencrypt`], but stops once `budget` is used up after a chunk
+/// (never inside one) and returns the frontier. The file's size is read
+/// afresh: between calls the filesystem may have grown or cut it.
+#[allow(clippy::too_many_arguments)]
+pub fn reencrypt_some(
+    file: &File,
+    hd: &FileHeader,
+    step: &Step<'_>,
+    start: u64,
+    fref: &FileRef,
+    journal: &mut Journal,
+    progress: &mut dyn FnMut(u64),
+    budget: Option<Budget>,
+) -> Result<Progress, FileError> {
     let mut committed = start > 0;
     let r = run(
         file,
@@ -63,6 +107,7 @@ pub fn reencrypt(
         fref,
         journal,
         progress,
+        budget,
         &mut committed,
     );
     r.map_err(|error| FileError {
@@ -80,8 +125,11 @@ fn run(
     fref: &FileRef,
     journal: &mut Journal,
     progress: &mut dyn FnMut(u64),
+    budget: Option<Budget>,
     committed: &mut bool,
-) -> io::Result<FileHeader> {
+) -> io::Result<Progress> {
+    let began = Instant::now();
+    let mut bytes = 0u64;
     let size = plain_size(file.metadata()?.len());
     let layout = Layout::new(size);
     let fid = &hd.file_id;
@@ -121,7 +169,23 @@ fn run(
         let count = layout.unit_count();
         let mut u = start;
         let mut buf = Vec::new();
+        if u >= count {
+            // Cut below the frontier since the last call: nothing is left
+            // but the header's generation.
+            let mut r = record(vec![gen_write.clone()], count, true);
+            journal.commit(&mut r)?;
+            *committed = true;
+            apply(file, &r.writes)?;
+        }
         while u < count {
+            if budget.is_some_and(|b| u > start && (began.elapsed() >= b.time || bytes >= b.bytes))
+            {
+                // Out of time between chunks: the frontier goes into the
+                // journal before the caller lets the filesystem in.
+                let mut r = record(Vec::new(), u, false);
+                journal.commit(&mut r)?;
+                return Ok(Progress::Partial(u));
+            }
             let end = (u + CHUNK_UNITS).min(count);
             let a = layout.unit(u).start;
             let b = layout.unit(end - 1).end;
@@ -172,13 +236,14 @@ fn run(
             *committed = true;
             apply(file, &r.writes)?;
             progress(b - a);
+            bytes += b - a;
             u = end;
         }
     }
     journal.idle()?;
     let mut new = hd.clone();
     new.generation = step.to_gen;
-    Ok(new)
+    Ok(Progress::Done(new))
 }
 
 /// Finishes the file of the journal's pending record `rec`: writes the
@@ -225,7 +290,7 @@ mod tests {
         let size = plain_size(file.metadata().unwrap().len());
         BackingFile {
             file,
-            cipher: c,
+            cipher: c.into(),
             header: &hd,
         }
         .read(size, 0, size as usize)
@@ -252,7 +317,7 @@ mod tests {
         f.write_all_at(&hd.to_bytes(), 0).unwrap();
         let bf = BackingFile {
             file: &f,
-            cipher: c,
+            cipher: c.into(),
             header: &hd,
         };
         if sparse {
@@ -337,6 +402,154 @@ mod tests {
         assert_eq!(plain(&f, &c1), want);
         assert!(f.metadata().unwrap().blocks() <= before + 8);
     }
+
+    /// What the filesystem does between batches: I/O through the split
+    /// ciphers (new below the frontier, old above).
+    fn split_io<'a>(
+        f: &'a File,
+        hd: &'a FileHeader,
+        c0: &'a ContentCipher,
+        c1: &'a ContentCipher,
+        at: u64,
+    ) -> BackingFile<'a> {
+        BackingFile {
+            file: f,
+            cipher: crate::crypto::content::Units::Split {
+                below: c1,
+                above: c0,
+                at,
+            },
+            header: hd,
+        }
+    }
+
+    /// A file re-encrypted in batches while "the filesystem" reads, writes
+    /// across the frontier, grows and cuts it in between: every read in
+    /// between matches a byte model, and so does the result. Then the same
+    /// with a crash after a batch and writes after it: recovery from the
+    /// journal (a frontier-only record) must not put old chunk contents
+    /// back over those writes.
+    #[test]
+    fn batches_leave_a_split_file_the_filesystem_can_serve() {
+        let (c0, c1) = (cipher(1), cipher(2));
+        let step = Step {
+            from_gen: 0,
+            from: &c0,
+            to_gen: 1,
+            to: &c1,
+        };
+        for crash in [false, true] {
+            let d = tempfile::tempdir().unwrap();
+            let mut model = data((8 << 20) + 3000, 4);
+            let f = make(d.path(), "f", &model, &c0, false);
+            let hd = FileHeader::read_from(&f).unwrap().unwrap();
+            let fref = FileRef {
+                ino: f.metadata().unwrap().ino(),
+                file_id: hd.file_id,
+                path: "f".into(),
+            };
+            let mut j = Journal::open(d.path()).unwrap();
+            let mut next = 0;
+            let mut round = 0u8;
+            let mut crashed = false;
+            loop {
+                // A zero budget: one chunk per call.
+                match reencrypt_some(
+                    &f,
+                    &hd,
+                    &step,
+                    next,
+                    &fref,
+                    &mut j,
+                    &mut |_| {},
+                    Some(Budget {
+                        time: Duration::ZERO,
+                        bytes: 0,
+                    }),
+                )
+                .unwrap()
+                {
+                    Progress::Done(h) => {
+                        assert_eq!(h.generation, 1);
+                        break;
+                    }
+                    Progress::Partial(n) => {
+                        assert!(n > next, "no progress from {next}");
+                        next = n;
+                    }
+                }
+                round += 1;
+                let size = model.len() as u64;
+                let io = split_io(&f, &hd, &c0, &c1, next);
+                assert!(
+                    io.read(size, 0, model.len()).unwrap() == model,
+                    "read at frontier {next}"
+                );
+                // A write straddling the frontier, one far above it.
+                let front = next * BLOCK_BYTES;
+                let patch = vec![round; 9000];
+                let at = front.saturating_sub(4000).min(size);
+                let size = io.write(size, at, &patch).unwrap();
+                let end =
+                    (at as usize + patch.len()).min(model.len().max(at as usize + patch.len()));
+                model.resize(model.len().max(end), 0);
+                model[at as usize..end].copy_from_slice(&patch);
+                let far = size - 100;
+                let size = io.write(size, far, &[round; 50]).unwrap();
+                model[far as usize..far as usize + 50].fill(round);
+                assert_eq!(size, model.len() as u64);
+                match round {
+                    // Grow past the end, then cut back to below the frontier
+                    // and grow again: units between are new, on either side.
+                    2 => {
+                        let size = io.write(size, size + 5000, b"tail").unwrap();
+                        model.resize(model.len() + 5000, 0);
+                        model.extend_from_slice(b"tail");
+                        assert_eq!(size, model.len() as u64);
+                    }
+                    3 => {
+                        let cut = front.saturating_sub(10_000).max(1);
+                        io.truncate(size, cut).unwrap();
+                        model.truncate(cut as usize);
+                        let size = io.write(cut, cut, &vec![7u8; 300_000]).unwrap();
+                        model.extend_from_slice(&vec![7u8; 300_000]);
+                        assert_eq!(size, model.len() as u64);
+                    }
+                    _ => {}
+                }
+                if crash && round == 2 {
+                    crashed = true;
+                    // The daemon dies here. Recovery (before the next mount
+                    // serves anything) works from the journal alone.
+                    drop(j);
+                    let rec = Journal::pending(d.path())
+                        .unwrap()
+                        .expect("a frontier record");
+                    assert!(
+                        rec.writes.is_empty() && !rec.complete,
+                        "pending record has {} writes, complete {}",
+                        rec.writes.len(),
+                        rec.complete
+                    );
+                    assert_eq!(rec.next_unit, next);
+                    let mut j2 = Journal::open(d.path()).unwrap();
+                    let h = finish_pending(&f, &rec, &step, &mut j2).unwrap();
+                    assert_eq!(h.generation, 1);
+                    break;
+                }
+            }
+            assert_eq!(crashed, crash, "the crash happened half way");
+            assert!(crash || round >= 3, "only {round} batches");
+            assert_eq!(FileHeader::read_from(&f).unwrap().unwrap().generation, 1);
+            assert!(
+                plain(&f, &c1) == model,
+                "crash {crash}: contents after the rekey"
+            );
+            assert_eq!(Journal::pending(d.path()).unwrap(), None);
+        }
+    }
+
+    const BLOCK_BYTES: u64 = crate::crypto::content::BLOCK as u64;
 
     use std::os::unix::fs::MetadataExt;
 

@@ -45,6 +45,18 @@ use file::Step;
 use journal::{FileRef, Journal, Record};
 use state::RekeyState;
 
+/// A file half way through its re-encryption while it is served: units
+/// below `next_unit` are on generation `to`, the others (and a tiny file's
+/// only unit) still on the generation its header names.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Frontier {
+    pub next_unit: u64,
+    pub to: u16,
+}
+
+/// How long one batch of a file's re-encryption holds the file's I/O.
+const BATCH_TIME: Duration = Duration::from_millis(50);
+
 /// How the filesystem lets the rekey work on a file it may be serving.
 pub trait FileGate: Send + Sync {
     /// Runs `work` on the backing file at `path` (stat `md`) while the
@@ -69,6 +81,17 @@ pub trait FileGate: Send + Sync {
 
     /// Runs `f` while no rename or link can move a file between directories.
     fn moves_frozen(&self, f: &mut dyn FnMut());
+
+    /// Publishes where the file with id `file_id` is split between two
+    /// generations (`None`: it is not, any more). Called from inside
+    /// [`Self::exclusive`]'s `work`, so the filesystem's next read or write
+    /// of the file sees the frontier that matches its contents.
+    fn set_frontier(&self, _file_id: &[u8; 16], _frontier: Option<Frontier>) {}
+
+    /// The frontier published for `file_id`, if the file is split.
+    fn frontier(&self, _file_id: &[u8; 16]) -> Option<Frontier> {
+        None
+    }
 }
 
 /// The gate of an unmounted volume: nobody else does I/O.
@@ -336,7 +359,9 @@ pub fn recover(
     let md = std::fs::metadata(&path).map_err(|e| io_msg(&path.display().to_string(), &e))?;
     gate.exclusive(&path, &md, &mut || {
         let f = OpenOptions::new().read(true).write(true).open(&path)?;
-        file::finish_pending(&f, &rec, &step, &mut journal).map(Some)
+        let h = file::finish_pending(&f, &rec, &step, &mut journal)?;
+        gate.set_frontier(&rec.file.file_id, None);
+        Ok(Some(h))
     })
     .map_err(|e| io_msg(&format!("cannot finish {}", path.display()), &e))?;
     log::info!(
@@ -699,68 +724,153 @@ impl Rekey {
                 self.status_mut().files_skipped += 1;
                 return Ok(());
             };
-            let t0 = Instant::now();
-            let mut done_bytes = 0u64;
-            let mut outcome = None;
             let fref = FileRef {
                 ino: md.ino(),
                 file_id: [0; 16],
                 path: rel.to_path_buf(),
             };
-            let r = gate.exclusive(&path, md, &mut || {
-                let f = OpenOptions::new().read(true).write(true).open(&path)?;
-                // Under the gate: the header may have changed since the walk read it.
-                let hd = match FileHeader::read_from(&f) {
-                    Ok(Some(h)) if h.generation == g => h,
-                    _ => {
-                        outcome = Some(false);
-                        return Ok(None);
-                    }
+            // The file goes in batches of about BATCH_TIME, each under the
+            // gate; in between, the filesystem serves it split at the
+            // frontier, and the throttle, pause and stop apply.
+            let mut next = 0u64;
+            let mut file_id: Option<[u8; 16]> = None;
+            loop {
+                let t0 = Instant::now();
+                let mut done_bytes = 0u64;
+                let mut outcome = None;
+                // With a byte rate, a batch is a quarter second's worth, so
+                // the pauses between batches stay short.
+                let budget = file::Budget {
+                    time: BATCH_TIME,
+                    bytes: self
+                        .status()
+                        .throttle
+                        .rate_mb
+                        .map_or(u64::MAX, |r| (r * 250_000.0) as u64),
                 };
-                let fref = FileRef {
-                    file_id: hd.file_id,
-                    ..fref.clone()
-                };
-                match file::reencrypt(&f, &hd, &step, 0, &fref, journal, &mut |n| done_bytes += n) {
-                    Ok(h) => {
-                        outcome = Some(true);
+                let r = gate.exclusive(&path, md, &mut || {
+                    let f = OpenOptions::new().read(true).write(true).open(&path)?;
+                    // Under the gate: the header may have changed since the
+                    // walk (or the last batch) read it.
+                    let hd = match FileHeader::read_from(&f) {
                         Ok(Some(h))
+                            if h.generation == g && file_id.is_none_or(|id| id == h.file_id) =>
+                        {
+                            h
+                        }
+                        _ => {
+                            outcome = Some(false);
+                            return Ok(None);
+                        }
+                    };
+                    if file_id.is_none() {
+                        // A run stopped half way through this file (its
+                        // frontier still published) goes on from there.
+                        if let Some(f) = gate.frontier(&hd.file_id)
+                            && f.to == target
+                        {
+                            next = f.next_unit;
+                        }
+                        file_id = Some(hd.file_id);
                     }
-                    Err(e) if !e.mixed => Err(e.error),
-                    Err(e) => self.finish_in_place(&f, &step, journal, e.error).map(Some),
+                    let fref = FileRef {
+                        file_id: hd.file_id,
+                        ..fref.clone()
+                    };
+                    let r = file::reencrypt_some(
+                        &f,
+                        &hd,
+                        &step,
+                        next,
+                        &fref,
+                        journal,
+                        &mut |n| done_bytes += n,
+                        Some(budget),
+                    );
+                    match r {
+                        Ok(file::Progress::Partial(n)) => {
+                            next = n;
+                            gate.set_frontier(
+                                &hd.file_id,
+                                Some(Frontier {
+                                    next_unit: n,
+                                    to: target,
+                                }),
+                            );
+                            Ok(None)
+                        }
+                        Ok(file::Progress::Done(h)) => {
+                            gate.set_frontier(&hd.file_id, None);
+                            outcome = Some(true);
+                            Ok(Some(h))
+                        }
+                        Err(e) if !e.mixed => Err(e.error),
+                        Err(e) => {
+                            let h = self.finish_in_place(&f, &step, journal, e.error)?;
+                            gate.set_frontier(&hd.file_id, None);
+                            outcome = Some(true);
+                            Ok(Some(h))
+                        }
+                    }
+                });
+                match r {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == io::ErrorKind::NotFound && next == 0 => return Ok(()),
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                        // Moved away half done: the journal knows it; the
+                        // next attempt finds it by inode and id.
+                        return Err(RekeyError::Io(format!(
+                            "{} was moved while being re-encrypted; finishing it from the journal",
+                            rel.display()
+                        )));
+                    }
+                    Err(e) => {
+                        return Err(io_msg(&format!("cannot re-encrypt {}", rel.display()), &e));
+                    }
                 }
-            });
-            match r {
-                Ok(()) => {}
-                Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
-                Err(e) => return Err(io_msg(&format!("cannot re-encrypt {}", rel.display()), &e)),
-            }
-            if outcome == Some(true) {
-                run_bytes += done_bytes;
-                let mut s = self.status_mut();
-                s.files_done += 1;
-                s.bytes_done += done_bytes;
-                let secs = run_start.elapsed().as_secs_f64();
-                if secs > 0.0 {
-                    s.bytes_per_sec = run_bytes as f64 / secs;
-                }
-                let left = s.bytes_total.saturating_sub(s.bytes_done);
-                s.eta_secs =
-                    (s.bytes_per_sec > 0.0).then(|| (left as f64 / s.bytes_per_sec) as u64);
-            }
-            if last_persist.elapsed() > Duration::from_secs(2) {
-                self.persist();
-                last_persist = Instant::now();
-            }
-            let throttle = self.status().throttle;
-            let rest = pacer.rest(&throttle, t0.elapsed(), done_bytes);
-            if !rest.is_zero() {
-                let until = Instant::now() + rest.min(Duration::from_secs(5));
-                while Instant::now() < until
-                    && !self.stopped()
-                    && !self.shared.paused.load(Ordering::Relaxed)
+                if outcome == Some(false)
+                    && let Some(id) = file_id
                 {
-                    nap(&self.shared, until - Instant::now());
+                    // Replaced or gone since the last batch.
+                    gate.set_frontier(&id, None);
+                }
+                run_bytes += done_bytes;
+                {
+                    let mut s = self.status_mut();
+                    s.bytes_done += done_bytes;
+                    if outcome == Some(true) {
+                        s.files_done += 1;
+                    }
+                    let secs = run_start.elapsed().as_secs_f64();
+                    if secs > 0.0 {
+                        s.bytes_per_sec = run_bytes as f64 / secs;
+                    }
+                    let left = s.bytes_total.saturating_sub(s.bytes_done);
+                    s.eta_secs =
+                        (s.bytes_per_sec > 0.0).then(|| (left as f64 / s.bytes_per_sec) as u64);
+                }
+                if last_persist.elapsed() > Duration::from_secs(2) {
+                    self.persist();
+                    last_persist = Instant::now();
+                }
+                let throttle = self.status().throttle;
+                let rest = pacer.rest(&throttle, t0.elapsed(), done_bytes);
+                if !rest.is_zero() {
+                    let until = Instant::now() + rest.min(Duration::from_secs(5));
+                    while Instant::now() < until
+                        && !self.stopped()
+                        && !self.shared.paused.load(Ordering::Relaxed)
+                    {
+                        nap(&self.shared, until - Instant::now());
+                    }
+                }
+                if outcome.is_some() {
+                    break;
+                }
+                // Half way through the file: a pause waits here (the file
+                // stays split and served), a stop leaves it to the journal.
+                if self.checkpoint()? {
+                    pacer = Pacer::new();
                 }
             }
             Ok(())

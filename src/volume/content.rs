@@ -13,7 +13,9 @@ use std::ops::Range;
 use std::os::unix::fs::FileExt;
 
 use super::layout::{FileHeader, HEADER_LEN, Layout, read_full_at};
-use crate::crypto::content::{BLOCK, ContentCipher};
+#[cfg(test)]
+use crate::crypto::content::ContentCipher;
+use crate::crypto::content::{BLOCK, Units};
 
 /// `buf[..n]`, growing `buf` (zero-filled) only when it is too short; the
 /// contents of the returned slice are whatever the buffer held before.
@@ -31,10 +33,11 @@ const AMPLE_FREE: u64 = 1 << 30;
 /// Largest plaintext file size (leaves room for the header below i64::MAX).
 pub const MAX_SIZE: u64 = (i64::MAX as u64) - HEADER_LEN - 4096;
 
-/// One backing file, opened read-write (or read-only for reads), with its keys.
+/// One backing file, opened read-write (or read-only for reads), with its keys
+/// (two generations while a rekey is half way through it).
 pub struct BackingFile<'a> {
     pub file: &'a File,
-    pub cipher: &'a ContentCipher,
+    pub cipher: Units<'a>,
     pub header: &'a FileHeader,
 }
 
@@ -432,7 +435,7 @@ mod tests {
         #[test]
         fn matches_reference_model(ops in proptest::collection::vec(op(), 1..12)) {
             let f = fixture();
-            let bf = BackingFile { file: &f.file, cipher: &f.cipher, header: &f.header };
+            let bf = BackingFile { file: &f.file, cipher: (&f.cipher).into(), header: &f.header };
             let mut model: Vec<u8> = Vec::new();
             let mut size = 0u64;
             // Reused buffers start (and stay) dirty: nothing may leak from them.
@@ -483,7 +486,7 @@ mod tests {
         let f = fixture();
         let bf = BackingFile {
             file: &f.file,
-            cipher: &f.cipher,
+            cipher: (&f.cipher).into(),
             header: &f.header,
         };
         let mut model = Vec::new();
@@ -514,7 +517,7 @@ mod tests {
         let f = fixture();
         let bf = BackingFile {
             file: &f.file,
-            cipher: &f.cipher,
+            cipher: (&f.cipher).into(),
             header: &f.header,
         };
         let size = bf.write(0, 10 * 4096 * 256, b"end").unwrap();
@@ -534,7 +537,7 @@ mod tests {
         let f = fixture();
         let bf = BackingFile {
             file: &f.file,
-            cipher: &f.cipher,
+            cipher: (&f.cipher).into(),
             header: &f.header,
         };
         let size = bf.write(0, 0, b"hi").unwrap();
