@@ -233,14 +233,15 @@ impl<'a> Units<'a> {
         }
     }
 
-    pub fn encrypt_units(
+    /// `f(cipher, first unit, buffer)` on each side of the frontier.
+    fn each(
         &self,
-        file_id: &FileId,
         first: u64,
         buf: &mut [u8],
+        f: impl Fn(&ContentCipher, u64, &mut [u8]) -> Result<(), XtsError>,
     ) -> Result<(), XtsError> {
         match self.cut(first, buf.len()) {
-            Cut::All(c) => c.encrypt_units(file_id, first, buf),
+            Cut::All(c) => f(c, first, buf),
             Cut::At {
                 below,
                 above,
@@ -248,10 +249,19 @@ impl<'a> Units<'a> {
                 at,
             } => {
                 let (lo, hi) = buf.split_at_mut(bytes);
-                below.encrypt_units(file_id, first, lo)?;
-                above.encrypt_units(file_id, at, hi)
+                f(below, first, lo)?;
+                f(above, at, hi)
             }
         }
+    }
+
+    pub fn encrypt_units(
+        &self,
+        file_id: &FileId,
+        first: u64,
+        buf: &mut [u8],
+    ) -> Result<(), XtsError> {
+        self.each(first, buf, |c, u, b| c.encrypt_units(file_id, u, b))
     }
 
     pub fn decrypt_units(
@@ -260,19 +270,7 @@ impl<'a> Units<'a> {
         first: u64,
         buf: &mut [u8],
     ) -> Result<(), XtsError> {
-        match self.cut(first, buf.len()) {
-            Cut::All(c) => c.decrypt_units(file_id, first, buf),
-            Cut::At {
-                below,
-                above,
-                bytes,
-                at,
-            } => {
-                let (lo, hi) = buf.split_at_mut(bytes);
-                below.decrypt_units(file_id, first, lo)?;
-                above.decrypt_units(file_id, at, hi)
-            }
-        }
+        self.each(first, buf, |c, u, b| c.decrypt_units(file_id, u, b))
     }
 
     pub fn encrypt_units_from(

@@ -330,6 +330,22 @@ mod tests {
         f
     }
 
+    /// `make` of a non-sparse file "f", with its header and journal FileRef.
+    fn make_f(
+        dir: &std::path::Path,
+        data: &[u8],
+        c: &ContentCipher,
+    ) -> (File, FileHeader, FileRef) {
+        let f = make(dir, "f", data, c, false);
+        let hd = FileHeader::read_from(&f).unwrap().unwrap();
+        let fref = FileRef {
+            ino: f.metadata().unwrap().ino(),
+            file_id: hd.file_id,
+            path: "f".into(),
+        };
+        (f, hd, fref)
+    }
+
     fn data(n: usize, seed: u8) -> Vec<u8> {
         (0..n)
             .map(|i| (i as u8).wrapping_mul(31) ^ seed ^ (i >> 12) as u8)
@@ -441,13 +457,7 @@ mod tests {
         for crash in [false, true] {
             let d = tempfile::tempdir().unwrap();
             let mut model = data((8 << 20) + 3000, 4);
-            let f = make(d.path(), "f", &model, &c0, false);
-            let hd = FileHeader::read_from(&f).unwrap().unwrap();
-            let fref = FileRef {
-                ino: f.metadata().unwrap().ino(),
-                file_id: hd.file_id,
-                path: "f".into(),
-            };
+            let (f, hd, fref) = make_f(d.path(), &model, &c0);
             let mut j = Journal::open(d.path()).unwrap();
             let mut next = 0;
             let mut round = 0u8;
@@ -568,13 +578,7 @@ mod tests {
         for k in 1..=4u64 {
             for torn in [false, true] {
                 let d = tempfile::tempdir().unwrap();
-                let f = make(d.path(), "f", &want, &c0, false);
-                let hd = FileHeader::read_from(&f).unwrap().unwrap();
-                let fref = FileRef {
-                    ino: f.metadata().unwrap().ino(),
-                    file_id: hd.file_id,
-                    path: "f".into(),
-                };
+                let (f, hd, fref) = make_f(d.path(), &want, &c0);
                 let mut j = Journal::open(d.path()).unwrap();
                 // "Crash": stop right after chunk k was applied.
                 let mut chunks = 0;
