@@ -469,6 +469,69 @@ fn a_large_file_is_served_while_it_is_rekeyed() {
         "the rekey was not half way through the file any more: {s}"
     );
 
+    // Concurrently, with the frontier moving (3 MB/s): a writer writes at
+    // random places in the first 16 MiB (across the frontier as it goes
+    // by), a reader re-reads the last 8 MiB cold and compares.
+    ok(kmfs(&[&"rekey", &"--rate", &"3", &root]));
+    let before = status(&root)["bytes_done"].as_u64().unwrap();
+    let shared = Arc::new(std::sync::Mutex::new(model));
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let (shared, stop, big) = (shared.clone(), stop.clone(), big.clone());
+        std::thread::spawn(move || {
+            let f = std::fs::OpenOptions::new().write(true).open(&big).unwrap();
+            let mut x = 0x9e37_79b9_7f4a_7c15u64;
+            let mut n = 0;
+            while !stop.load(Ordering::Relaxed) {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                let off = (x % ((16 << 20) - 65536)) as usize;
+                let len = 1 + (x >> 40) as usize % 65536;
+                let patch = vec![(x >> 32) as u8; len];
+                let mut m = shared.lock().unwrap();
+                f.write_all_at(&patch, off as u64).unwrap();
+                m[off..off + len].copy_from_slice(&patch);
+                n += 1;
+            }
+            n
+        })
+    };
+    let reader = {
+        let (stop, big) = (stop.clone(), big.clone());
+        let tail = shared.lock().unwrap()[16 << 20..24 << 20].to_vec();
+        std::thread::spawn(move || {
+            use std::os::fd::AsRawFd;
+            let mut rounds = 0;
+            while !stop.load(Ordering::Relaxed) {
+                let f = std::fs::File::open(&big).unwrap();
+                // SAFETY: plain integer arguments on a descriptor we own.
+                unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+                let mut buf = vec![0u8; 8 << 20];
+                f.read_exact_at(&mut buf, 16 << 20).unwrap();
+                assert!(buf == tail, "the untouched last 8 MiB changed while split");
+                rounds += 1;
+            }
+            rounds
+        })
+    };
+    std::thread::sleep(Duration::from_millis(1500));
+    stop.store(true, Ordering::Relaxed);
+    let (writes, reads) = (writer.join().unwrap(), reader.join().unwrap());
+    assert!(writes > 10 && reads > 2, "{writes} writes, {reads} reads");
+    let model = Arc::try_unwrap(shared).unwrap().into_inner().unwrap();
+    let s = status(&root);
+    let done = s["bytes_done"].as_u64().unwrap();
+    assert!(
+        done > before && done < total,
+        "the frontier should have moved during the stress, not finished: {before} -> {s}"
+    );
+    std::fs::File::open(&big).unwrap().sync_all().unwrap();
+    assert!(
+        read_cold(&big) == model,
+        "read after concurrent writes while split"
+    );
+
     // Pause half way, unmount: the frontier is in the journal; the next
     // mount finishes the file before it serves it.
     ok(kmfs(&[&"rekey", &"--pause", &root]));
