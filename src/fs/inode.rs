@@ -145,6 +145,14 @@ impl InodeTable {
         self.get(ROOT).expect("the root is never forgotten")
     }
 
+    /// The entry of the backing inode `(dev, ino)`, if the kernel holds one
+    /// (no reference taken).
+    pub fn by_backing(&self, dev: u64, ino: u64) -> Option<Arc<Inode>> {
+        let t = self.lock();
+        let i = t.by_key.get(&(dev, ino))?;
+        t.by_ino.get(i).map(|e| e.inode.clone())
+    }
+
     /// The node id for a backing inode as readdir reports it (no reference taken).
     pub fn ino_for(&self, dev: u64, ino: u64) -> u64 {
         let t = self.lock();

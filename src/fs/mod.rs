@@ -671,6 +671,12 @@ impl KmfsFs {
         if st.st_mode & libc::S_IFMT != libc::S_IFDIR {
             return Err(Errno::ENOTDIR);
         }
+        // The directory's own names lock too (parent before child, as a
+        // rekey never takes them the other way round): a rekey rewriting its
+        // id, with a temporary file beside it for a moment, finishes first,
+        // so the emptiness check and the removal see a settled directory.
+        let child = self.inodes.by_backing(st.st_dev, st.st_ino);
+        let _c = child.as_ref().map(|c| read_lock(&c.names));
         let id = self.strip_empty_dir(cfd.as_fd())?;
         if let Err(e) = sys::unlinkat(parent.fd(), &b.name, libc::AT_REMOVEDIR) {
             self.restore_dirid(cfd.as_fd(), id);
