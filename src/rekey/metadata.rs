@@ -63,11 +63,7 @@ pub fn rekey_dir(
     if from == to {
         return Ok((id, to));
     }
-    let to_keys = keys
-        .iter()
-        .find(|(g, _)| *g == to)
-        .map(|(_, k)| k.clone())
-        .ok_or_else(|| io::Error::other(format!("no keys for generation {to}")))?;
+    let to_keys = keys_for(keys, to)?;
     let dfd = open_dir(dir)?;
     let mut rec = Record {
         seq: 0,
@@ -159,14 +155,18 @@ pub fn rekey_dir(
     Ok((id, to))
 }
 
+/// The keys of generation `to` among `keys`.
+fn keys_for(keys: &[(u16, Arc<GenKeys>)], to: u16) -> io::Result<Arc<GenKeys>> {
+    keys.iter()
+        .find(|(g, _)| *g == to)
+        .map(|(_, k)| k.clone())
+        .ok_or_else(|| io::Error::other(format!("no keys for generation {to}")))
+}
+
 /// Re-encrypts the targets of the symlinks in `dir` (plain-text-names
 /// volumes, whose directories have no names to move).
 pub fn rekey_symlinks(dir: &Path, keys: &[(u16, Arc<GenKeys>)], to: u16) -> io::Result<()> {
-    let to_keys = keys
-        .iter()
-        .find(|(g, _)| *g == to)
-        .map(|(_, k)| k.clone())
-        .ok_or_else(|| io::Error::other(format!("no keys for generation {to}")))?;
+    let to_keys = keys_for(keys, to)?;
     let dfd = open_dir(dir)?;
     for e in std::fs::read_dir(dir)? {
         let e = e?;

@@ -97,6 +97,16 @@ struct GenInner {
     keys: Vec<(u16, Arc<GenKeys>)>,
 }
 
+impl GenInner {
+    fn active_keys(&self) -> Arc<GenKeys> {
+        self.keys
+            .iter()
+            .find(|(g, _)| *g == self.active)
+            .map(|(_, k)| k.clone())
+            .expect("the active generation always has keys")
+    }
+}
+
 impl Generations {
     fn read(&self) -> std::sync::RwLockReadGuard<'_, GenInner> {
         self.inner.read().unwrap_or_else(|p| p.into_inner())
@@ -114,13 +124,7 @@ impl Generations {
     /// The active generation and its keys.
     pub fn active_keys(&self) -> (u16, Arc<GenKeys>) {
         let r = self.read();
-        let k = r
-            .keys
-            .iter()
-            .find(|(g, _)| *g == r.active)
-            .map(|(_, k)| k.clone())
-            .expect("the active generation always has keys");
-        (r.active, k)
+        (r.active, r.active_keys())
     }
 
     /// Runs `f` (which writes something new: a file header, a directory id)
@@ -128,13 +132,7 @@ impl Generations {
     /// `f` to finish.
     pub fn with_active<R>(&self, f: impl FnOnce(u16, &GenKeys) -> R) -> R {
         let r = self.read();
-        let k = r
-            .keys
-            .iter()
-            .find(|(g, _)| *g == r.active)
-            .map(|(_, k)| k.clone())
-            .expect("the active generation always has keys");
-        f(r.active, &k)
+        f(r.active, &r.active_keys())
     }
 
     /// Waits until every [`Self::with_active`] that began before it has
