@@ -11,10 +11,13 @@
 //! headers, a pending rekey journal record); `--repair` removes or finishes
 //! those, and never touches anything it cannot prove is a leftover.
 
-use std::ffi::OsString;
+use std::collections::HashMap;
+use std::ffi::{OsStr, OsString};
 use std::fs;
 use std::io;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use serde::Serialize;
@@ -22,8 +25,9 @@ use serde::Serialize;
 use crate::crypto::names::{self, DIR_ID_LEN};
 use crate::crypto::xattr::{Mapped, XattrCipher};
 use crate::rekey;
+use crate::sys;
 use crate::volume::layout::{FileHeader, HEADER_LEN};
-use crate::volume::{Volume, dirid, header};
+use crate::volume::{Volume, dirid, header, internal};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -76,6 +80,42 @@ struct Checker<'a> {
     report: Report,
     progress: &'a mut dyn FnMut(u64),
     seen: u64,
+    /// Every file id seen, with the first file (and its inode) that had it.
+    file_ids: HashMap<[u8; 16], (PathBuf, (u64, u64))>,
+}
+
+/// A path that reaches the directory behind `fd` (and nothing else: the
+/// walk never goes through a path the backing store could redirect).
+fn fd_dir(fd: BorrowedFd<'_>) -> PathBuf {
+    PathBuf::from(OsStr::from_bytes(sys::proc_path(fd.as_raw_fd()).as_bytes()))
+}
+
+/// (device, inode) of what the scan saw.
+fn identity(md: &fs::Metadata) -> (u64, u64) {
+    (md.dev(), md.ino())
+}
+
+/// Fails unless `fd` is still the inode the scan saw as `md`: a repair acts
+/// only on what it examined, never on something put in its place meanwhile.
+fn same_as_scanned(fd: BorrowedFd<'_>, md: &fs::Metadata) -> io::Result<()> {
+    let st = sys::fstat(fd)?;
+    if (st.st_dev, st.st_ino) == identity(md) {
+        Ok(())
+    } else {
+        Err(io::Error::other(
+            "the entry was replaced since it was examined; left alone",
+        ))
+    }
+}
+
+/// Opens subdirectory `name` of `dir` without following a symlink.
+fn open_subdir(dir: BorrowedFd<'_>, name: &OsStr) -> io::Result<OwnedFd> {
+    sys::openat(
+        dir,
+        &sys::cstr(name.as_bytes())?,
+        libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_NONBLOCK,
+        0,
+    )
 }
 
 /// Names in the backing root that belong to the volume itself.
@@ -126,14 +166,15 @@ impl Checker<'_> {
         }
     }
 
-    /// Checks directory `rel` (plaintext path `plain`, if its names decrypt).
-    fn dir(&mut self, rel: &Path, plain: Option<PathBuf>) {
+    /// Checks directory `rel`, open as `dfd` (plaintext path `plain`, if
+    /// its names decrypt).
+    fn dir(&mut self, dfd: BorrowedFd<'_>, rel: &Path, plain: Option<PathBuf>) {
         self.report.directories += 1;
-        let abs = self.vol.backing.join(rel);
+        let abs = fd_dir(dfd);
         let at_root = rel.as_os_str().is_empty();
         let encrypted = !self.vol.header.plaintext_names();
         let key: Option<([u8; DIR_ID_LEN], u16)> = if encrypted {
-            match dirid::read(&abs) {
+            match dirid::read_at(dfd) {
                 Ok((id, g)) if self.vol.keys.generations.get(g).is_some() => Some((id, g)),
                 Ok((_, g)) => {
                     self.find(
@@ -157,7 +198,7 @@ impl Checker<'_> {
         } else {
             None
         };
-        self.xattrs(rel, plain.as_deref());
+        self.xattrs(&abs, rel, plain.as_deref());
         let mut entries: Vec<(OsString, fs::Metadata)> = match fs::read_dir(&abs) {
             Ok(rd) => rd
                 .flatten()
@@ -191,12 +232,12 @@ impl Checker<'_> {
                     "temporary file of an interrupted atomic write".into(),
                 );
                 if self.repair {
-                    self.repaired(i, fs::remove_file(abs.join(name)), "removed");
+                    self.repaired(i, unlink(dfd, name, 0), "removed");
                 }
                 continue;
             }
             if b.starts_with(b"kmfs.tmp.") && md.is_dir() {
-                self.half_created_dir(&brel);
+                self.half_created_dir(dfd, name, &brel, md);
                 continue;
             }
             if b.starts_with(names::LONG_PREFIX.as_bytes())
@@ -211,7 +252,7 @@ impl Checker<'_> {
                         "long-name sidecar without its entry".into(),
                     );
                     if self.repair {
-                        self.repaired(i, fs::remove_file(abs.join(name)), "removed");
+                        self.repaired(i, unlink(dfd, name, 0), "removed");
                     }
                 }
                 continue;
@@ -225,7 +266,7 @@ impl Checker<'_> {
                     Some(name.clone())
                 }
             } else if let Some((id, g)) = key {
-                self.decrypt_name(&abs, &brel, plain.as_deref(), &id, g, b)
+                self.decrypt_name(dfd, &brel, plain.as_deref(), &id, g, b)
             } else {
                 None
             };
@@ -235,11 +276,22 @@ impl Checker<'_> {
             };
             let ft = md.file_type();
             if ft.is_dir() {
-                self.dir(&brel, pchild);
+                match open_subdir(dfd, name).and_then(|c| same_as_scanned(c.as_fd(), md).map(|_| c))
+                {
+                    Ok(child) => self.dir(child.as_fd(), &brel, pchild),
+                    Err(e) => {
+                        self.find(
+                            Severity::Error,
+                            &brel,
+                            pchild.as_deref(),
+                            format!("cannot open directory: {e}"),
+                        );
+                    }
+                }
             } else if ft.is_file() {
-                self.file(&brel, pchild.as_deref(), md);
+                self.file(dfd, name, &brel, pchild.as_deref(), md);
             } else if ft.is_symlink() {
-                self.symlink(&brel, pchild.as_deref());
+                self.symlink(&abs.join(name), &brel, pchild.as_deref());
             } else {
                 self.report.other += 1;
             }
@@ -249,7 +301,7 @@ impl Checker<'_> {
     /// The plaintext name of backing entry `b` in a directory with id `id`.
     fn decrypt_name(
         &mut self,
-        abs: &Path,
+        dfd: BorrowedFd<'_>,
         brel: &Path,
         parent: Option<&Path>,
         id: &[u8; DIR_ID_LEN],
@@ -263,25 +315,14 @@ impl Checker<'_> {
         let plain: Option<&Path> = None;
         let s = std::str::from_utf8(b).ok();
         let full = if names::is_long(b) {
-            let s = s?;
-            match fs::read_to_string(abs.join(names::long_sidecar(s))) {
-                Ok(c) if names::long_backing(c.trim_end()) == s => c.trim_end().to_string(),
-                Ok(_) => {
-                    self.find(
-                        Severity::Error,
-                        brel,
-                        plain,
-                        format!("long name's sidecar does not match the entry{inside}"),
-                    );
+            match internal::read_sidecar(dfd, b) {
+                Ok(c) => c,
+                Err(e @ internal::SidecarError::Mismatch) => {
+                    self.find(Severity::Error, brel, plain, format!("{e}{inside}"));
                     return None;
                 }
                 Err(e) => {
-                    self.find(
-                        Severity::Error,
-                        brel,
-                        plain,
-                        format!("long name's sidecar is missing ({e}){inside}"),
-                    );
+                    self.find(Severity::Error, brel, plain, format!("{e}{inside}"));
                     return None;
                 }
             }
@@ -322,12 +363,20 @@ impl Checker<'_> {
         }
     }
 
-    fn half_created_dir(&mut self, brel: &Path) {
-        let abs = self.vol.backing.join(brel);
-        let only_id = fs::read_dir(&abs)
-            .map(|rd| rd.flatten().all(|e| e.file_name() == dirid::DIRID_FILE))
-            .unwrap_or(false);
-        if only_id {
+    fn half_created_dir(
+        &mut self,
+        dfd: BorrowedFd<'_>,
+        name: &OsStr,
+        brel: &Path,
+        md: &fs::Metadata,
+    ) {
+        let child = open_subdir(dfd, name).and_then(|c| same_as_scanned(c.as_fd(), md).map(|_| c));
+        let only_id = child.as_ref().is_ok_and(|c| {
+            fs::read_dir(fd_dir(c.as_fd()))
+                .map(|rd| rd.flatten().all(|e| e.file_name() == dirid::DIRID_FILE))
+                .unwrap_or(false)
+        });
+        if let (Ok(child), true) = (child, only_id) {
             let i = self.find(
                 Severity::Leftover,
                 brel,
@@ -335,7 +384,7 @@ impl Checker<'_> {
                 "directory whose creation was interrupted (empty)".into(),
             );
             if self.repair {
-                let r = fs::remove_file(abs.join(dirid::DIRID_FILE))
+                let r = unlink(child.as_fd(), OsStr::new(dirid::DIRID_FILE), 0)
                     .or_else(|e| {
                         if e.kind() == io::ErrorKind::NotFound {
                             Ok(())
@@ -343,7 +392,7 @@ impl Checker<'_> {
                             Err(e)
                         }
                     })
-                    .and_then(|_| fs::remove_dir(&abs));
+                    .and_then(|_| unlink(dfd, name, libc::AT_REMOVEDIR));
                 self.repaired(i, r, "removed");
             }
         } else {
@@ -356,14 +405,23 @@ impl Checker<'_> {
         }
     }
 
-    fn file(&mut self, brel: &Path, plain: Option<&Path>, md: &fs::Metadata) {
+    fn file(
+        &mut self,
+        dfd: BorrowedFd<'_>,
+        name: &OsStr,
+        brel: &Path,
+        plain: Option<&Path>,
+        md: &fs::Metadata,
+    ) {
         self.report.files += 1;
-        self.xattrs(brel, plain);
+        self.xattrs(&fd_dir(dfd).join(name), brel, plain);
         let len = md.len();
         if len == 0 {
             return;
         }
-        let abs = self.vol.backing.join(brel);
+        let Ok(cname) = sys::cstr(name.as_bytes()) else {
+            return;
+        };
         if len < HEADER_LEN {
             let i = self.find(
                 Severity::Leftover,
@@ -372,16 +430,18 @@ impl Checker<'_> {
                 format!("file header incomplete ({len} of {HEADER_LEN} bytes; a crash while creating it): reads as empty"),
             );
             if self.repair {
-                let r = fs::OpenOptions::new()
-                    .write(true)
-                    .open(&abs)
-                    .and_then(|f| f.set_len(0));
+                // Only the file examined, and only while it is still torn.
+                let r = internal::open(dfd, &cname, libc::O_WRONLY, HEADER_LEN - 1)
+                    .and_then(|f| same_as_scanned(f.as_fd(), md).and_then(|_| f.set_len(0)));
                 self.repaired(i, r, "truncated to empty");
             }
             return;
         }
         self.report.bytes += len - HEADER_LEN;
-        let hd = fs::File::open(&abs).and_then(|f| FileHeader::read_from(&f));
+        let hd = internal::open(dfd, &cname, libc::O_RDONLY, u64::MAX).and_then(|f| {
+            same_as_scanned(f.as_fd(), md)?;
+            FileHeader::read_from(&f)
+        });
         match hd {
             Ok(Some(h)) => {
                 if self.vol.keys.generations.get(h.generation).is_none() {
@@ -392,6 +452,7 @@ impl Checker<'_> {
                         format!("file uses key generation {}, which the volume header does not hold: unreadable", h.generation),
                     );
                 }
+                self.file_id(h.file_id, brel, plain, identity(md));
             }
             Ok(None) => {}
             Err(e) => {
@@ -405,16 +466,36 @@ impl Checker<'_> {
         }
     }
 
+    /// Two backing files (not hard links of one) with the same file id: a
+    /// copy of a backing file, e.g. restored beside its original. Both still
+    /// read, but they share XTS tweaks, so an observer of both learns where
+    /// they hold equal 16-byte blocks.
+    fn file_id(&mut self, id: [u8; 16], brel: &Path, plain: Option<&Path>, ino: (u64, u64)) {
+        match self.file_ids.get(&id) {
+            Some((first, first_ino)) if *first_ino != ino => {
+                let what = format!(
+                    "has the same file id as backing {} (a copy of a backing file, e.g. restored beside its original): the two share encryption tweaks; copy it through the mount instead and remove this one",
+                    first.display()
+                );
+                self.find(Severity::Warning, brel, plain, what);
+            }
+            Some(_) => {}
+            None => {
+                self.file_ids.insert(id, (brel.to_path_buf(), ino));
+            }
+        }
+    }
+
     /// The encrypted extended attributes of the file or directory `brel`:
     /// each must authenticate (AES-GCM, bound to its backing name) with a
     /// generation the header holds. A name stored under two generations is
     /// what an interrupted rekey leaves; the next rekey removes the old one.
-    fn xattrs(&mut self, brel: &Path, plain: Option<&Path>) {
+    fn xattrs(&mut self, at: &Path, brel: &Path, plain: Option<&Path>) {
         let mut bad: Vec<String> = Vec::new();
         let mut seen: Vec<Vec<u8>> = Vec::new();
         let mut twice = 0;
         let ciphers = &self.xciphers;
-        let r = rekey::metadata::each_xattr(&self.vol.backing.join(brel), &mut |_, n, blob| {
+        let r = rekey::metadata::each_xattr(at, &mut |_, n, blob| {
             let opened = ciphers.iter().find_map(|(_, c)| {
                 let (name, _) = c.open(n, blob)?;
                 // The value names the attribute it belongs to; the backing
@@ -455,12 +536,12 @@ impl Checker<'_> {
         }
     }
 
-    fn symlink(&mut self, brel: &Path, plain: Option<&Path>) {
+    fn symlink(&mut self, at: &Path, brel: &Path, plain: Option<&Path>) {
         self.report.symlinks += 1;
         if self.vol.header.plaintext_names() {
             return;
         }
-        match fs::read_link(self.vol.backing.join(brel)) {
+        match fs::read_link(at) {
             Ok(t) => {
                 let stored = t.as_os_str().as_bytes();
                 let ok = self
@@ -503,6 +584,7 @@ pub fn check(vol: &Volume, repair: bool, progress: &mut dyn FnMut(u64)) -> Repor
         report: Report::default(),
         progress,
         seen: 0,
+        file_ids: HashMap::new(),
     };
     let backing = &vol.backing;
     // The header backup: a damaged one would fail a later restore.
@@ -527,7 +609,18 @@ pub fn check(vol: &Volume, repair: bool, progress: &mut dyn FnMut(u64)) -> Repor
         }
     }
     match rekey::state::RekeyState::load(backing) {
-        Ok(s) => c.report.rekey_in_progress = s.map(|s| s.target),
+        Ok(Some(s)) => {
+            if let Err(e) = s.check_against(&vol.header) {
+                c.find(
+                    Severity::Error,
+                    Path::new(rekey::state::STATE_FILE),
+                    None,
+                    e.to_string(),
+                );
+            }
+            c.report.rekey_in_progress = Some(s.target);
+        }
+        Ok(None) => {}
         Err(e) => {
             c.find(
                 Severity::Warning,
@@ -562,9 +655,24 @@ pub fn check(vol: &Volume, repair: bool, progress: &mut dyn FnMut(u64)) -> Repor
             );
         }
     }
-    c.dir(Path::new(""), Some(PathBuf::from("/")));
+    match internal::open_dir(backing) {
+        Ok(root) => c.dir(root.as_fd(), Path::new(""), Some(PathBuf::from("/"))),
+        Err(e) => {
+            c.find(
+                Severity::Error,
+                Path::new(""),
+                None,
+                format!("cannot open the backing directory: {e}"),
+            );
+        }
+    }
     (c.progress)(c.seen);
     c.report
+}
+
+/// Removes `name` from `dir` (`unlinkat`; never follows a symlink).
+fn unlink(dir: BorrowedFd<'_>, name: &OsStr, flags: libc::c_int) -> io::Result<()> {
+    sys::unlinkat(dir, &sys::cstr(name.as_bytes())?, flags)
 }
 
 /// A finding as one line: severity, plaintext path (or backing path), what.

@@ -62,6 +62,11 @@ pub struct VolumeSection {
     /// Keep file names in plain text (set at init; later changes are ignored).
     #[serde(default)]
     pub plaintext_names: bool,
+    /// The volume id (32 hex digits, `kmfs init` writes it): every command
+    /// refuses a backing directory whose header names another volume, before
+    /// any key is unwrapped.
+    #[serde(default)]
+    pub id: Option<String>,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -127,7 +132,79 @@ impl VolumeConfig {
             ProviderKind::Pkcs11 if cfg.pkcs11.is_none() => return Err(missing("pkcs11")),
             _ => {}
         }
+        if let Some(id) = &cfg.volume.id
+            && parse_volume_id(id).is_none()
+        {
+            return Err(ConfigError::Parse {
+                path: path.to_path_buf(),
+                msg: format!("[volume] id {id:?} is not 32 hexadecimal digits"),
+            });
+        }
         Ok(cfg)
+    }
+
+    /// What the config pins the volume to: its id, and the name of the KEK
+    /// (KMIP key name, PKCS#11 label) where the config names one.
+    pub fn pin(&self) -> crate::volume::Pin {
+        crate::volume::Pin {
+            volume_id: self.volume.id.as_deref().and_then(parse_volume_id),
+            kek_name: match self.provider {
+                ProviderKind::Kmip => self.kmip.as_ref().and_then(|k| k.key_name.clone()),
+                ProviderKind::Pkcs11 => self.pkcs11.as_ref().map(|p| p.key_label.clone()),
+                ProviderKind::Keyfile => None,
+            },
+            config: Some(self.path.clone()),
+        }
+    }
+
+    /// Writes `id = "<volume id>"` into the `[volume]` section of the config
+    /// file (`kmfs init`), keeping every other line as it is. Atomic
+    /// (temporary file, fsync, rename), with the file's mode and owner.
+    pub fn record_volume_id(&self, id_hex: &str) -> std::io::Result<()> {
+        use std::io::Write;
+        use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+        let text = std::fs::read_to_string(&self.path)?;
+        let line =
+            format!("id = \"{id_hex}\"  # written by kmfs init: the volume this config unlocks");
+        let mut out = String::with_capacity(text.len() + line.len() + 12);
+        let mut placed = false;
+        for l in text.lines() {
+            out.push_str(l);
+            out.push('\n');
+            if !placed && l.trim() == "[volume]" {
+                out.push_str(&line);
+                out.push('\n');
+                placed = true;
+            }
+        }
+        if !placed {
+            out.push_str("\n[volume]\n");
+            out.push_str(&line);
+            out.push('\n');
+        }
+        // The result must still be a valid config naming this id.
+        let check = VolumeConfig::parse(&out, &self.path)
+            .map_err(|e| std::io::Error::other(e.to_string()))?;
+        if check.volume.id.as_deref() != Some(id_hex) {
+            return Err(std::io::Error::other("could not place the volume id"));
+        }
+        let md = std::fs::metadata(&self.path)?;
+        let tmp = self.path.with_extension("toml.kmfs-tmp");
+        let _ = std::fs::remove_file(&tmp);
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(md.mode() & 0o7777)
+            .open(&tmp)?;
+        f.write_all(out.as_bytes())?;
+        f.sync_all()?;
+        drop(f);
+        std::os::unix::fs::chown(&tmp, Some(md.uid()), Some(md.gid()))?;
+        std::fs::rename(&tmp, &self.path)?;
+        if let Some(dir) = self.path.parent() {
+            std::fs::File::open(dir)?.sync_all()?;
+        }
+        Ok(())
     }
 
     /// The volume name for logs: configured, or the config file's stem.
@@ -166,6 +243,19 @@ impl VolumeConfig {
             ))),
         }
     }
+}
+
+/// A volume id written as 32 hex digits.
+pub fn parse_volume_id(s: &str) -> Option<[u8; 16]> {
+    let s = s.trim();
+    if s.len() != 32 || !s.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return None;
+    }
+    let mut id = [0u8; 16];
+    for (i, b) in id.iter_mut().enumerate() {
+        *b = u8::from_str_radix(&s[2 * i..2 * i + 2], 16).ok()?;
+    }
+    Some(id)
 }
 
 #[cfg(test)]

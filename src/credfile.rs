@@ -27,6 +27,14 @@ pub enum CredFileError {
         path: PathBuf,
         mode: u32,
     },
+    #[error(
+        "{what} {path} has mode {mode:04o}, which lets group or others change it; run: chmod go-w {path}"
+    )]
+    Writable {
+        what: &'static str,
+        path: PathBuf,
+        mode: u32,
+    },
     #[error("{what} {path} is owned by uid {uid}, not root; run: chown root: {path}")]
     WrongOwner {
         what: &'static str,
@@ -49,6 +57,109 @@ pub enum CredFileError {
         dir: PathBuf,
         uid: u32,
     },
+}
+
+/// Why a backing directory is refused.
+#[derive(Debug, thiserror::Error)]
+pub enum BackingDirError {
+    #[error("cannot inspect backing directory {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(
+        "backing directory {path} has mode {mode:04o} (owner uid {uid}): users other than root can enter or change it; run: chown root: {path} && chmod 700 {path} (or mount with -o insecure_backing to accept it)"
+    )]
+    Open { path: PathBuf, mode: u32, uid: u32 },
+    #[error(
+        "directory {dir} above backing directory {path} is writable by group or others (mode {mode:04o}) without the sticky bit, so it can be swapped; run: chmod go-w {dir} (or mount with -o insecure_backing to accept it)"
+    )]
+    LooseParent {
+        path: PathBuf,
+        dir: PathBuf,
+        mode: u32,
+    },
+}
+
+/// Checks that only root (or the user running kmfs) can enter or change the
+/// backing directory `path`: owned by a trusted user, no group or other
+/// permission bits, and no directory above it writable by others unless it
+/// has the sticky bit (like /tmp), so it cannot be renamed away.
+pub fn check_backing_dir(path: &Path) -> Result<(), BackingDirError> {
+    let io = |source| BackingDirError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let abs = std::fs::canonicalize(path).map_err(io)?;
+    let md = std::fs::metadata(&abs).map_err(io)?;
+    let mode = md.mode() & 0o7777;
+    if !trusted_uid(md.uid()) || mode & 0o077 != 0 {
+        return Err(BackingDirError::Open {
+            path: abs,
+            mode,
+            uid: md.uid(),
+        });
+    }
+    let mut dir = abs.parent();
+    while let Some(d) = dir {
+        let dmd = std::fs::metadata(d).map_err(io)?;
+        let dmode = dmd.mode() & 0o7777;
+        if dmode & 0o022 != 0 && dmode & 0o1000 == 0 {
+            return Err(BackingDirError::LooseParent {
+                path: abs.clone(),
+                dir: d.to_path_buf(),
+                mode: dmode,
+            });
+        }
+        dir = d.parent();
+    }
+    Ok(())
+}
+
+/// Checks a file that decides trust without being secret (a CA
+/// certificate): a regular file owned by root (or the user running kmfs)
+/// that nobody else can write, in a directory nobody else can write.
+pub fn check_trusted(path: &Path, what: &'static str) -> Result<(), CredFileError> {
+    let io = |source| CredFileError::Io {
+        what,
+        path: path.to_path_buf(),
+        source,
+    };
+    let md = std::fs::metadata(path).map_err(io)?;
+    if !md.is_file() {
+        return Err(CredFileError::NotRegular {
+            what,
+            path: path.to_path_buf(),
+        });
+    }
+    if !trusted_uid(md.uid()) {
+        return Err(CredFileError::WrongOwner {
+            what,
+            path: path.to_path_buf(),
+            uid: md.uid(),
+        });
+    }
+    let mode = md.mode() & 0o7777;
+    if mode & 0o022 != 0 {
+        return Err(CredFileError::Writable {
+            what,
+            path: path.to_path_buf(),
+            mode,
+        });
+    }
+    let abs = std::path::absolute(path).map_err(io)?;
+    if let Some(dir) = abs.parent() {
+        let dmode = std::fs::metadata(dir).map_err(io)?.mode() & 0o7777;
+        if dmode & 0o022 != 0 && dmode & 0o1000 == 0 {
+            return Err(CredFileError::LooseDir {
+                what,
+                path: path.to_path_buf(),
+                dir: dir.to_path_buf(),
+                mode: dmode,
+            });
+        }
+    }
+    Ok(())
 }
 
 fn trusted_uid(uid: u32) -> bool {

@@ -133,6 +133,8 @@ impl VolumeControl {
         }
         match RekeyState::load(&backing) {
             Ok(Some(st)) => {
+                st.check_against(&self.owner.volume().header)
+                    .map_err(|e| e.to_string())?;
                 log::info!(
                     "op=rekey_resume generation={} paused={} result=start",
                     st.target,
@@ -258,6 +260,7 @@ impl ControlHandler for VolumeControl {
         match action {
             RekeyAction::Status => {}
             RekeyAction::Start(t) => {
+                t.validate()?;
                 if self.read_only {
                     return Err("the volume is mounted read-only; a rekey needs it writable".into());
                 }

@@ -10,7 +10,7 @@ use super::rotate::resolve;
 use super::{CliError, KeySource};
 use crate::check::{self, Severity};
 use crate::exitcode;
-use crate::volume::{self, Volume};
+use crate::volume;
 
 #[derive(Args, Debug)]
 pub struct CheckArgs {
@@ -50,8 +50,8 @@ pub fn run(a: CheckArgs) -> Result<(), CliError> {
             ),
         ));
     }
-    let (_, provider) = a.keys.open(Some(backing))?;
-    let vol = Volume::open(backing, provider.as_ref())?;
+    let (cfg, provider) = a.keys.open(Some(backing))?;
+    let vol = super::open_volume(backing, cfg.as_ref(), provider.as_ref())?;
     let bar = if std::io::stderr().is_terminal() && !a.json {
         let b = indicatif::ProgressBar::new_spinner();
         b.set_message("checking");

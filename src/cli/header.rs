@@ -8,7 +8,7 @@ use clap::Subcommand;
 use super::{CliError, KeySource};
 use crate::exitcode;
 use crate::volume::header::{self, VolumeHeader};
-use crate::volume::{self, Volume, hex};
+use crate::volume::{self, hex};
 
 #[derive(Subcommand, Debug)]
 pub enum HeaderCommand {
@@ -185,7 +185,11 @@ pub fn run(cmd: HeaderCommand) -> Result<(), CliError> {
                 ));
             }
             // Prove the candidate unlocks before it replaces anything.
-            let (_, provider) = keys.open(Some(&backing_dir))?;
+            let (cfg, provider) = keys.open(Some(&backing_dir))?;
+            // The candidate must be the volume (and KEK) the config names.
+            if let Some(c) = &cfg {
+                c.pin().check(&backing_dir, &candidate)?;
+            }
             drop(volume::unlock(
                 &candidate,
                 &bytes,
@@ -193,7 +197,7 @@ pub fn run(cmd: HeaderCommand) -> Result<(), CliError> {
                 &file,
             )?);
             header::store(&backing_dir, &bytes).map_err(volume::VolumeError::from)?;
-            let _ = Volume::open(&backing_dir, provider.as_ref())?;
+            let _ = super::open_volume(&backing_dir, cfg.as_ref(), provider.as_ref())?;
             log::info!(
                 "op=header_restore volume={} path={} result=ok",
                 hex(&candidate.volume_id),

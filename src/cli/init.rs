@@ -38,7 +38,32 @@ pub fn run(a: InitArgs) -> Result<(), CliError> {
         plaintext_names: a.plaintext_names
             || cfg.as_ref().is_some_and(|c| c.volume.plaintext_names),
     };
+    if let Some(id) = cfg.as_ref().and_then(|c| c.volume.id.as_deref()) {
+        return Err(CliError::other(
+            crate::exitcode::CONFIG,
+            format!(
+                "{} already names volume {id} ([volume] id); a config unlocks one volume: copy it for the new volume and remove the id line",
+                cfg.as_ref()
+                    .map(|c| c.path.display().to_string())
+                    .unwrap_or_default()
+            ),
+        ));
+    }
+    restrict_backing_dir(&a.backing_dir)?;
     let vol = Volume::init(&a.backing_dir, provider.as_ref(), &opts)?;
+    if let Some(c) = &cfg {
+        c.record_volume_id(&vol.id_hex()).map_err(|e| {
+            CliError::other(
+                crate::exitcode::CONFIG,
+                format!(
+                    "volume {} created, but writing its id into {} failed: {e}; add id = \"{}\" under [volume] by hand",
+                    vol.id_hex(),
+                    c.path.display(),
+                    vol.id_hex()
+                ),
+            )
+        })?;
+    }
     log::info!(
         "op=init volume={} path={} key={} version={} result=ok",
         vol.id_hex(),
@@ -52,5 +77,36 @@ pub fn run(a: InitArgs) -> Result<(), CliError> {
         a.backing_dir.display(),
         vol.header.kek
     );
+    Ok(())
+}
+
+/// Makes the (new, empty) backing directory root's alone: mode 0700, owned
+/// by the user running kmfs; `mount` refuses anything more open
+/// (docs/SECURITY.md).
+fn restrict_backing_dir(dir: &std::path::Path) -> Result<(), CliError> {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let fail = |e: std::io::Error| {
+        CliError::other(
+            crate::exitcode::BACKING_DIR,
+            format!("backing directory {}: {e}", dir.display()),
+        )
+    };
+    let md = std::fs::metadata(dir).map_err(fail)?;
+    if !md.is_dir() {
+        return Ok(()); // Volume::init says what is wrong
+    }
+    // SAFETY: geteuid and getegid have no preconditions.
+    let (uid, gid) = unsafe { (libc::geteuid(), libc::getegid()) };
+    if md.uid() != uid {
+        std::os::unix::fs::chown(dir, Some(uid), Some(gid)).map_err(fail)?;
+    }
+    if md.mode() & 0o077 != 0 {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(fail)?;
+        println!(
+            "backing directory {}: mode {:04o} -> 0700 (only root may enter it)",
+            dir.display(),
+            md.mode() & 0o7777
+        );
+    }
     Ok(())
 }

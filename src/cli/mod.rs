@@ -110,6 +110,7 @@ impl CliError {
                 VolumeError::Header(HeaderError::Io { .. }) => exitcode::BACKING_DIR,
                 VolumeError::Header(_) => exitcode::HEADER,
                 VolumeError::ProviderMismatch { .. } => exitcode::CONFIG,
+                VolumeError::WrongVolume { .. } | VolumeError::WrongKek { .. } => exitcode::HEADER,
                 VolumeError::Io { .. }
                 | VolumeError::AlreadyInitialized(_)
                 | VolumeError::NotEmpty(_)
@@ -157,6 +158,29 @@ impl KeySource {
     }
 }
 
+/// Opens (unlocks) the volume in `backing`, pinned to what `cfg` names
+/// (volume id, KEK); a config without an id gets a warning that says how
+/// to pin it.
+pub fn open_volume(
+    backing: &Path,
+    cfg: Option<&VolumeConfig>,
+    provider: &dyn KeyProvider,
+) -> Result<crate::volume::Volume, CliError> {
+    let pin = cfg.map(VolumeConfig::pin).unwrap_or_default();
+    let vol = crate::volume::Volume::open_pinned(backing, provider, &pin)?;
+    if let Some(c) = cfg
+        && pin.volume_id.is_none()
+    {
+        log::warn!(
+            "op=config_pin config={} volume={} result=warn msg=\"the config does not pin the volume: add id = {} under [volume] so a swapped backing directory is refused\"",
+            c.path.display(),
+            vol.id_hex(),
+            vol.id_hex()
+        );
+    }
+    Ok(vol)
+}
+
 /// Starts logging and the audit trail as the volume config says. Without a
 /// config (development key file) nothing is set up: messages go nowhere but the
 /// command's own stderr line.
@@ -201,6 +225,13 @@ pub fn normalize_args(mut args: Vec<OsString>) -> Vec<OsString> {
 
 /// Runs a parsed command.
 pub fn run(cli: Cli) -> Result<(), CliError> {
+    // Every command but log verification may come to hold a key (a DEK, a
+    // client key, a PIN): none may leave it in a core dump.
+    if !matches!(cli.command, Command::Log(_)) {
+        crate::crypto::keys::harden_process().map_err(|e| {
+            CliError::other(exitcode::OTHER, format!("cannot disable core dumps: {e}"))
+        })?;
+    }
     match cli.command {
         Command::Init(a) => init::run(a),
         Command::Mount(a) => mount::run(a),

@@ -20,7 +20,6 @@ use crate::daemon::{IoStats, VolumeControl};
 use crate::exitcode;
 use crate::fs::{FsOptions, KmfsFs};
 use crate::logging::{LogLevel, LoggingConfig};
-use crate::volume::Volume;
 
 #[derive(Args, Debug)]
 pub struct MountArgs {
@@ -47,13 +46,19 @@ pub struct MountOptions {
     pub fsname: Option<String>,
     /// `None`: the default subtype `kmfs`; `Some("")`: no subtype.
     pub subtype: Option<String>,
-    pub nodev: bool,
-    pub nosuid: bool,
+    /// `dev`: device nodes in the volume may be opened. Off by default
+    /// (`nodev`): the backing store is not trusted to hold device nodes.
+    pub dev: bool,
+    /// `suid`: set-user/group-id bits take effect. Off by default (`nosuid`).
+    pub suid: bool,
     pub noexec: bool,
     pub noatime: bool,
     /// `no_writeback`: no kernel writeback cache (every write(2) reaches the
     /// daemon before it returns).
     pub no_writeback: bool,
+    /// `insecure_backing`: serve a backing directory that users other than
+    /// root can enter or change (refused by default, docs/SECURITY.md).
+    pub insecure_backing: bool,
 }
 
 /// Options mount(8)/fstab pass that concern the mount helper or the kernel's
@@ -68,8 +73,6 @@ const TOLERATED: &[&str] = &[
     "nouser",
     "owner",
     "group",
-    "dev",
-    "suid",
     "exec",
     "atime",
     "relatime",
@@ -112,17 +115,20 @@ pub fn parse_options(opts: &[String]) -> Result<MountOptions, CliError> {
             ("allow_other", None) => m.allow_other = true,
             ("ro", None) => m.read_only = true,
             ("rw", None) => m.read_only = false,
-            ("nodev", None) => m.nodev = true,
-            ("nosuid", None) => m.nosuid = true,
+            ("nodev", None) => m.dev = false,
+            ("nosuid", None) => m.suid = false,
+            ("dev", None) => m.dev = true,
+            ("suid", None) => m.suid = true,
             ("noexec", None) => m.noexec = true,
             ("noatime", None) => m.noatime = true,
             ("no_writeback", None) => m.no_writeback = true,
+            ("insecure_backing", None) => m.insecure_backing = true,
             (k, _) if k.starts_with("x-systemd.") || k.starts_with("x-") => {}
             ("comment", Some(_)) => {}
             (k, None) if TOLERATED.contains(&k) => {}
             _ => {
                 return Err(usage(format!(
-                    "unknown or malformed mount option {o:?} (known: config=FILE, keyfile=PATH, allow_other, default_permissions, ro, rw, log_level=LEVEL, fsname=NAME, subtype=NAME, nodev, nosuid, noexec, noatime and the usual fstab options)"
+                    "unknown or malformed mount option {o:?} (known: config=FILE, keyfile=PATH, allow_other, default_permissions, ro, rw, log_level=LEVEL, fsname=NAME, subtype=NAME, nodev/dev, nosuid/suid, noexec, noatime and the usual fstab options)"
                 )));
             }
         }
@@ -161,6 +167,15 @@ pub fn run(a: MountArgs) -> Result<(), CliError> {
             exitcode::BACKING_DIR,
             format!("backing directory {} is not a directory", backing.display()),
         ));
+    }
+    if opts.insecure_backing {
+        log::warn!(
+            "op=mount path={} result=warn msg=\"insecure_backing: the backing directory's permissions are not checked\"",
+            backing.display()
+        );
+    } else {
+        crate::credfile::check_backing_dir(&backing)
+            .map_err(|e| CliError::other(exitcode::BACKING_DIR, e.to_string()))?;
     }
     let mountpoint = std::fs::canonicalize(&a.mountpoint)
         .map_err(|e| mount_err(format!("mountpoint {}: {e}", a.mountpoint.display())))?;
@@ -322,7 +337,7 @@ fn serve_inner(plan: &Plan, notify: &mut Option<Notify>) -> Result<(), CliError>
     let (cfg, provider) = plan.keys.open(Some(&plan.backing))?;
     let allow_other = plan.opts.allow_other || cfg.as_ref().is_some_and(|c| c.mount.allow_other);
     let read_only = plan.opts.read_only || cfg.as_ref().is_some_and(|c| c.mount.read_only);
-    let vol = match Volume::open(&plan.backing, provider.as_ref()) {
+    let vol = match super::open_volume(&plan.backing, cfg.as_ref(), provider.as_ref()) {
         Ok(v) => v,
         Err(e) => {
             log::error!(
@@ -470,10 +485,13 @@ fn fuse_config(plan: &Plan, allow_other: bool, read_only: bool) -> fuser::Config
     if read_only {
         mo.push(M::RO);
     }
-    if plan.opts.nodev {
+    // nodev and nosuid unless asked otherwise: modes, set-id bits and device
+    // numbers come from the backing store, which is not trusted to grant
+    // privileges (docs/SECURITY.md).
+    if !plan.opts.dev {
         mo.push(M::NoDev);
     }
-    if plan.opts.nosuid {
+    if !plan.opts.suid {
         mo.push(M::NoSuid);
     }
     if plan.opts.noexec {

@@ -24,12 +24,20 @@ pub struct RekeyArgs {
     #[command(flatten)]
     pub keys: KeySource,
     /// Limit the re-encryption to this many megabytes (10^6 bytes) per second.
-    #[arg(long, value_name = "MB/s")]
+    #[arg(long, value_name = "MB/s", value_parser = crate::rekey::Throttle::parse_rate)]
     pub rate: Option<f64>,
     /// Let the re-encryption work at most this share of the time, in percent
     /// (default 50; 100 is unthrottled).
     #[arg(long, value_name = "PERCENT", value_parser = clap::value_parser!(u8).range(1..=100))]
     pub cpu: Option<u8>,
+    /// Rotate the KEK first (a new key version on the key manager, every
+    /// DEK generation re-wrapped under it), so header copies taken before
+    /// this rekey need the old KEK version: revoke it afterwards
+    /// (`kmfs rotate-kek --revoke-old` or on the key manager) to make them
+    /// useless. Off by default: a DEK compromise does not imply a KEK one,
+    /// and KEK versions belong to the key-manager owner.
+    #[arg(long, conflicts_with_all = ["status", "pause", "resume"])]
+    pub rotate_kek: bool,
     /// Show progress instead of starting (a live progress bar on a terminal).
     #[arg(long, conflicts_with_all = ["pause", "resume"])]
     pub status: bool,
@@ -171,6 +179,16 @@ fn follow(
 }
 
 pub fn run(a: RekeyArgs) -> Result<(), CliError> {
+    if a.rotate_kek {
+        super::rotate::run_rotate(super::rotate::RotateArgs {
+            keys: a.keys.clone(),
+            new_key: None,
+            new_keyfile: None,
+            revoke_old: false,
+            json: false,
+            target: a.target.clone(),
+        })?;
+    }
     let (id, mounted) = resolve(&a.target)?;
     // A stale socket of a dead daemon: fall through to the offline rekey.
     if mounted && online(&a, &id)? {
@@ -270,8 +288,8 @@ fn offline(a: &RekeyArgs) -> Result<(), CliError> {
         );
         return Ok(());
     }
-    let (_, provider) = a.keys.open(Some(backing))?;
-    let mut vol = Volume::open(backing, provider.as_ref())?;
+    let (cfg, provider) = a.keys.open(Some(backing))?;
+    let mut vol = super::open_volume(backing, cfg.as_ref(), provider.as_ref())?;
     rekey::recover(backing, &vol.keys, &Offline)
         .map_err(|e| CliError::other(exitcode::BACKING_DIR, format!("rekey recovery: {e}")))?;
     let throttle = Throttle {
@@ -280,6 +298,8 @@ fn offline(a: &RekeyArgs) -> Result<(), CliError> {
     };
     let (mut st, old) = match state {
         Some(st) => {
+            st.check_against(&vol.header)
+                .map_err(|e| CliError::other(exitcode::BACKING_DIR, e.to_string()))?;
             let old = generations::old_generations(&vol.header, st.target);
             (st, old)
         }

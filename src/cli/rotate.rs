@@ -11,7 +11,7 @@ use super::{CliError, KeySource};
 use crate::control::{self, ControlError, Request};
 use crate::exitcode;
 use crate::rotation::{self, RotateRequest};
-use crate::volume::{self, Volume, hex};
+use crate::volume::{self, hex};
 
 #[derive(Args, Debug)]
 pub struct RotateArgs {
@@ -152,8 +152,8 @@ pub fn run_rotate(a: RotateArgs) -> Result<(), CliError> {
             format!("{} is not a kmfs backing directory", backing.display()),
         ));
     }
-    let (_, provider) = a.keys.open(Some(backing))?;
-    let mut vol = Volume::open(backing, provider.as_ref())?;
+    let (cfg, provider) = a.keys.open(Some(backing))?;
+    let mut vol = super::open_volume(backing, cfg.as_ref(), provider.as_ref())?;
     let report = match &req.new_keyfile {
         Some(p) => {
             let newp = crate::kms::keyfile::KeyfileProvider::open(p, Some(backing))?;

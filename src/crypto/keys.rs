@@ -69,6 +69,9 @@ impl Secret {
             libc::madvise(ptr.as_ptr().cast(), size, libc::MADV_DONTDUMP);
             ok
         };
+        if !locked {
+            warn_mlock_failed(size);
+        }
         Secret {
             ptr,
             len,
@@ -194,6 +197,9 @@ impl<T> Locked<T> {
             libc::madvise(ptr.as_ptr().cast(), size, libc::MADV_DONTDUMP);
             ok
         };
+        if !locked {
+            warn_mlock_failed(size);
+        }
         Locked {
             ptr,
             layout,
@@ -235,6 +241,25 @@ pub fn derive(ikm: &Secret, salt: &[u8], label: &[u8], len: usize) -> Secret {
     hk.expand(label, out.as_mut_bytes())
         .expect("HKDF output length is at most 255 * 32 bytes");
     out
+}
+
+/// Says once per process that key memory could not be locked (it may then
+/// be swapped out), with the cause and the fix.
+fn warn_mlock_failed(size: usize) {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    static WARNED: AtomicBool = AtomicBool::new(false);
+    if WARNED.swap(true, Ordering::Relaxed) {
+        return;
+    }
+    let err = std::io::Error::last_os_error();
+    let msg = format!(
+        "cannot lock {size} bytes of key memory ({err}): keys may be written to swap; raise the memlock limit (LimitMEMLOCK= in the systemd unit, ulimit -l)"
+    );
+    log::warn!("op=mlock result=warn msg=\"{msg}\"");
+    use std::io::IsTerminal;
+    if std::io::stderr().is_terminal() {
+        eprintln!("kmfs: warning: {msg}");
+    }
 }
 
 /// Turns off core dumps for this process and marks it non-dumpable, so that keys

@@ -12,7 +12,7 @@
 //! kmfs's own files.
 
 use std::ffi::{CString, OsStr, OsString};
-use std::io::{self, Write};
+use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::Path;
@@ -22,12 +22,11 @@ use fuser::Errno;
 
 use super::inode::Inode;
 use crate::crypto::names::{
-    self as cn, DIR_ID_LEN, EncodedName, NameError, is_long, is_reserved, long_backing,
-    long_sidecar,
+    self as cn, DIR_ID_LEN, EncodedName, NameError, is_long, is_reserved, long_sidecar,
 };
 use crate::sys;
-use crate::volume::dirid;
 use crate::volume::{GenKeys, VolumeView};
+use crate::volume::{dirid, internal};
 
 /// Where a plaintext name lives in its backing directory.
 #[derive(Debug, Clone)]
@@ -74,8 +73,7 @@ impl Names {
         if let Some(k) = dir.cached_dir_key() {
             return Ok(k);
         }
-        let p = sys::proc_path(dir.fd().as_raw_fd());
-        match dirid::read(Path::new(OsStr::from_bytes(p.as_bytes()))) {
+        match dirid::read_at(dir.fd()) {
             Ok(k) => {
                 dir.cache_dir_key(k);
                 Ok(k)
@@ -142,14 +140,7 @@ impl Names {
         let Some((side, full)) = &b.long else {
             return Ok(());
         };
-        let fd = sys::openat(
-            dir.fd(),
-            side,
-            libc::O_WRONLY | libc::O_CREAT | libc::O_TRUNC | libc::O_NOFOLLOW,
-            0o444,
-        )?;
-        let mut f = std::fs::File::from(fd);
-        f.write_all(full.as_bytes())
+        internal::write_sidecar(dir.fd(), side, full)
     }
 
     /// Removes the sidecar of a long name that no longer exists.
@@ -182,16 +173,11 @@ impl Names {
             return Some(OsString::from_vec(backing.to_vec()));
         }
         let full = if is_long(backing) {
-            let side = long_sidecar(std::str::from_utf8(backing).ok()?);
-            let p = sys::proc_path(dir.fd().as_raw_fd());
-            let path = Path::new(OsStr::from_bytes(p.as_bytes())).join(&side);
-            match std::fs::read_to_string(&path) {
-                Ok(s) if long_backing(s.trim_end()) == std::str::from_utf8(backing).ok()? => {
-                    s.trim_end().to_string()
-                }
-                Ok(_) | Err(_) => {
+            match internal::read_sidecar(dir.fd(), backing) {
+                Ok(full) => full,
+                Err(e) => {
                     log::error!(
-                        "op=readdir path={}/{} error=\"long-name sidecar missing or does not match\"",
+                        "op=readdir path={}/{} error=\"{e}\" result=skip",
                         sys::fd_path(dir.fd()),
                         String::from_utf8_lossy(backing)
                     );

@@ -22,6 +22,7 @@ use std::path::{Path, PathBuf};
 use sha2::{Digest, Sha256};
 
 use crate::crypto::content::FileId;
+use crate::volume::internal;
 
 pub const JOURNAL_FILE: &str = "kmfs.rekey.journal";
 const MAGIC: &[u8; 4] = b"KMRJ";
@@ -205,13 +206,21 @@ impl Journal {
     /// Opens the journal of `backing`, creating and allocating it if needed.
     pub fn open(backing: &Path) -> io::Result<Journal> {
         let path = path(backing);
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(0o600)
-            .open(&path)?;
+        // An existing journal must be a regular file of at most two slots,
+        // opened without following a symlink; a new one is created
+        // exclusively (O_EXCL), so nothing planted under the name is ever
+        // written through.
+        let file = match internal::open_path(&path, libc::O_RDWR, 2 * SLOT) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create_new(true)
+                .custom_flags(libc::O_NOFOLLOW)
+                .mode(0o600)
+                .open(&path)?,
+            Err(e) => return Err(io::Error::new(e.kind(), format!("{}: {e}", path.display()))),
+        };
         // Reserve both slots now: a commit must never be the write that finds
         // the disk full.
         match nix::fcntl::fallocate(
@@ -230,7 +239,7 @@ impl Journal {
 
     /// The newest valid record of an existing journal, without creating one.
     pub fn pending(backing: &Path) -> io::Result<Option<Record>> {
-        match File::open(path(backing)) {
+        match internal::open_path(&path(backing), libc::O_RDONLY, 2 * SLOT) {
             Ok(f) => Ok(Self::latest_in(&f)?.and_then(|(_, r)| r)),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(e),

@@ -11,8 +11,7 @@
 //! apart by AES-SIV: it decrypts with the new key).
 
 use std::ffi::{CStr, CString, OsStr};
-use std::fs::File;
-use std::io::{self, Write};
+use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
@@ -23,7 +22,7 @@ use super::journal::{FileRef, Journal, Record};
 use crate::crypto::names::{self, DIR_ID_LEN, EncodedName};
 use crate::crypto::xattr::{self, Mapped, XattrCipher};
 use crate::sys;
-use crate::volume::{GenKeys, dirid};
+use crate::volume::{GenKeys, dirid, internal};
 
 fn cstr(b: &[u8]) -> io::Result<CString> {
     CString::new(b).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))
@@ -59,12 +58,12 @@ pub fn rekey_dir(
     to: u16,
     journal: &mut Journal,
 ) -> io::Result<([u8; DIR_ID_LEN], u16)> {
-    let (id, from) = dirid::read(dir)?;
+    let dfd = open_dir(dir)?;
+    let (id, from) = dirid::read_at(dfd.as_fd())?;
     if from == to {
         return Ok((id, to));
     }
     let to_keys = keys_for(keys, to)?;
-    let dfd = open_dir(dir)?;
     let mut rec = Record {
         seq: 0,
         file: FileRef {
@@ -89,12 +88,11 @@ pub fn rekey_dir(
             continue; // dir id, sidecars, temporaries; the root's lost+found
         }
         let full = if names::is_long(b) {
-            let side = names::long_sidecar(&String::from_utf8_lossy(b));
-            match std::fs::read_to_string(dir.join(&side)) {
-                Ok(c) => c.trim_end().to_string(),
+            match internal::read_sidecar(dfd.as_fd(), b) {
+                Ok(c) => c,
                 Err(err) => {
                     log::error!(
-                        "op=rekey_names path={} error=\"long-name sidecar unreadable: {err}\" result=skip",
+                        "op=rekey_names path={} error=\"{err}\" result=skip",
                         dir.join(&name).display()
                     );
                     continue;
@@ -122,13 +120,7 @@ pub fn rekey_dir(
             let new_name = cstr(new.backing().as_bytes())?;
             if let EncodedName::Long { backing, full } = &new {
                 let side = cstr(names::long_sidecar(backing).as_bytes())?;
-                let fd = sys::openat(
-                    dfd.as_fd(),
-                    &side,
-                    libc::O_WRONLY | libc::O_CREAT | libc::O_TRUNC | libc::O_NOFOLLOW,
-                    0o444,
-                )?;
-                File::from(fd).write_all(full.as_bytes())?;
+                internal::write_sidecar(dfd.as_fd(), &side, full)?;
             }
             sys::renameat2(
                 dfd.as_fd(),

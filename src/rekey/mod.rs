@@ -27,7 +27,7 @@ pub mod metadata;
 pub mod state;
 
 use std::ffi::OsStr;
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
@@ -40,7 +40,7 @@ use serde::Serialize;
 
 use crate::crypto::names::DIR_ID_LEN;
 use crate::volume::layout::FileHeader;
-use crate::volume::{GenKeys, VolumeKeys, dirid};
+use crate::volume::{GenKeys, VolumeKeys, dirid, internal};
 use file::Step;
 use journal::{FileRef, Journal, Record};
 use state::RekeyState;
@@ -142,6 +142,39 @@ impl Throttle {
         rate_mb: None,
         cpu: Some(50),
     };
+
+    /// The largest byte rate accepted (1 TB/s: above any disk).
+    pub const MAX_RATE_MB: f64 = 1e6;
+
+    /// Checks values that came from the command line, the control socket or
+    /// the state file in the backing directory.
+    pub fn validate(&self) -> Result<(), String> {
+        if let Some(r) = self.rate_mb
+            && !(r.is_finite() && r > 0.0 && r <= Self::MAX_RATE_MB)
+        {
+            return Err(format!(
+                "rate {r} MB/s is out of range (more than 0, at most {})",
+                Self::MAX_RATE_MB
+            ));
+        }
+        if let Some(c) = self.cpu
+            && !(1..=100).contains(&c)
+        {
+            return Err(format!("cpu {c}% is out of range (1 to 100)"));
+        }
+        Ok(())
+    }
+
+    /// Parses `--rate` (clap value parser).
+    pub fn parse_rate(s: &str) -> Result<f64, String> {
+        let r: f64 = s.parse().map_err(|_| format!("{s:?} is not a number"))?;
+        Throttle {
+            rate_mb: Some(r),
+            cpu: None,
+        }
+        .validate()?;
+        Ok(r)
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -272,10 +305,24 @@ fn walk(
     })
 }
 
+/// Opens the regular file at `path` for re-encryption: never through a
+/// symlink, never a FIFO or device, and only if it is still the inode `md`
+/// describes (what the walk examined).
+fn open_scanned(path: &Path, md: &std::fs::Metadata) -> io::Result<File> {
+    let f = internal::open_path(path, libc::O_RDWR, u64::MAX)?;
+    let st = crate::sys::fstat(std::os::fd::AsFd::as_fd(&f))?;
+    if (st.st_dev, st.st_ino) != (md.dev(), md.ino()) {
+        return Err(io::Error::other(
+            "the file was replaced since the walk examined it",
+        ));
+    }
+    Ok(f)
+}
+
 /// The generation of the backing file at `path`: `None` if it has no header
 /// yet (empty) or is not a kmfs file.
 fn file_generation(path: &Path) -> io::Result<Option<u16>> {
-    let f = File::open(path)?;
+    let f = internal::open_path(path, libc::O_RDONLY, u64::MAX)?;
     Ok(FileHeader::read_from(&f)
         .ok()
         .flatten()
@@ -286,7 +333,9 @@ fn file_generation(path: &Path) -> io::Result<Option<u16>> {
 /// holds the same inode and file id, else anywhere below `backing`.
 pub fn locate(backing: &Path, r: &FileRef) -> Option<PathBuf> {
     let matches = |p: &Path| -> bool {
-        let Ok(f) = File::open(p) else { return false };
+        let Ok(f) = internal::open_path(p, libc::O_RDONLY, u64::MAX) else {
+            return false;
+        };
         let ino = f.metadata().map(|m| m.ino()).unwrap_or(0);
         ino == r.ino
             && FileHeader::read_from(&f)
@@ -358,7 +407,7 @@ pub fn recover(
     })?;
     let md = std::fs::metadata(&path).map_err(|e| io_msg(&path.display().to_string(), &e))?;
     gate.exclusive(&path, &md, &mut || {
-        let f = OpenOptions::new().read(true).write(true).open(&path)?;
+        let f = open_scanned(&path, &md)?;
         let h = file::finish_pending(&f, &rec, &step, &mut journal)?;
         gate.set_frontier(&rec.file.file_id, None);
         Ok(Some(h))
@@ -454,7 +503,8 @@ impl Pacer {
         let elapsed = self.start.elapsed();
         let mut want = Duration::ZERO;
         if let Some(mb) = t.rate_mb.filter(|r| *r > 0.0) {
-            want = want.max(Duration::from_secs_f64(self.bytes as f64 / (mb * 1e6)));
+            let secs = self.bytes as f64 / (mb * 1e6);
+            want = want.max(Duration::try_from_secs_f64(secs).unwrap_or(Duration::MAX));
         }
         if let Some(c) = t.cpu.filter(|c| (1..100).contains(c)) {
             want = want.max(self.busy.mul_f64(100.0 / c as f64));
@@ -749,7 +799,7 @@ impl Rekey {
                         .map_or(u64::MAX, |r| (r * 250_000.0) as u64),
                 };
                 let r = gate.exclusive(&path, md, &mut || {
-                    let f = OpenOptions::new().read(true).write(true).open(&path)?;
+                    let f = open_scanned(&path, md)?;
                     // Under the gate: the header may have changed since the
                     // walk (or the last batch) read it.
                     let hd = match FileHeader::read_from(&f) {

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use super::Throttle;
-use crate::volume::header;
+use crate::volume::{header, internal};
 
 pub const STATE_FILE: &str = "kmfs.rekey";
 const STATE_TMP: &str = "kmfs.rekey.tmp";
@@ -36,17 +36,37 @@ impl RekeyState {
     /// The state of the rekey in progress in `backing`, if any.
     pub fn load(backing: &Path) -> io::Result<Option<RekeyState>> {
         let p = path(backing);
-        let text = match std::fs::read_to_string(&p) {
-            Ok(t) => t,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(e),
-        };
-        serde_json::from_str(&text).map(Some).map_err(|e| {
+        let damaged = |e: &dyn std::fmt::Display| {
             io::Error::new(
                 io::ErrorKind::InvalidData,
                 format!("{}: damaged rekey state file: {e}", p.display()),
             )
-        })
+        };
+        let text = match internal::read_path(&p, internal::limits::REKEY_STATE) {
+            Ok(t) => t,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(damaged(&e)),
+        };
+        let st: RekeyState = serde_json::from_slice(&text).map_err(|e| damaged(&e))?;
+        st.throttle.validate().map_err(|e| damaged(&e))?;
+        Ok(Some(st))
+    }
+
+    /// Checks the state file (unauthenticated, in the backing directory)
+    /// against the authenticated header: its target must be the header's
+    /// active generation. Anything else is a stale or planted state file,
+    /// and following it could retire the generation the data is on.
+    pub fn check_against(&self, hdr: &crate::volume::header::VolumeHeader) -> io::Result<()> {
+        if self.target != hdr.active {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!(
+                    "{STATE_FILE} names key generation {} as the rekey's target, but the volume header's active generation is {}: a stale or forged state file; kmfs check reports it, and removing it is safe when no rekey was started",
+                    self.target, hdr.active
+                ),
+            ));
+        }
+        Ok(())
     }
 
     /// Stores the state atomically.

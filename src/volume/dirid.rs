@@ -7,8 +7,11 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
+use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
+
+use super::internal;
 
 use crate::crypto::names::DIR_ID_LEN;
 
@@ -71,13 +74,22 @@ pub fn decode(b: &[u8]) -> Option<([u8; DIR_ID_LEN], u16)> {
 
 /// Reads the id of directory `dir` and the generation of its names.
 pub fn read(dir: &Path) -> io::Result<([u8; DIR_ID_LEN], u16)> {
-    let b = fs::read(dir.join(DIRID_FILE))?;
+    let fd = internal::open_dir(dir)?;
+    read_at(fd.as_fd()).map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", dir.display())))
+}
+
+/// Reads the id of the directory open as `dir` (any descriptor, `O_PATH`
+/// included) and the generation of its names. The file is read as untrusted
+/// input ([`internal::read`]): a symlink, FIFO, device or oversized file is
+/// refused, never followed or waited on.
+pub fn read_at(dir: BorrowedFd<'_>) -> io::Result<([u8; DIR_ID_LEN], u16)> {
+    let b = internal::read(dir, c"kmfs.dirid", internal::limits::DIRID)
+        .map_err(|e| io::Error::new(e.kind(), format!("{DIRID_FILE}: {e}")))?;
     decode(&b).ok_or_else(|| {
         io::Error::new(
             io::ErrorKind::InvalidData,
             format!(
-                "{}: directory id is {} bytes, expected {DIR_ID_LEN} or {}",
-                dir.join(DIRID_FILE).display(),
+                "{DIRID_FILE}: directory id is {} bytes, expected {DIR_ID_LEN} or {}",
                 b.len(),
                 DIR_ID_LEN + 2
             ),
@@ -101,5 +113,9 @@ mod tests {
         std::fs::write(d.path().join(DIRID_FILE), b"short").unwrap();
         let e = read(d.path()).unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::InvalidData);
+        std::fs::remove_file(d.path().join(DIRID_FILE)).unwrap();
+        std::os::unix::fs::symlink("/dev/zero", d.path().join(DIRID_FILE)).unwrap();
+        let e = read(d.path()).unwrap_err();
+        assert!(e.to_string().contains("symbolic link"), "{e}");
     }
 }

@@ -396,31 +396,24 @@ impl VolumeHeader {
     }
 }
 
-/// Reads the raw bytes of a header file (bounded in size).
+/// Reads the raw bytes of a header file (bounded in size, never through a
+/// symlink, never from a FIFO or device: [`super::internal::read_path`]).
 pub fn read_file(path: &Path) -> Result<Vec<u8>, HeaderError> {
-    let md = match fs::metadata(path) {
-        Ok(m) => m,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {
-            return Err(HeaderError::Missing(path.to_path_buf()));
-        }
-        Err(source) => {
-            return Err(HeaderError::Io {
+    super::internal::read_path(path, MAX_LEN as u64).map_err(|e| {
+        if e.kind() == io::ErrorKind::NotFound {
+            HeaderError::Missing(path.to_path_buf())
+        } else if super::internal::is_refusal(&e) {
+            HeaderError::Malformed {
+                path: path.to_path_buf(),
+                what: format!("file {e}"),
+            }
+        } else {
+            HeaderError::Io {
                 path: path.to_path_buf(),
                 what: "read the volume header",
-                source,
-            });
+                source: e,
+            }
         }
-    };
-    if md.len() > MAX_LEN as u64 {
-        return Err(HeaderError::Malformed {
-            path: path.to_path_buf(),
-            what: format!("file is {} bytes, larger than any header", md.len()),
-        });
-    }
-    fs::read(path).map_err(|source| HeaderError::Io {
-        path: path.to_path_buf(),
-        what: "read the volume header",
-        source,
     })
 }
 
@@ -480,10 +473,10 @@ pub fn replace_backup(backing: &Path, bytes: &[u8]) -> Result<(), HeaderError> {
 /// the complete old or the complete new header.
 pub fn store(backing: &Path, bytes: &[u8]) -> Result<(), HeaderError> {
     let live = header_path(backing);
-    match fs::read(&live) {
+    match read_file(&live) {
         Ok(old) => write_atomic(backing, BACKUP_TMP_FILE, BACKUP_FILE, &old)?,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-        Err(e) => return Err(io_err(&live, "read the volume header")(e)),
+        Err(HeaderError::Missing(_)) => {}
+        Err(e) => return Err(e),
     }
     write_atomic(backing, TMP_FILE, HEADER_FILE, bytes)
 }

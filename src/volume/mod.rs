@@ -8,6 +8,7 @@
 pub mod content;
 pub mod dirid;
 pub mod header;
+pub mod internal;
 pub mod layout;
 
 use std::path::{Path, PathBuf};
@@ -39,6 +40,24 @@ pub enum VolumeError {
     #[error("{0} is not a directory")]
     NotADirectory(PathBuf),
     #[error(
+        "{backing} holds volume {found}, but {config} is for volume {expected}: wrong backing directory, or its header was swapped"
+    )]
+    WrongVolume {
+        backing: PathBuf,
+        found: String,
+        expected: String,
+        config: String,
+    },
+    #[error(
+        "the header of {backing} names key-encryption key {found:?}, but {config} names {expected:?}: a foreign header, or the KEK was rotated to a new name (then set it in the config)"
+    )]
+    WrongKek {
+        backing: PathBuf,
+        found: String,
+        expected: String,
+        config: String,
+    },
+    #[error(
         "the volume's key is held by the {header} provider ({kek}), but the {given} provider was configured"
     )]
     ProviderMismatch {
@@ -46,6 +65,50 @@ pub enum VolumeError {
         kek: String,
         given: &'static str,
     },
+}
+
+/// What the administrator's config says the volume must be: checked against
+/// the header before any key is unwrapped, so a backing directory swapped
+/// for another volume (or a header pointing at another KEK) is refused.
+#[derive(Clone, Debug, Default)]
+pub struct Pin {
+    pub volume_id: Option<[u8; 16]>,
+    /// The KEK's name (KMIP Name, PKCS#11 label) the config names.
+    pub kek_name: Option<String>,
+    /// The config file, for messages.
+    pub config: Option<PathBuf>,
+}
+
+impl Pin {
+    /// Checks the header `hdr` of `backing` against the pin.
+    pub fn check(&self, backing: &Path, hdr: &VolumeHeader) -> Result<(), VolumeError> {
+        let config = self
+            .config
+            .as_ref()
+            .map(|c| c.display().to_string())
+            .unwrap_or_else(|| "the config".into());
+        if let Some(id) = &self.volume_id
+            && *id != hdr.volume_id
+        {
+            return Err(VolumeError::WrongVolume {
+                backing: backing.to_path_buf(),
+                found: hex(&hdr.volume_id),
+                expected: hex(id),
+                config,
+            });
+        }
+        if let Some(name) = &self.kek_name
+            && *name != hdr.kek.name
+        {
+            return Err(VolumeError::WrongKek {
+                backing: backing.to_path_buf(),
+                found: hdr.kek.name.clone(),
+                expected: name.clone(),
+                config,
+            });
+        }
+        Ok(())
+    }
 }
 
 /// Options chosen when a volume is created.
@@ -346,7 +409,18 @@ impl Volume {
     /// Opens the volume in `backing`: unwraps its keys with `provider`, checks
     /// the header's authentication tag and derives the subkeys.
     pub fn open(backing: &Path, provider: &dyn KeyProvider) -> Result<Volume, VolumeError> {
+        Volume::open_pinned(backing, provider, &Pin::default())
+    }
+
+    /// [`Volume::open`], refusing a header that does not match `pin` before
+    /// anything is unwrapped.
+    pub fn open_pinned(
+        backing: &Path,
+        provider: &dyn KeyProvider,
+        pin: &Pin,
+    ) -> Result<Volume, VolumeError> {
         let (hdr, bytes) = read_header(backing)?;
+        pin.check(backing, &hdr)?;
         if hdr.kek.provider != provider.kind() {
             return Err(VolumeError::ProviderMismatch {
                 header: hdr.kek.provider.clone(),

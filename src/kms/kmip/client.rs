@@ -80,6 +80,9 @@ impl ServerEndpoint {
             return Err(cfg_err(format!("{label}: port 0 is not valid")));
         }
         let mut roots = RootCertStore::empty();
+        // The CA decides whom the client trusts: nobody but root may change it.
+        crate::credfile::check_trusted(&c.ca, "CA certificate")
+            .map_err(|e| cfg_err(e.to_string()))?;
         for cert in read_pem_certs(&c.ca, "CA certificate")? {
             roots.add(cert).map_err(|e| {
                 cfg_err(format!(
