@@ -97,7 +97,9 @@ fn device_nodes_in_the_volume_cannot_be_opened_by_default() {
 fn create_racing_an_appearing_file_never_opens_it_for_the_caller() {
     let m = Volume::create(true).mount_with(&["-o", "allow_other"]);
     std::fs::create_dir(m.p("shared")).unwrap();
-    std::fs::set_permissions(m.p("shared"), std::fs::Permissions::from_mode(0o1777)).unwrap();
+    // World-writable without the sticky bit, so nobody can drop its cached
+    // dentry (unlink) and make the kernel LOOKUP and CREATE again.
+    std::fs::set_permissions(m.p("shared"), std::fs::Permissions::from_mode(0o777)).unwrap();
     std::fs::create_dir(m.p("private")).unwrap();
     std::fs::set_permissions(m.p("private"), std::fs::Permissions::from_mode(0o700)).unwrap();
     std::fs::write(m.p("private/secret"), b"TOPSECRET").unwrap();
@@ -113,38 +115,42 @@ fn create_racing_an_appearing_file_never_opens_it_for_the_caller() {
     let flipper = {
         let stop = stop.clone();
         std::thread::spawn(move || {
+            // A second name for root's file appears and disappears.
             while !stop.load(Ordering::Relaxed) {
-                let _ = std::fs::rename(&from, &to);
-                std::thread::sleep(Duration::from_micros(200));
-                let _ = std::fs::rename(&to, &from);
-                std::thread::sleep(Duration::from_micros(200));
+                let _ = std::fs::hard_link(&from, &to);
+                let _ = std::fs::remove_file(&to);
             }
-            let _ = std::fs::rename(&to, &from);
         })
     };
     let script = r#"
 import os, sys, time
 p = sys.argv[1]
 end = time.time() + float(sys.argv[2])
-tries = leaks = 0
+tries = leaks = own = 0
+errs = {}
 while time.time() < end:
     tries += 1
     try:
         fd = os.open(p, os.O_CREAT | os.O_RDWR, 0o600)
-    except OSError:
+    except OSError as e:
+        errs[e.errno] = errs.get(e.errno, 0) + 1
+        try:
+            os.unlink(p)
+        except OSError:
+            pass
         continue
     st = os.fstat(fd)
+    own += st.st_uid != 0
     if st.st_uid == 0:
         data = os.read(fd, 64)
         leaks += 1
         print("LEAK", data)
     os.close(fd)
     try:
-        if st.st_uid != 0:
-            os.unlink(p)
+        os.unlink(p)
     except OSError:
         pass
-print("tries", tries, "leaks", leaks)
+print("tries", tries, "leaks", leaks, "own", own, "errors", errs)
 "#;
     let t = Instant::now();
     let o = as_nobody(&[
@@ -159,6 +165,7 @@ print("tries", tries, "leaks", leaks)
     stop.store(true, Ordering::Relaxed);
     flipper.join().unwrap();
     let out = text(&o);
+    eprintln!("{out}");
     assert!(o.status.success(), "{out}");
     assert!(t.elapsed() < Duration::from_secs(60));
     assert!(

@@ -488,12 +488,8 @@ fn fuse_config(plan: &Plan, allow_other: bool, read_only: bool) -> fuser::Config
     // nodev and nosuid unless asked otherwise: modes, set-id bits and device
     // numbers come from the backing store, which is not trusted to grant
     // privileges (docs/SECURITY.md).
-    if !plan.opts.dev {
-        mo.push(M::NoDev);
-    }
-    if !plan.opts.suid {
-        mo.push(M::NoSuid);
-    }
+    mo.push(if plan.opts.dev { M::Dev } else { M::NoDev });
+    mo.push(if plan.opts.suid { M::Suid } else { M::NoSuid });
     if plan.opts.noexec {
         mo.push(M::NoExec);
     }

@@ -175,11 +175,12 @@ pub fn rekey_symlinks(dir: &Path, keys: &[(u16, Arc<GenKeys>)], to: u16) -> io::
 }
 
 /// Whether a symlink in `dir` has a target not encrypted with `to`.
-pub fn symlinks_behind(dir: &Path, to: &GenKeys) -> bool {
+pub fn symlinks_behind(dir: &Path, all: &[(u16, Arc<GenKeys>)], to: u16) -> bool {
     std::fs::read_dir(dir)
         .map(|rd| {
             rd.flatten().any(|e| {
-                e.file_type().map(|t| t.is_symlink()).unwrap_or(false) && !symlink_on(&e.path(), to)
+                e.file_type().map(|t| t.is_symlink()).unwrap_or(false)
+                    && symlink_behind(&e.path(), all, to)
             })
         })
         .unwrap_or(false)
@@ -252,10 +253,11 @@ pub fn xattr_ciphers(keys: &[(u16, Arc<GenKeys>)]) -> Vec<(u16, XattrCipher)> {
 pub fn xattrs_behind(path: &Path, ciphers: &[(u16, XattrCipher)], to: u16) -> io::Result<bool> {
     let mut behind = false;
     each_xattr(path, &mut |fd, n, blob| {
-        if !ciphers
-            .iter()
-            .any(|(g, c)| *g == to && c.open(n, blob).is_some())
-        {
+        // On an old generation: opens with another one, not with `to`. One
+        // that opens with none (damaged or planted) is not behind: it is
+        // unreadable either way and must not hold the rekey up forever.
+        let opens = |g: u16| ciphers.iter().any(|(k, c)| *k == g && c.open(n, blob).is_some());
+        if !opens(to) && ciphers.iter().any(|(g, _)| *g != to && opens(*g)) {
             behind = true;
         }
         let _ = fd;
@@ -324,14 +326,23 @@ pub fn rekey_xattrs(path: &Path, ciphers: &[(u16, XattrCipher)], to: u16) -> io:
 }
 
 /// Whether symlink `path`'s target is encrypted with `to`'s keys.
-pub fn symlink_on(path: &Path, to: &GenKeys) -> bool {
-    std::fs::read_link(path)
-        .map(|t| {
-            to.names
-                .decrypt_symlink(OsStr::as_bytes(t.as_os_str()))
-                .is_ok()
-        })
-        .unwrap_or(true)
+/// Whether the symlink at `path` is still on an old generation: its target
+/// decrypts with one of `all` but not with `to`. One that decrypts with none
+/// (damaged or planted) is not behind: it is unreadable either way, is
+/// logged when met, and must not hold the rekey up forever.
+pub fn symlink_behind(path: &Path, all: &[(u16, Arc<GenKeys>)], to: u16) -> bool {
+    let Ok(t) = std::fs::read_link(path) else {
+        return false;
+    };
+    let stored = OsStr::as_bytes(t.as_os_str());
+    let on = |g: u16| {
+        all.iter()
+            .any(|(k, keys)| *k == g && keys.names.decrypt_symlink(stored).is_ok())
+    };
+    !on(to)
+        && all
+            .iter()
+            .any(|(g, k)| *g != to && k.names.decrypt_symlink(stored).is_ok())
 }
 
 #[cfg(test)]

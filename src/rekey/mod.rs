@@ -944,9 +944,9 @@ impl Rekey {
         md: &std::fs::Metadata,
     ) -> Result<(), RekeyError> {
         let path = self.backing.join(rel);
-        let Some(to_keys) = keys.generations.get(target) else {
+        if keys.generations.get(target).is_none() {
             return Err(RekeyError::Io(format!("no keys for generation {target}")));
-        };
+        }
         let fail = |what: &str, e: io::Error| -> Result<(), RekeyError> {
             if e.kind() == io::ErrorKind::NotFound {
                 Ok(()) // gone or replaced since the walk saw it
@@ -959,7 +959,7 @@ impl Rekey {
         };
         if md.is_dir() {
             let behind = if self.plaintext_names {
-                metadata::symlinks_behind(&path, &to_keys)
+                metadata::symlinks_behind(&path, all, target)
             } else {
                 dirid::read(&path)
                     .map(|(_, g)| g != target)
@@ -994,10 +994,11 @@ impl Rekey {
     /// What is still on another generation: files, directory names,
     /// symlink targets, attributes (the final sweep).
     fn left_behind(&self, keys: &VolumeKeys, target: u16) -> Result<u64, RekeyError> {
-        let Some(to_keys) = keys.generations.get(target) else {
+        if keys.generations.get(target).is_none() {
             return Err(RekeyError::Io(format!("no keys for generation {target}")));
-        };
-        let xciphers = metadata::xattr_ciphers(&keys.generations.all());
+        }
+        let all = keys.generations.all();
+        let xciphers = metadata::xattr_ciphers(&all);
         let mut left = 0u64;
         walk_all(&self.backing, &mut |rel, md| {
             let path = self.backing.join(rel);
@@ -1012,7 +1013,7 @@ impl Rekey {
                         .unwrap_or(false)
                 }
             } else if md.file_type().is_symlink() {
-                !metadata::symlink_on(&path, &to_keys)
+                metadata::symlink_behind(&path, &all, target)
             } else {
                 false
             };
