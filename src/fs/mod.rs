@@ -32,6 +32,7 @@ pub mod gate;
 pub mod handle;
 pub mod inode;
 pub mod names;
+pub mod stats;
 
 use std::ffi::{CStr, OsStr};
 use std::fs::File;
@@ -53,7 +54,6 @@ use fuser::{
 use crate::crypto::content::Units;
 use crate::crypto::names::DIR_ID_LEN;
 use crate::crypto::xattr::{self, Mapped, XattrCipher, XattrError};
-use crate::daemon::IoStats;
 use crate::sys;
 use crate::volume::GenKeys;
 use crate::volume::VolumeView;
@@ -63,6 +63,7 @@ use crate::volume::layout::{FileHeader, HEADER_LEN, plain_size};
 use handle::{DirEntry, Handles, OpenDir, OpenFile};
 use inode::{Inode, InodeTable};
 use names::{BackingName, Names};
+use stats::IoStats;
 
 /// Mount-time behaviour of the filesystem.
 #[derive(Clone, Debug)]
