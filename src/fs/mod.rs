@@ -29,6 +29,7 @@
 //!   backing path, never a panic.
 
 mod attr;
+mod file_io;
 pub mod gate;
 pub mod handle;
 pub mod inode;
@@ -41,7 +42,6 @@ use std::fs::File;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
@@ -53,15 +53,11 @@ use fuser::{
     ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 
-use crate::crypto::content::Units;
 use crate::crypto::names::DIR_ID_LEN;
 use crate::crypto::xattr::XattrCipher;
 use crate::sys;
-use crate::volume::GenKeys;
 use crate::volume::VolumeView;
-use crate::volume::content::BackingFile;
 use crate::volume::dirid;
-use crate::volume::layout::{FileHeader, HEADER_LEN, plain_size};
 use attr::Caller;
 use handle::{DirEntry, Handles, OpenDir, OpenFile};
 use inode::{Inode, InodeTable};
@@ -163,23 +159,6 @@ fn read_lock(l: &std::sync::RwLock<()>) -> std::sync::RwLockReadGuard<'_, ()> {
     l.read().unwrap_or_else(|p| p.into_inner())
 }
 
-/// Largest request buffer a worker thread keeps between requests.
-const IO_BUF_KEEP: usize = (1 << 20) + 2 * 4096;
-
-thread_local! {
-    /// Per worker thread: plaintext/ciphertext of the current read or write,
-    /// reused so the data path does not allocate per request.
-    static IO_BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
-}
-
-/// Frees an unusually large buffer (a request bigger than max_write can only
-/// come from internal callers) so idle threads stay small.
-fn trim_io_buf(buf: &mut Vec<u8>) {
-    if buf.capacity() > IO_BUF_KEEP {
-        *buf = Vec::new();
-    }
-}
-
 fn is_crypto_error(e: &io::Error) -> bool {
     e.raw_os_error().is_none()
 }
@@ -271,132 +250,6 @@ impl KmfsFs {
             Err(e) => return Err(e),
         };
         self.lookup_backing(parent, &b.name)
-    }
-
-    /// Header of an open file; `None` if it has none yet (empty file).
-    fn header(&self, h: &OpenFile, op: &str) -> R<Option<FileHeader>> {
-        if let Some(hd) = h.inode.cached_header() {
-            return Ok(Some(hd));
-        }
-        match FileHeader::read_from(&h.file) {
-            Ok(Some(hd)) => {
-                h.inode.cache_header(hd.clone());
-                Ok(Some(hd))
-            }
-            Ok(None) => Ok(None),
-            Err(e) => {
-                log::error!(
-                    "op={op} path={} error=\"damaged file header: {e}\" result=eio",
-                    sys::fd_path(h.inode.fd())
-                );
-                Err(Errno::EIO)
-            }
-        }
-    }
-
-    /// Header of a file about to be written (write lock held): written now if
-    /// the file has none yet.
-    fn ensure_header(&self, inode: &Inode, file: &File, op: &str) -> R<FileHeader> {
-        if let Some(hd) = inode.cached_header() {
-            return Ok(hd);
-        }
-        match FileHeader::read_from(file) {
-            Ok(Some(hd)) => {
-                inode.cache_header(hd.clone());
-                Ok(hd)
-            }
-            Ok(None) => {
-                // Generation and header write under one hold of the active
-                // generation, so a rekey's final sweep (after a barrier)
-                // sees every file created with an old one.
-                let hd = self.vol.keys.generations.with_active(|g, _| {
-                    let hd = FileHeader::generate(g)?;
-                    file.write_all_at(&hd.to_bytes(), 0).map(|_| hd)
-                });
-                let hd = hd.map_err(|e| self.fail(op, inode, e))?;
-                inode.cache_header(hd.clone());
-                Ok(hd)
-            }
-            Err(e) => {
-                log::error!(
-                    "op={op} path={} error=\"damaged file header: {e}\" result=eio",
-                    sys::fd_path(inode.fd())
-                );
-                Err(Errno::EIO)
-            }
-        }
-    }
-
-    /// The content cipher of the DEK generation `hd` names; EIO (logged) if
-    /// the volume header does not hold that generation.
-    fn cipher(&self, inode: &Inode, hd: &FileHeader, op: &str) -> R<FileKeys> {
-        let get = |g: u16| {
-            self.vol.keys.generations.get(g).ok_or_else(|| {
-                log::error!(
-                    "op={op} path={} error=\"file uses key generation {g}, which the volume header does not hold\" result=eio",
-                    sys::fd_path(inode.fd()),
-                );
-                Errno::EIO
-            })
-        };
-        let keys = get(hd.generation)?;
-        let split = match self.splits.get(&hd.file_id) {
-            Some(f) => Some((f.next_unit, get(f.to)?)),
-            None => None,
-        };
-        Ok(FileKeys { keys, split })
-    }
-
-    fn file_size(file: &File) -> R<u64> {
-        Ok(plain_size(file.metadata().map_err(Errno::from)?.len()))
-    }
-
-    fn truncate(&self, inode: &Inode, fh: Option<FileHandle>, new_size: u64) -> R<()> {
-        if inode.kind == FileType::Directory {
-            return Err(Errno::EISDIR);
-        }
-        if inode.kind != FileType::RegularFile {
-            return Err(Errno::EINVAL);
-        }
-        let held;
-        let file = match fh.and_then(|f| self.files.get(f.0)) {
-            Some(h) => {
-                held = h;
-                &held.file
-            }
-            None => &sys::reopen(inode.fd(), libc::O_RDWR).map_err(Errno::from)?,
-        };
-        let _g = inode.io.write().unwrap_or_else(|p| p.into_inner());
-        let size = Self::file_size(file)?;
-        if new_size == size {
-            return Ok(());
-        }
-        let header = self.ensure_header(inode, file, "truncate")?;
-        let cipher = self.cipher(inode, &header, "truncate")?;
-        BackingFile {
-            file,
-            cipher: cipher.units(),
-            header: &header,
-        }
-        .truncate(size, new_size)
-        .map_err(|e| self.fail("truncate", inode, e))
-    }
-
-    fn open_backing(&self, inode: &Inode, flags: i32) -> R<File> {
-        let want_write = flags & libc::O_ACCMODE != libc::O_RDONLY;
-        if self.opts.read_only {
-            if want_write {
-                return Err(Errno::EROFS);
-            }
-            return sys::reopen(inode.fd(), libc::O_RDONLY).map_err(Errno::from);
-        }
-        match sys::reopen(inode.fd(), libc::O_RDWR) {
-            Ok(f) => Ok(f),
-            Err(e) if !want_write => {
-                sys::reopen(inode.fd(), libc::O_RDONLY).map_err(|_| Errno::from(e))
-            }
-            Err(e) => Err(Errno::from(e)),
-        }
     }
 
     fn reply_entry(&self, reply: ReplyEntry, r: R<(Arc<Inode>, FileAttr)>) {
@@ -762,147 +615,6 @@ impl KmfsFs {
         Ok((attr, fh))
     }
 
-    /// Reads into this worker thread's reusable buffer and hands the plaintext
-    /// to `reply` (no per-request allocation, no copy besides pread and the
-    /// reply's write to /dev/fuse).
-    fn do_read(&self, fh: FileHandle, offset: u64, size: u32, reply: impl FnOnce(R<&[u8]>)) {
-        let h = match self.files.get(fh.0) {
-            Some(h) => h,
-            None => return reply(Err(Errno::EBADF)),
-        };
-        let _g = h.inode.io.read().unwrap_or_else(|p| p.into_inner());
-        let fsize = match Self::file_size(&h.file) {
-            Ok(s) => s,
-            Err(e) => return reply(Err(e)),
-        };
-        if offset >= fsize {
-            return reply(Ok(&[]));
-        }
-        let header = match self.header(&h, "read") {
-            Ok(Some(hd)) => hd,
-            Ok(None) => return reply(Ok(&[])),
-            Err(e) => return reply(Err(e)),
-        };
-        let cipher = match self.cipher(&h.inode, &header, "read") {
-            Ok(c) => c,
-            Err(e) => return reply(Err(e)),
-        };
-        IO_BUF.with_borrow_mut(|buf| {
-            let r = BackingFile {
-                file: &h.file,
-                cipher: cipher.units(),
-                header: &header,
-            }
-            .read_into(fsize, offset, size as usize, buf);
-            let r = match r {
-                Ok(range) => Ok(&buf[range]),
-                Err(e) => Err(self.fail("read", &h.inode, e)),
-            };
-            reply(r);
-            trim_io_buf(buf);
-        })
-    }
-
-    fn do_write(&self, fh: FileHandle, offset: u64, data: &[u8]) -> R<u32> {
-        self.ro()?;
-        let h = self.files.get(fh.0).ok_or(Errno::EBADF)?;
-        let _g = h.inode.io.write().unwrap_or_else(|p| p.into_inner());
-        let header = self.ensure_header(&h.inode, &h.file, "write")?;
-        let cipher = self.cipher(&h.inode, &header, "write")?;
-        let size = Self::file_size(&h.file)?;
-        // With the writeback cache the kernel resolves O_APPEND itself and
-        // sends page writes at their real offsets.
-        let off = if h.append && !self.writeback {
-            size
-        } else {
-            offset
-        };
-        IO_BUF
-            .with_borrow_mut(|buf| {
-                let r = BackingFile {
-                    file: &h.file,
-                    cipher: cipher.units(),
-                    header: &header,
-                }
-                .write_with(size, off, data, buf);
-                trim_io_buf(buf);
-                r
-            })
-            .map_err(|e| self.fail("write", &h.inode, e))?;
-        Ok(data.len() as u32)
-    }
-
-    fn do_fallocate(
-        &self,
-        fh: FileHandle,
-        offset: u64,
-        length: u64,
-        mode: i32,
-        caller: Caller,
-    ) -> R<()> {
-        self.ro()?;
-        if mode & !libc::FALLOC_FL_KEEP_SIZE != 0 {
-            return Err(Errno::EOPNOTSUPP);
-        }
-        let h = self.files.get(fh.0).ok_or(Errno::EBADF)?;
-        let end = offset.checked_add(length).ok_or(Errno::EFBIG)?;
-        let _g = h.inode.io.write().unwrap_or_else(|p| p.into_inner());
-        let header = self.ensure_header(&h.inode, &h.file, "fallocate")?;
-        let cipher = self.cipher(&h.inode, &header, "fallocate")?;
-        let size = Self::file_size(&h.file)?;
-        if mode & libc::FALLOC_FL_KEEP_SIZE == 0 && end > size {
-            BackingFile {
-                file: &h.file,
-                cipher: cipher.units(),
-                header: &header,
-            }
-            .truncate(size, end)
-            .map_err(|e| self.fail("fallocate", &h.inode, e))?;
-        }
-        match sys::fallocate(&h.file, mode, HEADER_LEN + offset, length) {
-            Ok(()) => {}
-            Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => {}
-            Err(e) => return Err(Errno::from(e)),
-        }
-        // fallocate modifies the file like a write: a caller without
-        // CAP_FSETID (non-root here) loses the set-id bits (xfstests generic/683).
-        if caller.uid != 0 {
-            self.kill_priv(&h.inode, Some(caller));
-        }
-        Ok(())
-    }
-
-    fn do_lseek(&self, fh: FileHandle, offset: i64, whence: i32) -> R<i64> {
-        let h = self.files.get(fh.0).ok_or(Errno::EBADF)?;
-        let _g = h.inode.io.read().unwrap_or_else(|p| p.into_inner());
-        let size = Self::file_size(&h.file)?;
-        if offset < 0 {
-            return Err(Errno::EINVAL);
-        }
-        let off = offset as u64;
-        match whence {
-            libc::SEEK_DATA | libc::SEEK_HOLE => {}
-            libc::SEEK_SET => return Ok(offset),
-            libc::SEEK_END => return Ok(size as i64 + offset),
-            _ => return Err(Errno::EINVAL),
-        }
-        if off >= size {
-            return Err(Errno::ENXIO);
-        }
-        let pos = match sys::lseek(&h.file, HEADER_LEN + off, whence) {
-            Ok(p) => p.saturating_sub(HEADER_LEN).max(off),
-            Err(e) if e.raw_os_error() == Some(libc::ENXIO) && whence == libc::SEEK_HOLE => size,
-            Err(e) => return Err(Errno::from(e)),
-        };
-        if whence == libc::SEEK_HOLE {
-            Ok(pos.min(size) as i64)
-        } else if pos >= size {
-            Err(Errno::ENXIO)
-        } else {
-            Ok(pos as i64)
-        }
-    }
-
     fn snapshot(&self, dir: &Inode) -> R<Vec<DirEntry>> {
         let list = {
             let _n = read_lock(&dir.names);
@@ -1020,27 +732,6 @@ impl KmfsFs {
             i += 1;
         }
         Ok(())
-    }
-}
-
-/// The content keys of one file: those of its header's generation, and
-/// while a rekey is half way through it, the new generation's below the
-/// frontier.
-struct FileKeys {
-    keys: Arc<GenKeys>,
-    split: Option<(u64, Arc<GenKeys>)>,
-}
-
-impl FileKeys {
-    fn units(&self) -> Units<'_> {
-        match &self.split {
-            None => Units::One(&self.keys.content),
-            Some((at, below)) => Units::Split {
-                below: &below.content,
-                above: &self.keys.content,
-                at: *at,
-            },
-        }
     }
 }
 
@@ -1226,22 +917,9 @@ impl Filesystem for KmfsFs {
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        let r = (|| {
-            let inode = self.inode(ino)?;
-            if inode.kind == FileType::Directory {
-                return Err(Errno::EISDIR);
-            }
-            let file = self.open_backing(&inode, flags.0)?;
-            if flags.0 & libc::O_TRUNC != 0 && inode.kind == FileType::RegularFile {
-                self.ro()?;
-                self.truncate(&inode, None, 0)?;
-            }
-            Ok(self.files.insert(OpenFile::new(inode, file, flags.0)))
-        })();
-        match r {
-            Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
-            Err(e) => reply.error(e),
-        }
+        send(reply, self.do_open(ino, flags.0), |r, fh| {
+            r.opened(FileHandle(fh), FopenFlags::empty())
+        });
     }
 
     fn read(
@@ -1255,16 +933,7 @@ impl Filesystem for KmfsFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        self.do_read(fh, offset, size, |r| match r {
-            Ok(d) => {
-                self.opts.stats.read(d.len());
-                reply.data(d)
-            }
-            Err(e) => {
-                self.opts.stats.error();
-                reply.error(e)
-            }
-        })
+        self.do_read(fh, offset, size, |r| send(reply, r, ReplyData::data));
     }
 
     fn write(
@@ -1279,24 +948,8 @@ impl Filesystem for KmfsFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
-        let r = self.do_write(fh, offset, data);
-        if r.is_ok()
-            && self.killpriv
-            && write_flags.contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID)
-            && let Some(h) = self.files.get(fh.0)
-        {
-            self.kill_priv(&h.inode, Some(Caller::of(req)));
-        }
-        match r {
-            Ok(n) => {
-                self.opts.stats.wrote(n as usize);
-                reply.written(n)
-            }
-            Err(e) => {
-                self.opts.stats.error();
-                reply.error(e)
-            }
-        }
+        let r = self.do_write(fh, offset, data, write_flags, Caller::of(req));
+        send(reply, r, ReplyWrite::written);
     }
 
     /// Nothing to do on close (writes are synchronous to the backing file and
@@ -1336,18 +989,7 @@ impl Filesystem for KmfsFs {
         datasync: bool,
         reply: ReplyEmpty,
     ) {
-        let r = self.files.get(fh.0).ok_or(Errno::EBADF).and_then(|h| {
-            if datasync {
-                h.file.sync_data()
-            } else {
-                h.file.sync_all()
-            }
-            .map_err(Errno::from)
-        });
-        match r {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(e),
-        }
+        send(reply, self.do_fsync(fh, datasync), |r, ()| r.ok());
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
@@ -1540,10 +1182,8 @@ impl Filesystem for KmfsFs {
         mode: i32,
         reply: ReplyEmpty,
     ) {
-        match self.do_fallocate(fh, offset, length, mode, Caller::of(req)) {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(e),
-        }
+        let r = self.do_fallocate(fh, offset, length, mode, Caller::of(req));
+        send(reply, r, |r, ()| r.ok());
     }
 
     fn lseek(
@@ -1555,24 +1195,6 @@ impl Filesystem for KmfsFs {
         whence: i32,
         reply: ReplyLseek,
     ) {
-        // With the writeback cache, while a handle may write the file the
-        // kernel can hold dirty pages that the backing file does not show yet
-        // (close writes them back first), so the backing file's holes are not
-        // the file's holes. ENOSYS makes the kernel use its generic lseek (the
-        // whole file is data, up to its own size), which is always correct;
-        // it does so for the rest of this mount.
-        if self.writeback
-            && (whence == libc::SEEK_DATA || whence == libc::SEEK_HOLE)
-            && self
-                .files
-                .get(fh.0)
-                .is_some_and(|h| h.inode.writers.load(std::sync::atomic::Ordering::Acquire) > 0)
-        {
-            return reply.error(Errno::ENOSYS);
-        }
-        match self.do_lseek(fh, offset, whence) {
-            Ok(o) => reply.offset(o),
-            Err(e) => reply.error(e),
-        }
+        send(reply, self.do_lseek(fh, offset, whence), ReplyLseek::offset);
     }
 }
