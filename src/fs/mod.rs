@@ -29,6 +29,7 @@
 //!   backing path, never a panic.
 
 mod attr;
+mod dir;
 mod file_io;
 pub mod gate;
 pub mod handle;
@@ -37,29 +38,28 @@ pub mod names;
 pub mod stats;
 mod xattr;
 
-use std::ffi::{CStr, OsStr};
+use std::ffi::OsStr;
 use std::fs::File;
 use std::io;
-use std::os::fd::{AsFd, AsRawFd};
+use std::os::fd::AsFd;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use fuser::{
-    AccessFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation,
-    INodeNo, InitFlags, KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate,
-    ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyLseek, ReplyOpen,
-    ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
+    AccessFlags, Errno, FileAttr, FileHandle, Filesystem, FopenFlags, Generation, INodeNo,
+    InitFlags, KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData,
+    ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyLseek, ReplyOpen, ReplyStatfs,
+    ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 
-use crate::crypto::names::DIR_ID_LEN;
 use crate::crypto::xattr::XattrCipher;
 use crate::sys;
 use crate::volume::VolumeView;
 use crate::volume::dirid;
 use attr::Caller;
-use handle::{DirEntry, Handles, OpenDir, OpenFile};
+use handle::{Handles, OpenDir, OpenFile};
 use inode::{Inode, InodeTable};
 use names::{BackingName, Names};
 use stats::IoStats;
@@ -229,34 +229,10 @@ impl KmfsFs {
         }
     }
 
-    /// Takes a kernel reference to the backing entry `backing` of `parent`.
-    fn lookup_backing(&self, parent: &Inode, backing: &CStr) -> R<(Arc<Inode>, FileAttr)> {
-        let fd = sys::open_path(parent.fd(), backing).map_err(Errno::from)?;
-        let st = sys::fstat(fd.as_fd()).map_err(Errno::from)?;
-        let inode = self.inodes.lookup(fd, &st);
-        let attr = self.attr(&inode, &st);
-        Ok((inode, attr))
-    }
-
-    fn do_lookup(&self, parent: &Inode, name: &OsStr) -> R<(Arc<Inode>, FileAttr)> {
-        if parent.kind != FileType::Directory {
-            return Err(Errno::ENOTDIR);
-        }
-        let _n = read_lock(&parent.names);
-        let b = match self.names.encode(parent, name) {
-            Ok(b) => b,
-            // A reserved name cannot exist in plaintext-names mode.
-            Err(e) if e == Errno::EPERM => return Err(Errno::ENOENT),
-            Err(e) => return Err(e),
-        };
-        self.lookup_backing(parent, &b.name)
-    }
-
     fn reply_entry(&self, reply: ReplyEntry, r: R<(Arc<Inode>, FileAttr)>) {
-        match r {
-            Ok((_, attr)) => reply.entry(&self.opts.ttl, &attr, Generation(0)),
-            Err(e) => reply.error(e),
-        }
+        send(reply, r, |r, (_, attr)| {
+            r.entry(&self.opts.ttl, &attr, Generation(0))
+        });
     }
 
     /// Registers a freshly created entry `b` of `parent`.
@@ -325,152 +301,6 @@ impl KmfsFs {
             }
         })?;
         self.finish_new(&parent, &b, req, perm)
-    }
-
-    fn do_mkdir(
-        &self,
-        req: &Request,
-        parent: INodeNo,
-        name: &OsStr,
-        mode: u32,
-        umask: u32,
-    ) -> R<(Arc<Inode>, FileAttr)> {
-        self.ro()?;
-        let parent = self.inode(parent)?;
-        let _n = read_lock(&parent.names);
-        let b = self.names.encode(&parent, name)?;
-        let perm = self.create_mode(&parent, mode, umask);
-        if self.names.plaintext() {
-            sys::mkdirat(parent.fd(), &b.name, perm).map_err(Errno::from)?;
-            return self.finish_new(&parent, &b, req, perm);
-        }
-        // Made under a reserved temporary name with its id, then renamed into
-        // place, so no directory is ever visible without an id.
-        let mut rnd = [0u8; 8];
-        getrandom::fill(&mut rnd).map_err(|_| Errno::EIO)?;
-        let tmp = sys::cstr(format!("kmfs.tmp.{}", crate::volume::hex(&rnd)).as_bytes())
-            .map_err(Errno::from)?;
-        sys::mkdirat(parent.fd(), &tmp, perm).map_err(Errno::from)?;
-        let cleanup = |fd: Option<&std::os::fd::OwnedFd>| {
-            if let Some(fd) = fd {
-                let _ = sys::unlinkat(fd.as_fd(), c"kmfs.dirid", 0);
-                let _ = sys::unlinkat(fd.as_fd(), c"kmfs.dirid.tmp", 0);
-            }
-            let _ = sys::unlinkat(parent.fd(), &tmp, libc::AT_REMOVEDIR);
-        };
-        let tfd = match sys::open_path(parent.fd(), &tmp) {
-            Ok(f) => f,
-            Err(e) => {
-                cleanup(None);
-                return Err(Errno::from(e));
-            }
-        };
-        let tpath = sys::proc_path(tfd.as_raw_fd());
-        // The new directory's names use the active generation (held, so a
-        // rekey's final sweep sees it).
-        let key = self.vol.keys.generations.with_active(|g, _| {
-            dirid::create(Path::new(OsStr::from_bytes(tpath.as_bytes())), g).map(|id| (id, g))
-        });
-        let key: ([u8; DIR_ID_LEN], u16) = match key {
-            Ok(k) => k,
-            Err(e) => {
-                cleanup(Some(&tfd));
-                return Err(self.fail("mkdir", &parent, e));
-            }
-        };
-        self.set_owner(&parent, tfd.as_fd(), req, perm);
-        let placed = self.with_sidecar(&parent, &b, || {
-            match sys::renameat2(
-                parent.fd(),
-                &tmp,
-                parent.fd(),
-                &b.name,
-                libc::RENAME_NOREPLACE,
-            ) {
-                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
-                    // Backing filesystem without RENAME_NOREPLACE.
-                    match sys::fstatat(parent.fd(), &b.name, libc::AT_SYMLINK_NOFOLLOW) {
-                        Ok(_) => Err(io::Error::from_raw_os_error(libc::EEXIST)),
-                        Err(_) => sys::renameat2(parent.fd(), &tmp, parent.fd(), &b.name, 0),
-                    }
-                }
-                r => r,
-            }
-        });
-        if let Err(e) = placed {
-            cleanup(Some(&tfd));
-            return Err(e);
-        }
-        let st = sys::fstat(tfd.as_fd()).map_err(Errno::from)?;
-        let inode = self.inodes.lookup(tfd, &st);
-        inode.cache_dir_key(key);
-        let attr = self.attr(&inode, &st);
-        Ok((inode, attr))
-    }
-
-    /// Removes the bookkeeping of an empty backing directory so that the
-    /// backing rmdir/rename-over can succeed; returns its id for restoring.
-    fn strip_empty_dir(
-        &self,
-        dir_fd: std::os::fd::BorrowedFd<'_>,
-    ) -> R<Option<([u8; DIR_ID_LEN], u16)>> {
-        if !self.names.dir_is_empty(dir_fd)? {
-            return Err(Errno::ENOTEMPTY);
-        }
-        if self.names.plaintext() {
-            return Ok(None);
-        }
-        let p = sys::proc_path(dir_fd.as_raw_fd());
-        let path = Path::new(OsStr::from_bytes(p.as_bytes()));
-        let id = dirid::read(path).ok();
-        let _ = sys::unlinkat(dir_fd, c"kmfs.dirid.tmp", 0);
-        match sys::unlinkat(dir_fd, c"kmfs.dirid", 0) {
-            Ok(()) => {}
-            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
-            Err(e) => return Err(Errno::from(e)),
-        }
-        Ok(id)
-    }
-
-    fn restore_dirid(
-        &self,
-        dir_fd: std::os::fd::BorrowedFd<'_>,
-        id: Option<([u8; DIR_ID_LEN], u16)>,
-    ) {
-        if let Some((id, g)) = id {
-            let p = sys::proc_path(dir_fd.as_raw_fd());
-            if let Err(e) = dirid::write(Path::new(OsStr::from_bytes(p.as_bytes())), &id, g) {
-                log::error!(
-                    "op=restore_dirid path={} error=\"{e}\"",
-                    sys::fd_path(dir_fd)
-                );
-            }
-        }
-    }
-
-    fn do_rmdir(&self, parent: INodeNo, name: &OsStr) -> R<()> {
-        self.ro()?;
-        let parent = self.inode(parent)?;
-        let _n = read_lock(&parent.names);
-        let b = self.names.encode(&parent, name)?;
-        let cfd = sys::open_path(parent.fd(), &b.name).map_err(Errno::from)?;
-        let st = sys::fstat(cfd.as_fd()).map_err(Errno::from)?;
-        if st.st_mode & libc::S_IFMT != libc::S_IFDIR {
-            return Err(Errno::ENOTDIR);
-        }
-        // The directory's own names lock too (parent before child, as a
-        // rekey never takes them the other way round): a rekey rewriting its
-        // id, with a temporary file beside it for a moment, finishes first,
-        // so the emptiness check and the removal see a settled directory.
-        let child = self.inodes.by_backing(st.st_dev, st.st_ino);
-        let _c = child.as_ref().map(|c| read_lock(&c.names));
-        let id = self.strip_empty_dir(cfd.as_fd())?;
-        if let Err(e) = sys::unlinkat(parent.fd(), &b.name, libc::AT_REMOVEDIR) {
-            self.restore_dirid(cfd.as_fd(), id);
-            return Err(Errno::from(e));
-        }
-        self.names.remove_sidecar(&parent, &b);
-        Ok(())
     }
 
     fn do_unlink(&self, parent: INodeNo, name: &OsStr) -> R<()> {
@@ -615,37 +445,6 @@ impl KmfsFs {
         Ok((attr, fh))
     }
 
-    fn snapshot(&self, dir: &Inode) -> R<Vec<DirEntry>> {
-        let list = {
-            let _n = read_lock(&dir.names);
-            self.names.list(dir)?
-        };
-        let dev = sys::fstat(dir.fd()).map_err(Errno::from)?.st_dev;
-        Ok(list
-            .into_iter()
-            .map(|e| DirEntry {
-                ino: self.inodes.ino_for(dev, e.d_ino),
-                name: e.name,
-                backing: e.backing,
-                kind: e.kind,
-            })
-            .collect())
-    }
-
-    /// A readdir snapshot entry looked up for readdirplus. A rekey may have
-    /// renamed the backing entry since the snapshot: then its plaintext name
-    /// is encoded again.
-    fn lookup_listed(&self, dir: &Inode, e: &DirEntry) -> R<(Arc<Inode>, FileAttr)> {
-        let _n = read_lock(&dir.names);
-        match self.lookup_backing(dir, &e.backing) {
-            Err(err) if err == Errno::ENOENT && !self.names.plaintext() => {
-                let b = self.names.encode(dir, &e.name)?;
-                self.lookup_backing(dir, &b.name)
-            }
-            r => r,
-        }
-    }
-
     fn do_symlink(
         &self,
         req: &Request,
@@ -681,57 +480,6 @@ impl KmfsFs {
         let b = self.names.encode(&np, newname)?;
         self.with_sidecar(&np, &b, || sys::link_fd(inode.fd(), np.fd(), &b.name))?;
         self.lookup_backing(&np, &b.name)
-    }
-
-    fn do_readdirplus(
-        &self,
-        ino: INodeNo,
-        fh: FileHandle,
-        offset: u64,
-        reply: &mut ReplyDirectoryPlus,
-    ) -> R<()> {
-        let d = self.dirs.get(fh.0).ok_or(Errno::EBADF)?;
-        if offset == 0 {
-            let fresh = self.snapshot(&d.inode)?;
-            *d.entries.lock().unwrap_or_else(|p| p.into_inner()) = fresh;
-        }
-        let entries = d.entries.lock().unwrap_or_else(|p| p.into_inner());
-        let dattr = self.stat_attr(&d.inode)?;
-        let ttl = self.opts.ttl;
-        let mut i = offset;
-        loop {
-            let full = match i {
-                0 => reply.add(ino, 1, ".", &ttl, &dattr, Generation(0)),
-                1 => reply.add(ino, 2, "..", &ttl, &dattr, Generation(0)),
-                _ => {
-                    let Some(e) = entries.get((i - 2) as usize) else {
-                        break;
-                    };
-                    match self.lookup_listed(&d.inode, e) {
-                        Ok((inode, attr)) => {
-                            let full = reply.add(
-                                INodeNo(inode.ino),
-                                i + 1,
-                                &e.name,
-                                &ttl,
-                                &attr,
-                                Generation(0),
-                            );
-                            if full {
-                                self.inodes.forget(inode.ino, 1);
-                            }
-                            full
-                        }
-                        Err(_) => false,
-                    }
-                }
-            };
-            if full {
-                break;
-            }
-            i += 1;
-        }
-        Ok(())
     }
 }
 
@@ -781,8 +529,7 @@ impl Filesystem for KmfsFs {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        let r = self.inode(parent).and_then(|p| self.do_lookup(&p, name));
-        self.reply_entry(reply, r);
+        self.reply_entry(reply, self.do_lookup(parent, name));
     }
 
     fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
@@ -870,10 +617,7 @@ impl Filesystem for KmfsFs {
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        match self.do_rmdir(parent, name) {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(e),
-        }
+        send(reply, self.do_rmdir(parent, name), |r, ()| r.ok());
     }
 
     fn symlink(
@@ -993,21 +737,9 @@ impl Filesystem for KmfsFs {
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
-        let r = (|| {
-            let inode = self.inode(ino)?;
-            if inode.kind != FileType::Directory {
-                return Err(Errno::ENOTDIR);
-            }
-            let entries = self.snapshot(&inode)?;
-            Ok(self.dirs.insert(OpenDir {
-                inode,
-                entries: std::sync::Mutex::new(entries),
-            }))
-        })();
-        match r {
-            Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
-            Err(e) => reply.error(e),
-        }
+        send(reply, self.do_opendir(ino), |r, fh| {
+            r.opened(FileHandle(fh), FopenFlags::empty())
+        });
     }
 
     fn readdir(
@@ -1018,33 +750,8 @@ impl Filesystem for KmfsFs {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
-        let Some(d) = self.dirs.get(fh.0) else {
-            return reply.error(Errno::EBADF);
-        };
-        if offset == 0 {
-            match self.snapshot(&d.inode) {
-                Ok(fresh) => *d.entries.lock().unwrap_or_else(|p| p.into_inner()) = fresh,
-                Err(e) => return reply.error(e),
-            }
-        }
-        let entries = d.entries.lock().unwrap_or_else(|p| p.into_inner());
-        let mut i = offset;
-        loop {
-            let full = match i {
-                0 => reply.add(ino, 1, FileType::Directory, "."),
-                1 => reply.add(ino, 2, FileType::Directory, ".."),
-                _ => match entries.get((i - 2) as usize) {
-                    Some(e) => reply.add(INodeNo(e.ino), i + 1, e.kind, &e.name),
-                    None => break,
-                },
-            };
-            if full {
-                break;
-            }
-            i += 1;
-        }
-        drop(entries);
-        reply.ok();
+        let r = self.do_readdir(ino, fh, offset, &mut reply);
+        send(reply, r, |r, ()| r.ok());
     }
 
     fn readdirplus(
@@ -1055,10 +762,8 @@ impl Filesystem for KmfsFs {
         offset: u64,
         mut reply: ReplyDirectoryPlus,
     ) {
-        match self.do_readdirplus(ino, fh, offset, &mut reply) {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(e),
-        }
+        let r = self.do_readdirplus(ino, fh, offset, &mut reply);
+        send(reply, r, |r, ()| r.ok());
     }
 
     fn releasedir(
@@ -1081,15 +786,7 @@ impl Filesystem for KmfsFs {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
-        let r = self.inode(ino).and_then(|i| {
-            sys::reopen(i.fd(), libc::O_RDONLY | libc::O_DIRECTORY)
-                .and_then(|f| f.sync_all())
-                .map_err(Errno::from)
-        });
-        match r {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(e),
-        }
+        send(reply, self.do_fsyncdir(ino), |r, ()| r.ok());
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
