@@ -27,9 +27,19 @@
 //!   40-byte file header): a reported hole always reads as zeros;
 //! * damaged headers, units, names: EIO for that file or entry, logged with the
 //!   backing path, never a panic.
+//!
+//! Layout (as gocryptfs splits its `fusefrontend`): this file holds the
+//! filesystem's state and a thin `impl Filesystem` that parses each request,
+//! calls a `do_*` method and answers through `send`; the operations live in
+//! `dir.rs` (lookup, mkdir, rmdir, listing), `entry.rs` (create, mknod,
+//! symlink, link, unlink, rename), `file_io.rs` (open, read, write, truncate,
+//! fallocate, lseek, file headers), `xattr.rs` (extended attributes) and
+//! `attr.rs` (attributes, set-id rules, times); `stats.rs` holds the I/O
+//! counters.
 
 mod attr;
 mod dir;
+mod entry;
 mod file_io;
 pub mod gate;
 pub mod handle;
@@ -42,7 +52,6 @@ use std::ffi::OsStr;
 use std::fs::File;
 use std::io;
 use std::os::fd::AsFd;
-use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
@@ -61,7 +70,7 @@ use crate::volume::dirid;
 use attr::Caller;
 use handle::{Handles, OpenDir, OpenFile};
 use inode::{Inode, InodeTable};
-use names::{BackingName, Names};
+use names::Names;
 use stats::IoStats;
 use xattr::XattrReply;
 
@@ -229,257 +238,11 @@ impl KmfsFs {
         }
     }
 
+    /// Answers a request that makes or finds an entry.
     fn reply_entry(&self, reply: ReplyEntry, r: R<(Arc<Inode>, FileAttr)>) {
         send(reply, r, |r, (_, attr)| {
             r.entry(&self.opts.ttl, &attr, Generation(0))
         });
-    }
-
-    /// Registers a freshly created entry `b` of `parent`.
-    fn finish_new(
-        &self,
-        parent: &Inode,
-        b: &BackingName,
-        req: &Request,
-        mode: u32,
-    ) -> R<(Arc<Inode>, FileAttr)> {
-        let fd = sys::open_path(parent.fd(), &b.name).map_err(Errno::from)?;
-        self.set_owner(parent, fd.as_fd(), req, mode);
-        let st = sys::fstat(fd.as_fd()).map_err(Errno::from)?;
-        let inode = self.inodes.lookup(fd, &st);
-        let attr = self.attr(&inode, &st);
-        Ok((inode, attr))
-    }
-
-    /// Runs `make` to create entry `b` in `parent`, with the long-name sidecar
-    /// written before and removed again if the entry could not be made.
-    fn with_sidecar(
-        &self,
-        parent: &Inode,
-        b: &BackingName,
-        make: impl FnOnce() -> io::Result<()>,
-    ) -> R<()> {
-        self.names
-            .write_sidecar(parent, b)
-            .map_err(|e| self.fail("sidecar", parent, e))?;
-        match make() {
-            Ok(()) => Ok(()),
-            Err(e) => {
-                if e.raw_os_error() != Some(libc::EEXIST) {
-                    self.names.remove_sidecar(parent, b);
-                }
-                Err(Errno::from(e))
-            }
-        }
-    }
-
-    fn do_mknod(
-        &self,
-        req: &Request,
-        parent: INodeNo,
-        name: &OsStr,
-        mode: u32,
-        umask: u32,
-        rdev: u32,
-    ) -> R<(Arc<Inode>, FileAttr)> {
-        self.ro()?;
-        let parent = self.inode(parent)?;
-        let b = self.names.encode(&parent, name)?;
-        let perm = self.create_mode(&parent, mode, umask);
-        let fmt = mode & libc::S_IFMT;
-        self.with_sidecar(&parent, &b, || {
-            if fmt == libc::S_IFREG || fmt == 0 {
-                sys::openat(
-                    parent.fd(),
-                    &b.name,
-                    libc::O_CREAT | libc::O_EXCL | libc::O_WRONLY | libc::O_NOFOLLOW,
-                    perm,
-                )
-                .map(drop)
-            } else {
-                sys::mknodat(parent.fd(), &b.name, fmt | perm, rdev as u64)
-            }
-        })?;
-        self.finish_new(&parent, &b, req, perm)
-    }
-
-    fn do_unlink(&self, parent: INodeNo, name: &OsStr) -> R<()> {
-        self.ro()?;
-        let parent = self.inode(parent)?;
-        let _n = read_lock(&parent.names);
-        let b = self.names.encode(&parent, name)?;
-        sys::unlinkat(parent.fd(), &b.name, 0).map_err(Errno::from)?;
-        self.names.remove_sidecar(&parent, &b);
-        Ok(())
-    }
-
-    fn do_rename(
-        &self,
-        parent: INodeNo,
-        name: &OsStr,
-        newparent: INodeNo,
-        newname: &OsStr,
-        flags: RenameFlags,
-    ) -> R<()> {
-        self.ro()?;
-        if flags.contains(RenameFlags::RENAME_WHITEOUT) {
-            return Err(Errno::EINVAL);
-        }
-        let _moves = self.moves.read().unwrap_or_else(|p| p.into_inner());
-        let p = self.inode(parent)?;
-        let np = self.inode(newparent)?;
-        let _n1 = read_lock(&p.names);
-        let _n2 = (np.ino != p.ino).then(|| read_lock(&np.names));
-        let ob = self.names.encode(&p, name)?;
-        let nb = self.names.encode(&np, newname)?;
-        let exchange = flags.contains(RenameFlags::RENAME_EXCHANGE);
-        let noreplace = flags.contains(RenameFlags::RENAME_NOREPLACE);
-        let src = sys::fstatat(p.fd(), &ob.name, libc::AT_SYMLINK_NOFOLLOW).map_err(Errno::from)?;
-        let mut stripped: Option<(std::os::fd::OwnedFd, Option<dirid::DirKey>)> = None;
-        let target_existed;
-        match sys::fstatat(np.fd(), &nb.name, libc::AT_SYMLINK_NOFOLLOW) {
-            Ok(tst) => {
-                target_existed = true;
-                if (tst.st_dev, tst.st_ino) == (src.st_dev, src.st_ino) && !exchange {
-                    // Same inode (same entry or hard links): POSIX says do nothing.
-                    if noreplace {
-                        return Err(Errno::EEXIST);
-                    }
-                    return Ok(());
-                }
-                let both_dirs = tst.st_mode & libc::S_IFMT == libc::S_IFDIR
-                    && src.st_mode & libc::S_IFMT == libc::S_IFDIR;
-                if both_dirs && !exchange && !noreplace {
-                    let tfd = sys::open_path(np.fd(), &nb.name).map_err(Errno::from)?;
-                    let id = self.strip_empty_dir(tfd.as_fd())?;
-                    stripped = Some((tfd, id));
-                }
-            }
-            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
-                target_existed = false;
-                if exchange {
-                    return Err(Errno::ENOENT);
-                }
-            }
-            Err(e) => return Err(Errno::from(e)),
-        }
-        if !exchange {
-            self.names
-                .write_sidecar(&np, &nb)
-                .map_err(|e| self.fail("rename", &np, e))?;
-        }
-        let r = sys::renameat2(p.fd(), &ob.name, np.fd(), &nb.name, flags.bits());
-        if let Err(e) = r {
-            if let Some((tfd, id)) = stripped {
-                self.restore_dirid(tfd.as_fd(), id);
-            }
-            if !exchange && !target_existed {
-                self.names.remove_sidecar(&np, &nb);
-            }
-            return Err(Errno::from(e));
-        }
-        if !exchange {
-            self.names.remove_sidecar(&p, &ob);
-        }
-        Ok(())
-    }
-
-    fn do_create(
-        &self,
-        req: &Request,
-        parent: INodeNo,
-        name: &OsStr,
-        mode: u32,
-        umask: u32,
-        flags: i32,
-    ) -> R<(FileAttr, u64)> {
-        self.ro()?;
-        let parent = self.inode(parent)?;
-        let _n = read_lock(&parent.names);
-        let b = self.names.encode(&parent, name)?;
-        let perm = self.create_mode(&parent, mode, umask);
-        let mut created = false;
-        let made = self.with_sidecar(&parent, &b, || {
-            sys::openat(
-                parent.fd(),
-                &b.name,
-                libc::O_CREAT | libc::O_EXCL | libc::O_RDWR | libc::O_NOFOLLOW,
-                perm,
-            )
-            .map(|fd| {
-                created = true;
-                drop(fd)
-            })
-        });
-        match made {
-            Ok(()) => {}
-            Err(e) if e == Errno::EEXIST && flags & libc::O_EXCL == 0 => {}
-            Err(e) => return Err(e),
-        }
-        let (inode, _) = if created {
-            self.finish_new(&parent, &b, req, perm)?
-        } else {
-            self.lookup_backing(&parent, &b.name)?
-        };
-        let file = match self.open_backing(&inode, flags) {
-            Ok(f) => f,
-            Err(e) => {
-                self.inodes.forget(inode.ino, 1);
-                return Err(e);
-            }
-        };
-        if created {
-            let _g = inode.io.write().unwrap_or_else(|p| p.into_inner());
-            if let Err(e) = self.ensure_header(&inode, &file, "create") {
-                self.inodes.forget(inode.ino, 1);
-                return Err(e);
-            }
-        } else if flags & libc::O_TRUNC != 0
-            && let Err(e) = self.truncate(&inode, None, 0)
-        {
-            self.inodes.forget(inode.ino, 1);
-            return Err(e);
-        }
-        let attr = self.stat_attr(&inode)?;
-        let fh = self.files.insert(OpenFile::new(inode, file, flags));
-        Ok((attr, fh))
-    }
-
-    fn do_symlink(
-        &self,
-        req: &Request,
-        parent: INodeNo,
-        link_name: &OsStr,
-        target: &Path,
-    ) -> R<(Arc<Inode>, FileAttr)> {
-        self.ro()?;
-        let parent = self.inode(parent)?;
-        let _n = read_lock(&parent.names);
-        let b = self.names.encode(&parent, link_name)?;
-        // Target encrypted and stored under one hold of the active generation.
-        self.vol.keys.generations.with_active(|_, k| {
-            let t = self
-                .names
-                .encrypt_target(k, target.as_os_str().as_bytes())?;
-            self.with_sidecar(&parent, &b, || sys::symlinkat(&t, parent.fd(), &b.name))
-        })?;
-        self.finish_new(&parent, &b, req, 0o777)
-    }
-
-    fn do_link(
-        &self,
-        ino: INodeNo,
-        newparent: INodeNo,
-        newname: &OsStr,
-    ) -> R<(Arc<Inode>, FileAttr)> {
-        self.ro()?;
-        let _moves = self.moves.read().unwrap_or_else(|p| p.into_inner());
-        let inode = self.inode(ino)?;
-        let np = self.inode(newparent)?;
-        let _n = read_lock(&np.names);
-        let b = self.names.encode(&np, newname)?;
-        self.with_sidecar(&np, &b, || sys::link_fd(inode.fd(), np.fd(), &b.name))?;
-        self.lookup_backing(&np, &b.name)
     }
 }
 
@@ -566,20 +329,7 @@ impl Filesystem for KmfsFs {
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
-        let r = self.inode(ino).and_then(|i| {
-            let stored = sys::readlink_fd(i.fd()).map_err(Errno::from)?;
-            self.names.decrypt_target(&stored).map_err(|e| {
-                log::error!(
-                    "op=readlink path={} error=\"{e}\" result=eio",
-                    sys::fd_path(i.fd())
-                );
-                Errno::EIO
-            })
-        });
-        match r {
-            Ok(t) => reply.data(&t),
-            Err(e) => reply.error(e),
-        }
+        send(reply, self.do_readlink(ino), |r, t| r.data(&t));
     }
 
     fn mknod(
@@ -610,10 +360,7 @@ impl Filesystem for KmfsFs {
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        match self.do_unlink(parent, name) {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(e),
-        }
+        send(reply, self.do_unlink(parent, name), |r, ()| r.ok());
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
@@ -642,10 +389,8 @@ impl Filesystem for KmfsFs {
         flags: RenameFlags,
         reply: ReplyEmpty,
     ) {
-        match self.do_rename(parent, name, newparent, newname, flags) {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(e),
-        }
+        let r = self.do_rename(parent, name, newparent, newname, flags);
+        send(reply, r, |r, ()| r.ok());
     }
 
     fn link(
@@ -790,8 +535,9 @@ impl Filesystem for KmfsFs {
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
-        match sys::fstatvfs(&self.root_dir) {
-            Ok(s) => reply.statfs(
+        let r = sys::fstatvfs(&self.root_dir).map_err(Errno::from);
+        send(reply, r, |r, s| {
+            r.statfs(
                 s.f_blocks,
                 s.f_bfree,
                 s.f_bavail,
@@ -800,9 +546,8 @@ impl Filesystem for KmfsFs {
                 s.f_bsize as u32,
                 255,
                 s.f_frsize as u32,
-            ),
-            Err(e) => reply.error(Errno::from(e)),
-        }
+            )
+        });
     }
 
     fn setxattr(
@@ -815,9 +560,8 @@ impl Filesystem for KmfsFs {
         _position: u32,
         reply: ReplyEmpty,
     ) {
-        send(reply, self.do_setxattr(ino, name, value, flags), |r, ()| {
-            r.ok()
-        });
+        let r = self.do_setxattr(ino, name, value, flags);
+        send(reply, r, |r, ()| r.ok());
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
@@ -841,10 +585,7 @@ impl Filesystem for KmfsFs {
     fn access(&self, _req: &Request, ino: INodeNo, _mask: AccessFlags, reply: ReplyEmpty) {
         // The kernel checks permissions (default_permissions); this only
         // answers whether the inode still exists.
-        match self.inode(ino) {
-            Ok(_) => reply.ok(),
-            Err(e) => reply.error(e),
-        }
+        send(reply, self.inode(ino).map(drop), |r, ()| r.ok());
     }
 
     fn create(
@@ -857,16 +598,16 @@ impl Filesystem for KmfsFs {
         flags: i32,
         reply: ReplyCreate,
     ) {
-        match self.do_create(req, parent, name, mode, umask, flags) {
-            Ok((attr, fh)) => reply.created(
+        let r = self.do_create(req, parent, name, mode, umask, flags);
+        send(reply, r, |r, (attr, fh)| {
+            r.created(
                 &self.opts.ttl,
                 &attr,
                 Generation(0),
                 FileHandle(fh),
                 FopenFlags::empty(),
-            ),
-            Err(e) => reply.error(e),
-        }
+            )
+        });
     }
 
     fn fallocate(
