@@ -16,8 +16,9 @@ use clap::Args;
 
 use super::{CliError, KeySource};
 use crate::control::ControlServer;
-use crate::daemon::{IoStats, VolumeControl};
+use crate::daemon::VolumeControl;
 use crate::exitcode;
+use crate::fs::stats::IoStats;
 use crate::fs::{FsOptions, KmfsFs};
 use crate::logging::{LogLevel, LoggingConfig};
 

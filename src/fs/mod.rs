@@ -27,42 +27,52 @@
 //!   40-byte file header): a reported hole always reads as zeros;
 //! * damaged headers, units, names: EIO for that file or entry, logged with the
 //!   backing path, never a panic.
+//!
+//! Layout (as gocryptfs splits its `fusefrontend`): this file holds the
+//! filesystem's state and a thin `impl Filesystem` that parses each request,
+//! calls a `do_*` method and answers through `send`; the operations live in
+//! `dir.rs` (lookup, mkdir, rmdir, listing), `entry.rs` (create, mknod,
+//! symlink, link, unlink, rename), `file_io.rs` (open, read, write, truncate,
+//! fallocate, lseek, file headers), `xattr.rs` (extended attributes) and
+//! `attr.rs` (attributes, set-id rules, times); `stats.rs` holds the I/O
+//! counters.
 
+mod attr;
+mod dir;
+mod entry;
+mod file_io;
 pub mod gate;
 pub mod handle;
 pub mod inode;
 pub mod names;
+pub mod stats;
+mod xattr;
 
-use std::ffi::{CStr, OsStr};
+use std::ffi::OsStr;
 use std::fs::File;
 use std::io;
-use std::os::fd::{AsFd, AsRawFd};
-use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::FileExt;
+use std::os::fd::AsFd;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
 use fuser::{
-    AccessFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation,
-    INodeNo, InitFlags, KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate,
-    ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyLseek, ReplyOpen,
-    ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
+    AccessFlags, Errno, FileAttr, FileHandle, Filesystem, FopenFlags, Generation, INodeNo,
+    InitFlags, KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData,
+    ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyLseek, ReplyOpen, ReplyStatfs,
+    ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 
-use crate::crypto::content::Units;
-use crate::crypto::names::DIR_ID_LEN;
-use crate::crypto::xattr::{self, Mapped, XattrCipher, XattrError};
-use crate::daemon::IoStats;
+use crate::crypto::xattr::XattrCipher;
 use crate::sys;
-use crate::volume::GenKeys;
 use crate::volume::VolumeView;
-use crate::volume::content::BackingFile;
 use crate::volume::dirid;
-use crate::volume::layout::{FileHeader, HEADER_LEN, plain_size};
-use handle::{DirEntry, Handles, OpenDir, OpenFile};
+use attr::Caller;
+use handle::{Handles, OpenDir, OpenFile};
 use inode::{Inode, InodeTable};
-use names::{BackingName, Names};
+use names::Names;
+use stats::IoStats;
+use xattr::XattrReply;
 
 /// Mount-time behaviour of the filesystem.
 #[derive(Clone, Debug)]
@@ -115,66 +125,47 @@ pub struct KmfsFs {
 
 type R<T> = Result<T, Errno>;
 
+/// A fuser reply that can carry an error (every kind can; fuser has no common
+/// trait for it).
+trait ErrorReply {
+    fn error(self, e: Errno);
+}
+
+macro_rules! error_reply {
+    ($($t:ty),* $(,)?) => {$(
+        impl ErrorReply for $t {
+            fn error(self, e: Errno) {
+                <$t>::error(self, e)
+            }
+        }
+    )*};
+}
+
+error_reply!(
+    ReplyAttr,
+    ReplyCreate,
+    ReplyData,
+    ReplyDirectory,
+    ReplyDirectoryPlus,
+    ReplyEmpty,
+    ReplyEntry,
+    ReplyLseek,
+    ReplyOpen,
+    ReplyStatfs,
+    ReplyWrite,
+    ReplyXattr,
+);
+
+/// Answers a request: a result through `ok`, an error as it is.
+fn send<P: ErrorReply, T>(reply: P, r: R<T>, ok: impl FnOnce(P, T)) {
+    match r {
+        Ok(v) => ok(reply, v),
+        Err(e) => reply.error(e),
+    }
+}
+
 fn read_lock(l: &std::sync::RwLock<()>) -> std::sync::RwLockReadGuard<'_, ()> {
     l.read().unwrap_or_else(|p| p.into_inner())
-}
-
-/// Largest request buffer a worker thread keeps between requests.
-const IO_BUF_KEEP: usize = (1 << 20) + 2 * 4096;
-
-thread_local! {
-    /// Per worker thread: plaintext/ciphertext of the current read or write,
-    /// reused so the data path does not allocate per request.
-    static IO_BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
-}
-
-/// Frees an unusually large buffer (a request bigger than max_write can only
-/// come from internal callers) so idle threads stay small.
-fn trim_io_buf(buf: &mut Vec<u8>) {
-    if buf.capacity() > IO_BUF_KEEP {
-        *buf = Vec::new();
-    }
-}
-
-fn ts(sec: i64, nsec: i64) -> SystemTime {
-    let nsec = nsec.clamp(0, 999_999_999) as u32;
-    if sec >= 0 {
-        UNIX_EPOCH + Duration::new(sec as u64, nsec)
-    } else {
-        UNIX_EPOCH - Duration::new(sec.unsigned_abs(), 0) + Duration::new(0, nsec)
-    }
-}
-
-fn timespec(t: Option<TimeOrNow>) -> libc::timespec {
-    match t {
-        None => libc::timespec {
-            tv_sec: 0,
-            tv_nsec: libc::UTIME_OMIT,
-        },
-        Some(TimeOrNow::Now) => libc::timespec {
-            tv_sec: 0,
-            tv_nsec: libc::UTIME_NOW,
-        },
-        Some(TimeOrNow::SpecificTime(t)) => match t.duration_since(UNIX_EPOCH) {
-            Ok(d) => libc::timespec {
-                tv_sec: d.as_secs() as libc::time_t,
-                tv_nsec: d.subsec_nanos() as libc::c_long,
-            },
-            Err(e) => {
-                let d = e.duration();
-                let mut sec = -(d.as_secs() as libc::time_t);
-                let mut nsec = d.subsec_nanos() as libc::c_long;
-                if nsec > 0 {
-                    sec -= 1;
-                    nsec = 1_000_000_000 - nsec;
-                }
-                libc::timespec {
-                    tv_sec: sec,
-                    tv_nsec: nsec,
-                }
-            }
-        },
-    }
 }
 
 fn is_crypto_error(e: &io::Error) -> bool {
@@ -247,1090 +238,11 @@ impl KmfsFs {
         }
     }
 
-    fn attr(&self, inode: &Inode, st: &libc::stat) -> FileAttr {
-        let kind = inode::kind_of(st.st_mode);
-        let size = match kind {
-            FileType::RegularFile => plain_size(st.st_size as u64),
-            FileType::Symlink => sys::readlink_fd(inode.fd())
-                .ok()
-                .and_then(|t| self.names.decrypt_target(&t).ok())
-                .map(|t| t.len() as u64)
-                .unwrap_or(st.st_size as u64),
-            _ => st.st_size as u64,
-        };
-        FileAttr {
-            ino: INodeNo(inode.ino),
-            size,
-            blocks: st.st_blocks as u64,
-            atime: ts(st.st_atime, st.st_atime_nsec),
-            mtime: ts(st.st_mtime, st.st_mtime_nsec),
-            ctime: ts(st.st_ctime, st.st_ctime_nsec),
-            crtime: UNIX_EPOCH,
-            kind,
-            perm: (st.st_mode & 0o7777) as u16,
-            nlink: st.st_nlink as u32,
-            uid: st.st_uid,
-            gid: st.st_gid,
-            rdev: st.st_rdev as u32,
-            blksize: st.st_blksize as u32,
-            flags: 0,
-        }
-    }
-
-    fn stat_attr(&self, inode: &Inode) -> R<FileAttr> {
-        let st = sys::fstat(inode.fd()).map_err(Errno::from)?;
-        Ok(self.attr(inode, &st))
-    }
-
-    /// Takes a kernel reference to the backing entry `backing` of `parent`.
-    fn lookup_backing(&self, parent: &Inode, backing: &CStr) -> R<(Arc<Inode>, FileAttr)> {
-        let fd = sys::open_path(parent.fd(), backing).map_err(Errno::from)?;
-        let st = sys::fstat(fd.as_fd()).map_err(Errno::from)?;
-        let inode = self.inodes.lookup(fd, &st);
-        let attr = self.attr(&inode, &st);
-        Ok((inode, attr))
-    }
-
-    fn do_lookup(&self, parent: &Inode, name: &OsStr) -> R<(Arc<Inode>, FileAttr)> {
-        if parent.kind != FileType::Directory {
-            return Err(Errno::ENOTDIR);
-        }
-        let _n = read_lock(&parent.names);
-        let b = match self.names.encode(parent, name) {
-            Ok(b) => b,
-            // A reserved name cannot exist in plaintext-names mode.
-            Err(e) if e == Errno::EPERM => return Err(Errno::ENOENT),
-            Err(e) => return Err(e),
-        };
-        self.lookup_backing(parent, &b.name)
-    }
-
-    /// Mode for a new entry: the caller's umask applies unless the backing
-    /// parent has a default ACL (then the backing filesystem applies the ACL).
-    fn create_mode(&self, parent: &Inode, mode: u32, umask: u32) -> u32 {
-        let has_default_acl =
-            sys::getxattr(parent.fd(), c"system.posix_acl_default").is_ok_and(|v| !v.is_empty());
-        if has_default_acl {
-            mode & 0o7777
-        } else {
-            mode & 0o7777 & !umask
-        }
-    }
-
-    /// Gives a new entry to the caller (uid, and gid unless the directory is
-    /// set-group-id), keeping set-id bits the chown would clear.
-    fn set_owner(&self, parent: &Inode, fd: std::os::fd::BorrowedFd<'_>, req: &Request, mode: u32) {
-        let pst = sys::fstat(parent.fd()).ok();
-        let gid = match pst {
-            Some(p) if p.st_mode & libc::S_ISGID != 0 => None,
-            _ => Some(req.gid()),
-        };
-        if req.uid() == 0 && gid.is_none_or(|g| g == 0) {
-            return;
-        }
-        if let Err(e) = sys::fchownat(fd, Some(req.uid()), gid) {
-            log::warn!("op=chown path={} error=\"{e}\"", sys::fd_path(fd));
-        }
-        if mode & (libc::S_ISUID | libc::S_ISGID) != 0
-            && let Ok(st) = sys::fstat(fd)
-            && st.st_mode & libc::S_IFMT != libc::S_IFLNK
-        {
-            let _ = sys::chmod_fd(fd, mode & 0o7777);
-        }
-    }
-
-    /// Header of an open file; `None` if it has none yet (empty file).
-    fn header(&self, h: &OpenFile, op: &str) -> R<Option<FileHeader>> {
-        if let Some(hd) = h.inode.cached_header() {
-            return Ok(Some(hd));
-        }
-        match FileHeader::read_from(&h.file) {
-            Ok(Some(hd)) => {
-                h.inode.cache_header(hd.clone());
-                Ok(Some(hd))
-            }
-            Ok(None) => Ok(None),
-            Err(e) => {
-                log::error!(
-                    "op={op} path={} error=\"damaged file header: {e}\" result=eio",
-                    sys::fd_path(h.inode.fd())
-                );
-                Err(Errno::EIO)
-            }
-        }
-    }
-
-    /// Header of a file about to be written (write lock held): written now if
-    /// the file has none yet.
-    fn ensure_header(&self, inode: &Inode, file: &File, op: &str) -> R<FileHeader> {
-        if let Some(hd) = inode.cached_header() {
-            return Ok(hd);
-        }
-        match FileHeader::read_from(file) {
-            Ok(Some(hd)) => {
-                inode.cache_header(hd.clone());
-                Ok(hd)
-            }
-            Ok(None) => {
-                // Generation and header write under one hold of the active
-                // generation, so a rekey's final sweep (after a barrier)
-                // sees every file created with an old one.
-                let hd = self.vol.keys.generations.with_active(|g, _| {
-                    let hd = FileHeader::generate(g)?;
-                    file.write_all_at(&hd.to_bytes(), 0).map(|_| hd)
-                });
-                let hd = hd.map_err(|e| self.fail(op, inode, e))?;
-                inode.cache_header(hd.clone());
-                Ok(hd)
-            }
-            Err(e) => {
-                log::error!(
-                    "op={op} path={} error=\"damaged file header: {e}\" result=eio",
-                    sys::fd_path(inode.fd())
-                );
-                Err(Errno::EIO)
-            }
-        }
-    }
-
-    /// The content cipher of the DEK generation `hd` names; EIO (logged) if
-    /// the volume header does not hold that generation.
-    fn cipher(&self, inode: &Inode, hd: &FileHeader, op: &str) -> R<FileKeys> {
-        let get = |g: u16| {
-            self.vol.keys.generations.get(g).ok_or_else(|| {
-                log::error!(
-                    "op={op} path={} error=\"file uses key generation {g}, which the volume header does not hold\" result=eio",
-                    sys::fd_path(inode.fd()),
-                );
-                Errno::EIO
-            })
-        };
-        let keys = get(hd.generation)?;
-        let split = match self.splits.get(&hd.file_id) {
-            Some(f) => Some((f.next_unit, get(f.to)?)),
-            None => None,
-        };
-        Ok(FileKeys { keys, split })
-    }
-
-    fn file_size(file: &File) -> R<u64> {
-        Ok(plain_size(file.metadata().map_err(Errno::from)?.len()))
-    }
-
-    fn truncate(&self, inode: &Inode, fh: Option<FileHandle>, new_size: u64) -> R<()> {
-        if inode.kind == FileType::Directory {
-            return Err(Errno::EISDIR);
-        }
-        if inode.kind != FileType::RegularFile {
-            return Err(Errno::EINVAL);
-        }
-        let held;
-        let file = match fh.and_then(|f| self.files.get(f.0)) {
-            Some(h) => {
-                held = h;
-                &held.file
-            }
-            None => &sys::reopen(inode.fd(), libc::O_RDWR).map_err(Errno::from)?,
-        };
-        let _g = inode.io.write().unwrap_or_else(|p| p.into_inner());
-        let size = Self::file_size(file)?;
-        if new_size == size {
-            return Ok(());
-        }
-        let header = self.ensure_header(inode, file, "truncate")?;
-        let cipher = self.cipher(inode, &header, "truncate")?;
-        BackingFile {
-            file,
-            cipher: cipher.units(),
-            header: &header,
-        }
-        .truncate(size, new_size)
-        .map_err(|e| self.fail("truncate", inode, e))
-    }
-
-    fn open_backing(&self, inode: &Inode, flags: i32) -> R<File> {
-        let want_write = flags & libc::O_ACCMODE != libc::O_RDONLY;
-        if self.opts.read_only {
-            if want_write {
-                return Err(Errno::EROFS);
-            }
-            return sys::reopen(inode.fd(), libc::O_RDONLY).map_err(Errno::from);
-        }
-        match sys::reopen(inode.fd(), libc::O_RDWR) {
-            Ok(f) => Ok(f),
-            Err(e) if !want_write => {
-                sys::reopen(inode.fd(), libc::O_RDONLY).map_err(|_| Errno::from(e))
-            }
-            Err(e) => Err(Errno::from(e)),
-        }
-    }
-
+    /// Answers a request that makes or finds an entry.
     fn reply_entry(&self, reply: ReplyEntry, r: R<(Arc<Inode>, FileAttr)>) {
-        match r {
-            Ok((_, attr)) => reply.entry(&self.opts.ttl, &attr, Generation(0)),
-            Err(e) => reply.error(e),
-        }
-    }
-
-    /// Registers a freshly created entry `b` of `parent`.
-    fn finish_new(
-        &self,
-        parent: &Inode,
-        b: &BackingName,
-        req: &Request,
-        mode: u32,
-    ) -> R<(Arc<Inode>, FileAttr)> {
-        let fd = sys::open_path(parent.fd(), &b.name).map_err(Errno::from)?;
-        self.set_owner(parent, fd.as_fd(), req, mode);
-        let st = sys::fstat(fd.as_fd()).map_err(Errno::from)?;
-        let inode = self.inodes.lookup(fd, &st);
-        let attr = self.attr(&inode, &st);
-        Ok((inode, attr))
-    }
-
-    /// Runs `make` to create entry `b` in `parent`, with the long-name sidecar
-    /// written before and removed again if the entry could not be made.
-    fn with_sidecar(
-        &self,
-        parent: &Inode,
-        b: &BackingName,
-        make: impl FnOnce() -> io::Result<()>,
-    ) -> R<()> {
-        self.names
-            .write_sidecar(parent, b)
-            .map_err(|e| self.fail("sidecar", parent, e))?;
-        match make() {
-            Ok(()) => Ok(()),
-            Err(e) => {
-                if e.raw_os_error() != Some(libc::EEXIST) {
-                    self.names.remove_sidecar(parent, b);
-                }
-                Err(Errno::from(e))
-            }
-        }
-    }
-
-    fn do_mknod(
-        &self,
-        req: &Request,
-        parent: INodeNo,
-        name: &OsStr,
-        mode: u32,
-        umask: u32,
-        rdev: u32,
-    ) -> R<(Arc<Inode>, FileAttr)> {
-        self.ro()?;
-        let parent = self.inode(parent)?;
-        let b = self.names.encode(&parent, name)?;
-        let perm = self.create_mode(&parent, mode, umask);
-        let fmt = mode & libc::S_IFMT;
-        self.with_sidecar(&parent, &b, || {
-            if fmt == libc::S_IFREG || fmt == 0 {
-                sys::openat(
-                    parent.fd(),
-                    &b.name,
-                    libc::O_CREAT | libc::O_EXCL | libc::O_WRONLY | libc::O_NOFOLLOW,
-                    perm,
-                )
-                .map(drop)
-            } else {
-                sys::mknodat(parent.fd(), &b.name, fmt | perm, rdev as u64)
-            }
-        })?;
-        self.finish_new(&parent, &b, req, perm)
-    }
-
-    fn do_mkdir(
-        &self,
-        req: &Request,
-        parent: INodeNo,
-        name: &OsStr,
-        mode: u32,
-        umask: u32,
-    ) -> R<(Arc<Inode>, FileAttr)> {
-        self.ro()?;
-        let parent = self.inode(parent)?;
-        let _n = read_lock(&parent.names);
-        let b = self.names.encode(&parent, name)?;
-        let perm = self.create_mode(&parent, mode, umask);
-        if self.names.plaintext() {
-            sys::mkdirat(parent.fd(), &b.name, perm).map_err(Errno::from)?;
-            return self.finish_new(&parent, &b, req, perm);
-        }
-        // Made under a reserved temporary name with its id, then renamed into
-        // place, so no directory is ever visible without an id.
-        let mut rnd = [0u8; 8];
-        getrandom::fill(&mut rnd).map_err(|_| Errno::EIO)?;
-        let tmp = sys::cstr(format!("kmfs.tmp.{}", crate::volume::hex(&rnd)).as_bytes())
-            .map_err(Errno::from)?;
-        sys::mkdirat(parent.fd(), &tmp, perm).map_err(Errno::from)?;
-        let cleanup = |fd: Option<&std::os::fd::OwnedFd>| {
-            if let Some(fd) = fd {
-                let _ = sys::unlinkat(fd.as_fd(), c"kmfs.dirid", 0);
-                let _ = sys::unlinkat(fd.as_fd(), c"kmfs.dirid.tmp", 0);
-            }
-            let _ = sys::unlinkat(parent.fd(), &tmp, libc::AT_REMOVEDIR);
-        };
-        let tfd = match sys::open_path(parent.fd(), &tmp) {
-            Ok(f) => f,
-            Err(e) => {
-                cleanup(None);
-                return Err(Errno::from(e));
-            }
-        };
-        let tpath = sys::proc_path(tfd.as_raw_fd());
-        // The new directory's names use the active generation (held, so a
-        // rekey's final sweep sees it).
-        let key = self.vol.keys.generations.with_active(|g, _| {
-            dirid::create(Path::new(OsStr::from_bytes(tpath.as_bytes())), g).map(|id| (id, g))
+        send(reply, r, |r, (_, attr)| {
+            r.entry(&self.opts.ttl, &attr, Generation(0))
         });
-        let key: ([u8; DIR_ID_LEN], u16) = match key {
-            Ok(k) => k,
-            Err(e) => {
-                cleanup(Some(&tfd));
-                return Err(self.fail("mkdir", &parent, e));
-            }
-        };
-        self.set_owner(&parent, tfd.as_fd(), req, perm);
-        let placed = self.with_sidecar(&parent, &b, || {
-            match sys::renameat2(
-                parent.fd(),
-                &tmp,
-                parent.fd(),
-                &b.name,
-                libc::RENAME_NOREPLACE,
-            ) {
-                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
-                    // Backing filesystem without RENAME_NOREPLACE.
-                    match sys::fstatat(parent.fd(), &b.name, libc::AT_SYMLINK_NOFOLLOW) {
-                        Ok(_) => Err(io::Error::from_raw_os_error(libc::EEXIST)),
-                        Err(_) => sys::renameat2(parent.fd(), &tmp, parent.fd(), &b.name, 0),
-                    }
-                }
-                r => r,
-            }
-        });
-        if let Err(e) = placed {
-            cleanup(Some(&tfd));
-            return Err(e);
-        }
-        let st = sys::fstat(tfd.as_fd()).map_err(Errno::from)?;
-        let inode = self.inodes.lookup(tfd, &st);
-        inode.cache_dir_key(key);
-        let attr = self.attr(&inode, &st);
-        Ok((inode, attr))
-    }
-
-    /// Removes the bookkeeping of an empty backing directory so that the
-    /// backing rmdir/rename-over can succeed; returns its id for restoring.
-    fn strip_empty_dir(
-        &self,
-        dir_fd: std::os::fd::BorrowedFd<'_>,
-    ) -> R<Option<([u8; DIR_ID_LEN], u16)>> {
-        if !self.names.dir_is_empty(dir_fd)? {
-            return Err(Errno::ENOTEMPTY);
-        }
-        if self.names.plaintext() {
-            return Ok(None);
-        }
-        let p = sys::proc_path(dir_fd.as_raw_fd());
-        let path = Path::new(OsStr::from_bytes(p.as_bytes()));
-        let id = dirid::read(path).ok();
-        let _ = sys::unlinkat(dir_fd, c"kmfs.dirid.tmp", 0);
-        match sys::unlinkat(dir_fd, c"kmfs.dirid", 0) {
-            Ok(()) => {}
-            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
-            Err(e) => return Err(Errno::from(e)),
-        }
-        Ok(id)
-    }
-
-    fn restore_dirid(
-        &self,
-        dir_fd: std::os::fd::BorrowedFd<'_>,
-        id: Option<([u8; DIR_ID_LEN], u16)>,
-    ) {
-        if let Some((id, g)) = id {
-            let p = sys::proc_path(dir_fd.as_raw_fd());
-            if let Err(e) = dirid::write(Path::new(OsStr::from_bytes(p.as_bytes())), &id, g) {
-                log::error!(
-                    "op=restore_dirid path={} error=\"{e}\"",
-                    sys::fd_path(dir_fd)
-                );
-            }
-        }
-    }
-
-    fn do_rmdir(&self, parent: INodeNo, name: &OsStr) -> R<()> {
-        self.ro()?;
-        let parent = self.inode(parent)?;
-        let _n = read_lock(&parent.names);
-        let b = self.names.encode(&parent, name)?;
-        let cfd = sys::open_path(parent.fd(), &b.name).map_err(Errno::from)?;
-        let st = sys::fstat(cfd.as_fd()).map_err(Errno::from)?;
-        if st.st_mode & libc::S_IFMT != libc::S_IFDIR {
-            return Err(Errno::ENOTDIR);
-        }
-        // The directory's own names lock too (parent before child, as a
-        // rekey never takes them the other way round): a rekey rewriting its
-        // id, with a temporary file beside it for a moment, finishes first,
-        // so the emptiness check and the removal see a settled directory.
-        let child = self.inodes.by_backing(st.st_dev, st.st_ino);
-        let _c = child.as_ref().map(|c| read_lock(&c.names));
-        let id = self.strip_empty_dir(cfd.as_fd())?;
-        if let Err(e) = sys::unlinkat(parent.fd(), &b.name, libc::AT_REMOVEDIR) {
-            self.restore_dirid(cfd.as_fd(), id);
-            return Err(Errno::from(e));
-        }
-        self.names.remove_sidecar(&parent, &b);
-        Ok(())
-    }
-
-    fn do_unlink(&self, parent: INodeNo, name: &OsStr) -> R<()> {
-        self.ro()?;
-        let parent = self.inode(parent)?;
-        let _n = read_lock(&parent.names);
-        let b = self.names.encode(&parent, name)?;
-        sys::unlinkat(parent.fd(), &b.name, 0).map_err(Errno::from)?;
-        self.names.remove_sidecar(&parent, &b);
-        Ok(())
-    }
-
-    fn do_rename(
-        &self,
-        parent: INodeNo,
-        name: &OsStr,
-        newparent: INodeNo,
-        newname: &OsStr,
-        flags: RenameFlags,
-    ) -> R<()> {
-        self.ro()?;
-        if flags.contains(RenameFlags::RENAME_WHITEOUT) {
-            return Err(Errno::EINVAL);
-        }
-        let _moves = self.moves.read().unwrap_or_else(|p| p.into_inner());
-        let p = self.inode(parent)?;
-        let np = self.inode(newparent)?;
-        let _n1 = read_lock(&p.names);
-        let _n2 = (np.ino != p.ino).then(|| read_lock(&np.names));
-        let ob = self.names.encode(&p, name)?;
-        let nb = self.names.encode(&np, newname)?;
-        let exchange = flags.contains(RenameFlags::RENAME_EXCHANGE);
-        let noreplace = flags.contains(RenameFlags::RENAME_NOREPLACE);
-        let src = sys::fstatat(p.fd(), &ob.name, libc::AT_SYMLINK_NOFOLLOW).map_err(Errno::from)?;
-        let mut stripped: Option<(std::os::fd::OwnedFd, Option<dirid::DirKey>)> = None;
-        let target_existed;
-        match sys::fstatat(np.fd(), &nb.name, libc::AT_SYMLINK_NOFOLLOW) {
-            Ok(tst) => {
-                target_existed = true;
-                if (tst.st_dev, tst.st_ino) == (src.st_dev, src.st_ino) && !exchange {
-                    // Same inode (same entry or hard links): POSIX says do nothing.
-                    if noreplace {
-                        return Err(Errno::EEXIST);
-                    }
-                    return Ok(());
-                }
-                let both_dirs = tst.st_mode & libc::S_IFMT == libc::S_IFDIR
-                    && src.st_mode & libc::S_IFMT == libc::S_IFDIR;
-                if both_dirs && !exchange && !noreplace {
-                    let tfd = sys::open_path(np.fd(), &nb.name).map_err(Errno::from)?;
-                    let id = self.strip_empty_dir(tfd.as_fd())?;
-                    stripped = Some((tfd, id));
-                }
-            }
-            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
-                target_existed = false;
-                if exchange {
-                    return Err(Errno::ENOENT);
-                }
-            }
-            Err(e) => return Err(Errno::from(e)),
-        }
-        if !exchange {
-            self.names
-                .write_sidecar(&np, &nb)
-                .map_err(|e| self.fail("rename", &np, e))?;
-        }
-        let r = sys::renameat2(p.fd(), &ob.name, np.fd(), &nb.name, flags.bits());
-        if let Err(e) = r {
-            if let Some((tfd, id)) = stripped {
-                self.restore_dirid(tfd.as_fd(), id);
-            }
-            if !exchange && !target_existed {
-                self.names.remove_sidecar(&np, &nb);
-            }
-            return Err(Errno::from(e));
-        }
-        if !exchange {
-            self.names.remove_sidecar(&p, &ob);
-        }
-        Ok(())
-    }
-
-    fn do_create(
-        &self,
-        req: &Request,
-        parent: INodeNo,
-        name: &OsStr,
-        mode: u32,
-        umask: u32,
-        flags: i32,
-    ) -> R<(FileAttr, u64)> {
-        self.ro()?;
-        let parent = self.inode(parent)?;
-        let _n = read_lock(&parent.names);
-        let b = self.names.encode(&parent, name)?;
-        let perm = self.create_mode(&parent, mode, umask);
-        let mut created = false;
-        let made = self.with_sidecar(&parent, &b, || {
-            sys::openat(
-                parent.fd(),
-                &b.name,
-                libc::O_CREAT | libc::O_EXCL | libc::O_RDWR | libc::O_NOFOLLOW,
-                perm,
-            )
-            .map(|fd| {
-                created = true;
-                drop(fd)
-            })
-        });
-        match made {
-            Ok(()) => {}
-            Err(e) if e == Errno::EEXIST && flags & libc::O_EXCL == 0 => {}
-            Err(e) => return Err(e),
-        }
-        let (inode, _) = if created {
-            self.finish_new(&parent, &b, req, perm)?
-        } else {
-            self.lookup_backing(&parent, &b.name)?
-        };
-        let file = match self.open_backing(&inode, flags) {
-            Ok(f) => f,
-            Err(e) => {
-                self.inodes.forget(inode.ino, 1);
-                return Err(e);
-            }
-        };
-        if created {
-            let _g = inode.io.write().unwrap_or_else(|p| p.into_inner());
-            if let Err(e) = self.ensure_header(&inode, &file, "create") {
-                self.inodes.forget(inode.ino, 1);
-                return Err(e);
-            }
-        } else if flags & libc::O_TRUNC != 0
-            && let Err(e) = self.truncate(&inode, None, 0)
-        {
-            self.inodes.forget(inode.ino, 1);
-            return Err(e);
-        }
-        let attr = self.stat_attr(&inode)?;
-        let fh = self.files.insert(OpenFile::new(inode, file, flags));
-        Ok((attr, fh))
-    }
-
-    /// Reads into this worker thread's reusable buffer and hands the plaintext
-    /// to `reply` (no per-request allocation, no copy besides pread and the
-    /// reply's write to /dev/fuse).
-    fn do_read(&self, fh: FileHandle, offset: u64, size: u32, reply: impl FnOnce(R<&[u8]>)) {
-        let h = match self.files.get(fh.0) {
-            Some(h) => h,
-            None => return reply(Err(Errno::EBADF)),
-        };
-        let _g = h.inode.io.read().unwrap_or_else(|p| p.into_inner());
-        let fsize = match Self::file_size(&h.file) {
-            Ok(s) => s,
-            Err(e) => return reply(Err(e)),
-        };
-        if offset >= fsize {
-            return reply(Ok(&[]));
-        }
-        let header = match self.header(&h, "read") {
-            Ok(Some(hd)) => hd,
-            Ok(None) => return reply(Ok(&[])),
-            Err(e) => return reply(Err(e)),
-        };
-        let cipher = match self.cipher(&h.inode, &header, "read") {
-            Ok(c) => c,
-            Err(e) => return reply(Err(e)),
-        };
-        IO_BUF.with_borrow_mut(|buf| {
-            let r = BackingFile {
-                file: &h.file,
-                cipher: cipher.units(),
-                header: &header,
-            }
-            .read_into(fsize, offset, size as usize, buf);
-            let r = match r {
-                Ok(range) => Ok(&buf[range]),
-                Err(e) => Err(self.fail("read", &h.inode, e)),
-            };
-            reply(r);
-            trim_io_buf(buf);
-        })
-    }
-
-    fn do_write(&self, fh: FileHandle, offset: u64, data: &[u8]) -> R<u32> {
-        self.ro()?;
-        let h = self.files.get(fh.0).ok_or(Errno::EBADF)?;
-        let _g = h.inode.io.write().unwrap_or_else(|p| p.into_inner());
-        let header = self.ensure_header(&h.inode, &h.file, "write")?;
-        let cipher = self.cipher(&h.inode, &header, "write")?;
-        let size = Self::file_size(&h.file)?;
-        // With the writeback cache the kernel resolves O_APPEND itself and
-        // sends page writes at their real offsets.
-        let off = if h.append && !self.writeback {
-            size
-        } else {
-            offset
-        };
-        IO_BUF
-            .with_borrow_mut(|buf| {
-                let r = BackingFile {
-                    file: &h.file,
-                    cipher: cipher.units(),
-                    header: &header,
-                }
-                .write_with(size, off, data, buf);
-                trim_io_buf(buf);
-                r
-            })
-            .map_err(|e| self.fail("write", &h.inode, e))?;
-        Ok(data.len() as u32)
-    }
-
-    fn do_fallocate(
-        &self,
-        fh: FileHandle,
-        offset: u64,
-        length: u64,
-        mode: i32,
-        caller: Caller,
-    ) -> R<()> {
-        self.ro()?;
-        if mode & !libc::FALLOC_FL_KEEP_SIZE != 0 {
-            return Err(Errno::EOPNOTSUPP);
-        }
-        let h = self.files.get(fh.0).ok_or(Errno::EBADF)?;
-        let end = offset.checked_add(length).ok_or(Errno::EFBIG)?;
-        let _g = h.inode.io.write().unwrap_or_else(|p| p.into_inner());
-        let header = self.ensure_header(&h.inode, &h.file, "fallocate")?;
-        let cipher = self.cipher(&h.inode, &header, "fallocate")?;
-        let size = Self::file_size(&h.file)?;
-        if mode & libc::FALLOC_FL_KEEP_SIZE == 0 && end > size {
-            BackingFile {
-                file: &h.file,
-                cipher: cipher.units(),
-                header: &header,
-            }
-            .truncate(size, end)
-            .map_err(|e| self.fail("fallocate", &h.inode, e))?;
-        }
-        match sys::fallocate(&h.file, mode, HEADER_LEN + offset, length) {
-            Ok(()) => {}
-            Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => {}
-            Err(e) => return Err(Errno::from(e)),
-        }
-        // fallocate modifies the file like a write: a caller without
-        // CAP_FSETID (non-root here) loses the set-id bits (xfstests generic/683).
-        if caller.uid != 0 {
-            self.kill_priv(&h.inode, Some(caller));
-        }
-        Ok(())
-    }
-
-    fn do_lseek(&self, fh: FileHandle, offset: i64, whence: i32) -> R<i64> {
-        let h = self.files.get(fh.0).ok_or(Errno::EBADF)?;
-        let _g = h.inode.io.read().unwrap_or_else(|p| p.into_inner());
-        let size = Self::file_size(&h.file)?;
-        if offset < 0 {
-            return Err(Errno::EINVAL);
-        }
-        let off = offset as u64;
-        match whence {
-            libc::SEEK_DATA | libc::SEEK_HOLE => {}
-            libc::SEEK_SET => return Ok(offset),
-            libc::SEEK_END => return Ok(size as i64 + offset),
-            _ => return Err(Errno::EINVAL),
-        }
-        if off >= size {
-            return Err(Errno::ENXIO);
-        }
-        let pos = match sys::lseek(&h.file, HEADER_LEN + off, whence) {
-            Ok(p) => p.saturating_sub(HEADER_LEN).max(off),
-            Err(e) if e.raw_os_error() == Some(libc::ENXIO) && whence == libc::SEEK_HOLE => size,
-            Err(e) => return Err(Errno::from(e)),
-        };
-        if whence == libc::SEEK_HOLE {
-            Ok(pos.min(size) as i64)
-        } else if pos >= size {
-            Err(Errno::ENXIO)
-        } else {
-            Ok(pos as i64)
-        }
-    }
-
-    fn snapshot(&self, dir: &Inode) -> R<Vec<DirEntry>> {
-        let list = {
-            let _n = read_lock(&dir.names);
-            self.names.list(dir)?
-        };
-        let dev = sys::fstat(dir.fd()).map_err(Errno::from)?.st_dev;
-        Ok(list
-            .into_iter()
-            .map(|e| DirEntry {
-                ino: self.inodes.ino_for(dev, e.d_ino),
-                name: e.name,
-                backing: e.backing,
-                kind: e.kind,
-            })
-            .collect())
-    }
-
-    /// A readdir snapshot entry looked up for readdirplus. A rekey may have
-    /// renamed the backing entry since the snapshot: then its plaintext name
-    /// is encoded again.
-    fn lookup_listed(&self, dir: &Inode, e: &DirEntry) -> R<(Arc<Inode>, FileAttr)> {
-        let _n = read_lock(&dir.names);
-        match self.lookup_backing(dir, &e.backing) {
-            Err(err) if err == Errno::ENOENT && !self.names.plaintext() => {
-                let b = self.names.encode(dir, &e.name)?;
-                self.lookup_backing(dir, &b.name)
-            }
-            r => r,
-        }
-    }
-
-    /// The attribute ciphers of every key generation, the active one first.
-    fn xattr_ciphers(&self) -> Vec<(u16, Arc<XattrCipher>)> {
-        self.vol
-            .keys
-            .generations
-            .all()
-            .into_iter()
-            .map(|(g, k)| (g, self.xattr_cipher_for(g, &k)))
-            .collect()
-    }
-
-    /// The attribute cipher of generation `g` (keys `k`), made once.
-    fn xattr_cipher_for(&self, g: u16, k: &GenKeys) -> Arc<XattrCipher> {
-        let mut cache = self.xattrs.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some((_, c)) = cache.iter().find(|(x, _)| *x == g) {
-            return c.clone();
-        }
-        let c = Arc::new(XattrCipher::new(&k.metadata));
-        cache.push((g, c.clone()));
-        c
-    }
-
-    fn xattr_name(c: &XattrCipher, name: &OsStr) -> R<Mapped> {
-        c.map_name(name.as_bytes()).map_err(|e| match e {
-            XattrError::Unsupported => Errno::EOPNOTSUPP,
-            XattrError::Invalid => Errno::ERANGE,
-        })
-    }
-
-    fn do_getxattr(&self, ino: INodeNo, name: &OsStr) -> R<Vec<u8>> {
-        let inode = self.inode(ino)?;
-        let _g = inode.io.read().unwrap_or_else(|p| p.into_inner());
-        let mut missing = Errno::ENODATA;
-        // Stored under the generation it was written with: try each.
-        for (_, c) in self.xattr_ciphers() {
-            let b = match Self::xattr_name(&c, name)? {
-                Mapped::Clear(n) => {
-                    return sys::getxattr(inode.fd(), &sys::cstr(&n).map_err(Errno::from)?)
-                        .map_err(Errno::from);
-                }
-                Mapped::Encrypted(b) => b,
-            };
-            let blob = match sys::getxattr(inode.fd(), &sys::cstr(&b).map_err(Errno::from)?) {
-                Ok(v) => v,
-                Err(e) if e.raw_os_error() == Some(libc::ENODATA) => continue,
-                Err(e) => {
-                    missing = Errno::from(e);
-                    continue;
-                }
-            };
-            return match c.open(&b, &blob) {
-                Some((n, v)) if n == name.as_bytes() => Ok(v),
-                _ => {
-                    log::error!(
-                        "op=getxattr path={} attr={} error=\"value does not authenticate\" result=eio",
-                        sys::fd_path(inode.fd()),
-                        String::from_utf8_lossy(&b)
-                    );
-                    Err(Errno::EIO)
-                }
-            };
-        }
-        Err(missing)
-    }
-
-    fn do_listxattr(&self, ino: INodeNo) -> R<Vec<u8>> {
-        let inode = self.inode(ino)?;
-        let _g = inode.io.read().unwrap_or_else(|p| p.into_inner());
-        let ciphers = self.xattr_ciphers();
-        let mut seen: Vec<Vec<u8>> = Vec::new();
-        let raw = match sys::listxattr(inode.fd()) {
-            Ok(r) => r,
-            Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => Vec::new(),
-            Err(e) => return Err(Errno::from(e)),
-        };
-        let mut out = Vec::new();
-        for n in raw.split(|&c| c == 0).filter(|n| !n.is_empty()) {
-            if n == xattr::ACL_ACCESS || n == xattr::ACL_DEFAULT {
-                out.extend_from_slice(n);
-                out.push(0);
-            } else if n.starts_with(xattr::BACKING_PREFIX) {
-                let Ok(c) = sys::cstr(n) else { continue };
-                let Ok(blob) = sys::getxattr(inode.fd(), &c) else {
-                    continue;
-                };
-                match ciphers.iter().find_map(|(_, c)| c.open(n, &blob)) {
-                    // During a rekey one attribute may briefly exist twice.
-                    Some((name, _)) if seen.contains(&name) => {}
-                    Some((name, _)) => {
-                        out.extend_from_slice(&name);
-                        out.push(0);
-                        seen.push(name);
-                    }
-                    None => log::error!(
-                        "op=listxattr path={} attr={} error=\"value does not authenticate\"",
-                        sys::fd_path(inode.fd()),
-                        String::from_utf8_lossy(n)
-                    ),
-                }
-            }
-        }
-        Ok(out)
-    }
-
-    fn reply_xattr(reply: ReplyXattr, size: u32, r: R<Vec<u8>>) {
-        match r {
-            Ok(v) if size == 0 => reply.size(v.len() as u32),
-            Ok(v) if v.len() > size as usize => reply.error(Errno::ERANGE),
-            Ok(v) => reply.data(&v),
-            Err(e) => reply.error(e),
-        }
-    }
-
-    /// What the kernel leaves to us under FUSE_HANDLE_KILLPRIV_V2 after a
-    /// write or truncate by a caller without CAP_FSETID, or a chown: clear
-    /// S_ISUID, S_ISGID when group-executable, and the file capability.
-    fn kill_priv(&self, inode: &Inode, clear_mode: Option<Caller>) {
-        if inode.kind != FileType::RegularFile {
-            return;
-        }
-        if let Some(caller) = clear_mode
-            && let Ok(st) = sys::fstat(inode.fd())
-        {
-            // The kernel's rule (setattr_should_drop_sgid): set-gid goes with
-            // group-execute, or when the caller is not in the file's group;
-            // set-gid without group-execute is otherwise a locking marker.
-            let mut kill = libc::S_ISUID;
-            if st.st_mode & libc::S_IXGRP != 0 || !caller.in_group(st.st_gid) {
-                kill |= libc::S_ISGID;
-            }
-            if st.st_mode & kill != 0
-                && sys::chmod_fd(inode.fd(), st.st_mode & 0o7777 & !kill).is_ok()
-            {
-                // A write reply carries no attributes: drop the kernel's
-                // cached mode (attributes only; no page is touched).
-                if let Some(n) = self.opts.notifier.get() {
-                    let _ = n.inval_inode(INodeNo(inode.ino), -1, 0);
-                }
-            }
-        }
-        for (_, c) in self.xattr_ciphers() {
-            if let Ok(Mapped::Encrypted(b)) = c.map_name(b"security.capability")
-                && let Ok(n) = sys::cstr(&b)
-            {
-                let _ = sys::removexattr(inode.fd(), &n);
-            }
-        }
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    fn do_setattr(
-        &self,
-        ino: INodeNo,
-        mode: Option<u32>,
-        uid: Option<u32>,
-        gid: Option<u32>,
-        size: Option<u64>,
-        atime: Option<TimeOrNow>,
-        mtime: Option<TimeOrNow>,
-        fh: Option<FileHandle>,
-        caller: Caller,
-    ) -> R<FileAttr> {
-        let inode = self.inode(ino)?;
-        if mode.is_some()
-            || uid.is_some()
-            || gid.is_some()
-            || size.is_some()
-            || atime.is_some()
-            || mtime.is_some()
-        {
-            self.ro()?;
-        }
-        if uid.is_some() || gid.is_some() {
-            sys::fchownat(inode.fd(), uid, gid).map_err(Errno::from)?;
-            // The backing chown cleared the set-id bits; the capability is
-            // one of our encrypted attributes.
-            if self.killpriv {
-                self.kill_priv(&inode, None);
-            }
-        }
-        if let Some(m) = mode {
-            if inode.kind == FileType::Symlink {
-                return Err(Errno::EOPNOTSUPP);
-            }
-            sys::chmod_fd(inode.fd(), m & 0o7777).map_err(Errno::from)?;
-        }
-        if let Some(s) = size {
-            self.truncate(&inode, fh, s)?;
-            // The kernel's FATTR_KILL_SUIDGID (caller without CAP_FSETID) is
-            // not passed on by fuser: a non-root caller stands for it.
-            if self.killpriv && caller.uid != 0 {
-                self.kill_priv(&inode, Some(caller));
-            }
-        }
-        if atime.is_some() || mtime.is_some() {
-            let t = [timespec(atime), timespec(mtime)];
-            sys::utimens_fd(inode.fd(), &t).map_err(Errno::from)?;
-        }
-        self.stat_attr(&inode)
-    }
-
-    fn do_symlink(
-        &self,
-        req: &Request,
-        parent: INodeNo,
-        link_name: &OsStr,
-        target: &Path,
-    ) -> R<(Arc<Inode>, FileAttr)> {
-        self.ro()?;
-        let parent = self.inode(parent)?;
-        let _n = read_lock(&parent.names);
-        let b = self.names.encode(&parent, link_name)?;
-        // Target encrypted and stored under one hold of the active generation.
-        self.vol.keys.generations.with_active(|_, k| {
-            let t = self
-                .names
-                .encrypt_target(k, target.as_os_str().as_bytes())?;
-            self.with_sidecar(&parent, &b, || sys::symlinkat(&t, parent.fd(), &b.name))
-        })?;
-        self.finish_new(&parent, &b, req, 0o777)
-    }
-
-    fn do_link(
-        &self,
-        ino: INodeNo,
-        newparent: INodeNo,
-        newname: &OsStr,
-    ) -> R<(Arc<Inode>, FileAttr)> {
-        self.ro()?;
-        let _moves = self.moves.read().unwrap_or_else(|p| p.into_inner());
-        let inode = self.inode(ino)?;
-        let np = self.inode(newparent)?;
-        let _n = read_lock(&np.names);
-        let b = self.names.encode(&np, newname)?;
-        self.with_sidecar(&np, &b, || sys::link_fd(inode.fd(), np.fd(), &b.name))?;
-        self.lookup_backing(&np, &b.name)
-    }
-
-    fn do_readdirplus(
-        &self,
-        ino: INodeNo,
-        fh: FileHandle,
-        offset: u64,
-        reply: &mut ReplyDirectoryPlus,
-    ) -> R<()> {
-        let d = self.dirs.get(fh.0).ok_or(Errno::EBADF)?;
-        if offset == 0 {
-            let fresh = self.snapshot(&d.inode)?;
-            *d.entries.lock().unwrap_or_else(|p| p.into_inner()) = fresh;
-        }
-        let entries = d.entries.lock().unwrap_or_else(|p| p.into_inner());
-        let dattr = self.stat_attr(&d.inode)?;
-        let ttl = self.opts.ttl;
-        let mut i = offset;
-        loop {
-            let full = match i {
-                0 => reply.add(ino, 1, ".", &ttl, &dattr, Generation(0)),
-                1 => reply.add(ino, 2, "..", &ttl, &dattr, Generation(0)),
-                _ => {
-                    let Some(e) = entries.get((i - 2) as usize) else {
-                        break;
-                    };
-                    match self.lookup_listed(&d.inode, e) {
-                        Ok((inode, attr)) => {
-                            let full = reply.add(
-                                INodeNo(inode.ino),
-                                i + 1,
-                                &e.name,
-                                &ttl,
-                                &attr,
-                                Generation(0),
-                            );
-                            if full {
-                                self.inodes.forget(inode.ino, 1);
-                            }
-                            full
-                        }
-                        Err(_) => false,
-                    }
-                }
-            };
-            if full {
-                break;
-            }
-            i += 1;
-        }
-        Ok(())
-    }
-}
-
-/// The content keys of one file: those of its header's generation, and
-/// while a rekey is half way through it, the new generation's below the
-/// frontier.
-struct FileKeys {
-    keys: Arc<GenKeys>,
-    split: Option<(u64, Arc<GenKeys>)>,
-}
-
-impl FileKeys {
-    fn units(&self) -> Units<'_> {
-        match &self.split {
-            None => Units::One(&self.keys.content),
-            Some((at, below)) => Units::Split {
-                below: &below.content,
-                above: &self.keys.content,
-                at: *at,
-            },
-        }
-    }
-}
-
-/// Who sent a request, for the set-id rules that depend on the caller.
-#[derive(Clone, Copy, Debug)]
-struct Caller {
-    uid: u32,
-    gid: u32,
-    pid: u32,
-}
-
-impl Caller {
-    fn of(req: &Request) -> Caller {
-        Caller {
-            uid: req.uid(),
-            gid: req.gid(),
-            pid: req.pid(),
-        }
-    }
-
-    /// Whether the caller is a member of group `gid`.
-    fn in_group(&self, gid: u32) -> bool {
-        sys::pid_in_group(self.pid, self.gid, gid)
     }
 }
 
@@ -1380,8 +292,7 @@ impl Filesystem for KmfsFs {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        let r = self.inode(parent).and_then(|p| self.do_lookup(&p, name));
-        self.reply_entry(reply, r);
+        self.reply_entry(reply, self.do_lookup(parent, name));
     }
 
     fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
@@ -1389,10 +300,9 @@ impl Filesystem for KmfsFs {
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
-        match self.inode(ino).and_then(|i| self.stat_attr(&i)) {
-            Ok(a) => reply.attr(&self.opts.ttl, &a),
-            Err(e) => reply.error(e),
-        }
+        send(reply, self.do_getattr(ino), |r, a| {
+            r.attr(&self.opts.ttl, &a)
+        });
     }
 
     fn setattr(
@@ -1413,27 +323,13 @@ impl Filesystem for KmfsFs {
         _flags: Option<fuser::BsdFileFlags>,
         reply: ReplyAttr,
     ) {
-        match self.do_setattr(ino, mode, uid, gid, size, atime, mtime, fh, Caller::of(req)) {
-            Ok(a) => reply.attr(&self.opts.ttl, &a),
-            Err(e) => reply.error(e),
-        }
+        let caller = Caller::of(req);
+        let r = self.do_setattr(ino, mode, uid, gid, size, atime, mtime, fh, caller);
+        send(reply, r, |r, a| r.attr(&self.opts.ttl, &a));
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
-        let r = self.inode(ino).and_then(|i| {
-            let stored = sys::readlink_fd(i.fd()).map_err(Errno::from)?;
-            self.names.decrypt_target(&stored).map_err(|e| {
-                log::error!(
-                    "op=readlink path={} error=\"{e}\" result=eio",
-                    sys::fd_path(i.fd())
-                );
-                Errno::EIO
-            })
-        });
-        match r {
-            Ok(t) => reply.data(&t),
-            Err(e) => reply.error(e),
-        }
+        send(reply, self.do_readlink(ino), |r, t| r.data(&t));
     }
 
     fn mknod(
@@ -1464,17 +360,11 @@ impl Filesystem for KmfsFs {
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        match self.do_unlink(parent, name) {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(e),
-        }
+        send(reply, self.do_unlink(parent, name), |r, ()| r.ok());
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        match self.do_rmdir(parent, name) {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(e),
-        }
+        send(reply, self.do_rmdir(parent, name), |r, ()| r.ok());
     }
 
     fn symlink(
@@ -1499,10 +389,8 @@ impl Filesystem for KmfsFs {
         flags: RenameFlags,
         reply: ReplyEmpty,
     ) {
-        match self.do_rename(parent, name, newparent, newname, flags) {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(e),
-        }
+        let r = self.do_rename(parent, name, newparent, newname, flags);
+        send(reply, r, |r, ()| r.ok());
     }
 
     fn link(
@@ -1518,22 +406,9 @@ impl Filesystem for KmfsFs {
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        let r = (|| {
-            let inode = self.inode(ino)?;
-            if inode.kind == FileType::Directory {
-                return Err(Errno::EISDIR);
-            }
-            let file = self.open_backing(&inode, flags.0)?;
-            if flags.0 & libc::O_TRUNC != 0 && inode.kind == FileType::RegularFile {
-                self.ro()?;
-                self.truncate(&inode, None, 0)?;
-            }
-            Ok(self.files.insert(OpenFile::new(inode, file, flags.0)))
-        })();
-        match r {
-            Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
-            Err(e) => reply.error(e),
-        }
+        send(reply, self.do_open(ino, flags.0), |r, fh| {
+            r.opened(FileHandle(fh), FopenFlags::empty())
+        });
     }
 
     fn read(
@@ -1547,16 +422,7 @@ impl Filesystem for KmfsFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        self.do_read(fh, offset, size, |r| match r {
-            Ok(d) => {
-                self.opts.stats.read(d.len());
-                reply.data(d)
-            }
-            Err(e) => {
-                self.opts.stats.error();
-                reply.error(e)
-            }
-        })
+        self.do_read(fh, offset, size, |r| send(reply, r, ReplyData::data));
     }
 
     fn write(
@@ -1571,24 +437,8 @@ impl Filesystem for KmfsFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
-        let r = self.do_write(fh, offset, data);
-        if r.is_ok()
-            && self.killpriv
-            && write_flags.contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID)
-            && let Some(h) = self.files.get(fh.0)
-        {
-            self.kill_priv(&h.inode, Some(Caller::of(req)));
-        }
-        match r {
-            Ok(n) => {
-                self.opts.stats.wrote(n as usize);
-                reply.written(n)
-            }
-            Err(e) => {
-                self.opts.stats.error();
-                reply.error(e)
-            }
-        }
+        let r = self.do_write(fh, offset, data, write_flags, Caller::of(req));
+        send(reply, r, ReplyWrite::written);
     }
 
     /// Nothing to do on close (writes are synchronous to the backing file and
@@ -1628,36 +478,13 @@ impl Filesystem for KmfsFs {
         datasync: bool,
         reply: ReplyEmpty,
     ) {
-        let r = self.files.get(fh.0).ok_or(Errno::EBADF).and_then(|h| {
-            if datasync {
-                h.file.sync_data()
-            } else {
-                h.file.sync_all()
-            }
-            .map_err(Errno::from)
-        });
-        match r {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(e),
-        }
+        send(reply, self.do_fsync(fh, datasync), |r, ()| r.ok());
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
-        let r = (|| {
-            let inode = self.inode(ino)?;
-            if inode.kind != FileType::Directory {
-                return Err(Errno::ENOTDIR);
-            }
-            let entries = self.snapshot(&inode)?;
-            Ok(self.dirs.insert(OpenDir {
-                inode,
-                entries: std::sync::Mutex::new(entries),
-            }))
-        })();
-        match r {
-            Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
-            Err(e) => reply.error(e),
-        }
+        send(reply, self.do_opendir(ino), |r, fh| {
+            r.opened(FileHandle(fh), FopenFlags::empty())
+        });
     }
 
     fn readdir(
@@ -1668,33 +495,8 @@ impl Filesystem for KmfsFs {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
-        let Some(d) = self.dirs.get(fh.0) else {
-            return reply.error(Errno::EBADF);
-        };
-        if offset == 0 {
-            match self.snapshot(&d.inode) {
-                Ok(fresh) => *d.entries.lock().unwrap_or_else(|p| p.into_inner()) = fresh,
-                Err(e) => return reply.error(e),
-            }
-        }
-        let entries = d.entries.lock().unwrap_or_else(|p| p.into_inner());
-        let mut i = offset;
-        loop {
-            let full = match i {
-                0 => reply.add(ino, 1, FileType::Directory, "."),
-                1 => reply.add(ino, 2, FileType::Directory, ".."),
-                _ => match entries.get((i - 2) as usize) {
-                    Some(e) => reply.add(INodeNo(e.ino), i + 1, e.kind, &e.name),
-                    None => break,
-                },
-            };
-            if full {
-                break;
-            }
-            i += 1;
-        }
-        drop(entries);
-        reply.ok();
+        let r = self.do_readdir(ino, fh, offset, &mut reply);
+        send(reply, r, |r, ()| r.ok());
     }
 
     fn readdirplus(
@@ -1705,10 +507,8 @@ impl Filesystem for KmfsFs {
         offset: u64,
         mut reply: ReplyDirectoryPlus,
     ) {
-        match self.do_readdirplus(ino, fh, offset, &mut reply) {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(e),
-        }
+        let r = self.do_readdirplus(ino, fh, offset, &mut reply);
+        send(reply, r, |r, ()| r.ok());
     }
 
     fn releasedir(
@@ -1731,20 +531,13 @@ impl Filesystem for KmfsFs {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
-        let r = self.inode(ino).and_then(|i| {
-            sys::reopen(i.fd(), libc::O_RDONLY | libc::O_DIRECTORY)
-                .and_then(|f| f.sync_all())
-                .map_err(Errno::from)
-        });
-        match r {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(e),
-        }
+        send(reply, self.do_fsyncdir(ino), |r, ()| r.ok());
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
-        match sys::fstatvfs(&self.root_dir) {
-            Ok(s) => reply.statfs(
+        let r = sys::fstatvfs(&self.root_dir).map_err(Errno::from);
+        send(reply, r, |r, s| {
+            r.statfs(
                 s.f_blocks,
                 s.f_bfree,
                 s.f_bavail,
@@ -1753,9 +546,8 @@ impl Filesystem for KmfsFs {
                 s.f_bsize as u32,
                 255,
                 s.f_frsize as u32,
-            ),
-            Err(e) => reply.error(Errno::from(e)),
-        }
+            )
+        });
     }
 
     fn setxattr(
@@ -1768,110 +560,32 @@ impl Filesystem for KmfsFs {
         _position: u32,
         reply: ReplyEmpty,
     ) {
-        let r = (|| {
-            self.ro()?;
-            let inode = self.inode(ino)?;
-            let _g = inode.io.write().unwrap_or_else(|p| p.into_inner());
-            let ciphers = self.xattr_ciphers();
-            // Sealed and stored under one hold of the active generation, so a
-            // rekey's final sweep (after a barrier) sees it. No other lock of
-            // the generations is taken inside.
-            self.vol.keys.generations.with_active(|g, k| {
-                let active = self.xattr_cipher_for(g, k);
-                match Self::xattr_name(&active, name)? {
-                    Mapped::Clear(n) => sys::setxattr(
-                        inode.fd(),
-                        &sys::cstr(&n).map_err(Errno::from)?,
-                        value,
-                        flags,
-                    )
-                    .map_err(Errno::from),
-                    Mapped::Encrypted(b) => {
-                        // The same attribute under an older generation (a
-                        // rekey has not reached this inode yet) counts as
-                        // existing, and goes once the new one is written.
-                        let mut older = Vec::new();
-                        for (og, c) in &ciphers {
-                            if *og == g {
-                                continue;
-                            }
-                            if let Ok(Mapped::Encrypted(o)) = c.map_name(name.as_bytes())
-                                && let Ok(oc) = sys::cstr(&o)
-                                && sys::getxattr(inode.fd(), &oc).is_ok()
-                            {
-                                older.push(oc);
-                            }
-                        }
-                        let mut flags = flags;
-                        if !older.is_empty() {
-                            if flags & libc::XATTR_CREATE != 0 {
-                                return Err(Errno::EEXIST);
-                            }
-                            flags &= !libc::XATTR_REPLACE;
-                        }
-                        let blob = active
-                            .seal(&b, name.as_bytes(), value)
-                            .map_err(Errno::from)?;
-                        sys::setxattr(
-                            inode.fd(),
-                            &sys::cstr(&b).map_err(Errno::from)?,
-                            &blob,
-                            flags,
-                        )
-                        .map_err(Errno::from)?;
-                        for o in older {
-                            let _ = sys::removexattr(inode.fd(), &o);
-                        }
-                        Ok(())
-                    }
-                }
-            })
-        })();
-        match r {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(e),
-        }
+        let r = self.do_setxattr(ino, name, value, flags);
+        send(reply, r, |r, ()| r.ok());
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
-        Self::reply_xattr(reply, size, self.do_getxattr(ino, name));
+        let r = self
+            .do_getxattr(ino, name)
+            .and_then(|v| XattrReply::fit(v, size));
+        send(reply, r, |r, x| x.send(r));
     }
 
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
-        Self::reply_xattr(reply, size, self.do_listxattr(ino));
+        let r = self
+            .do_listxattr(ino)
+            .and_then(|v| XattrReply::fit(v, size));
+        send(reply, r, |r, x| x.send(r));
     }
 
     fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        let r = (|| {
-            self.ro()?;
-            let inode = self.inode(ino)?;
-            let _g = inode.io.write().unwrap_or_else(|p| p.into_inner());
-            let mut result = Err(Errno::ENODATA);
-            for (_, c) in self.xattr_ciphers() {
-                let n = match Self::xattr_name(&c, name)? {
-                    Mapped::Clear(n) | Mapped::Encrypted(n) => n,
-                };
-                match sys::removexattr(inode.fd(), &sys::cstr(&n).map_err(Errno::from)?) {
-                    Ok(()) => result = Ok(()),
-                    Err(e) if e.raw_os_error() == Some(libc::ENODATA) => {}
-                    Err(e) => return Err(Errno::from(e)),
-                }
-            }
-            result
-        })();
-        match r {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(e),
-        }
+        send(reply, self.do_removexattr(ino, name), |r, ()| r.ok());
     }
 
     fn access(&self, _req: &Request, ino: INodeNo, _mask: AccessFlags, reply: ReplyEmpty) {
         // The kernel checks permissions (default_permissions); this only
         // answers whether the inode still exists.
-        match self.inode(ino) {
-            Ok(_) => reply.ok(),
-            Err(e) => reply.error(e),
-        }
+        send(reply, self.inode(ino).map(drop), |r, ()| r.ok());
     }
 
     fn create(
@@ -1884,16 +598,16 @@ impl Filesystem for KmfsFs {
         flags: i32,
         reply: ReplyCreate,
     ) {
-        match self.do_create(req, parent, name, mode, umask, flags) {
-            Ok((attr, fh)) => reply.created(
+        let r = self.do_create(req, parent, name, mode, umask, flags);
+        send(reply, r, |r, (attr, fh)| {
+            r.created(
                 &self.opts.ttl,
                 &attr,
                 Generation(0),
                 FileHandle(fh),
                 FopenFlags::empty(),
-            ),
-            Err(e) => reply.error(e),
-        }
+            )
+        });
     }
 
     fn fallocate(
@@ -1906,10 +620,8 @@ impl Filesystem for KmfsFs {
         mode: i32,
         reply: ReplyEmpty,
     ) {
-        match self.do_fallocate(fh, offset, length, mode, Caller::of(req)) {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(e),
-        }
+        let r = self.do_fallocate(fh, offset, length, mode, Caller::of(req));
+        send(reply, r, |r, ()| r.ok());
     }
 
     fn lseek(
@@ -1921,24 +633,6 @@ impl Filesystem for KmfsFs {
         whence: i32,
         reply: ReplyLseek,
     ) {
-        // With the writeback cache, while a handle may write the file the
-        // kernel can hold dirty pages that the backing file does not show yet
-        // (close writes them back first), so the backing file's holes are not
-        // the file's holes. ENOSYS makes the kernel use its generic lseek (the
-        // whole file is data, up to its own size), which is always correct;
-        // it does so for the rest of this mount.
-        if self.writeback
-            && (whence == libc::SEEK_DATA || whence == libc::SEEK_HOLE)
-            && self
-                .files
-                .get(fh.0)
-                .is_some_and(|h| h.inode.writers.load(std::sync::atomic::Ordering::Acquire) > 0)
-        {
-            return reply.error(Errno::ENOSYS);
-        }
-        match self.do_lseek(fh, offset, whence) {
-            Ok(o) => reply.offset(o),
-            Err(e) => reply.error(e),
-        }
+        send(reply, self.do_lseek(fh, offset, whence), ReplyLseek::offset);
     }
 }

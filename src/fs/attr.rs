@@ -1,0 +1,242 @@
+//! Attributes: `getattr`/`setattr`, the plaintext view of a backing `stat`,
+//! the set-id rules (ownership and mode of new entries, clearing set-id bits
+//! and capabilities under FUSE_HANDLE_KILLPRIV_V2) and time conversion.
+
+use std::os::fd::BorrowedFd;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use fuser::{Errno, FileAttr, FileHandle, FileType, INodeNo, Request, TimeOrNow};
+
+use super::inode::{self, Inode};
+use super::{KmfsFs, R};
+use crate::crypto::xattr::Mapped;
+use crate::sys;
+use crate::volume::layout::plain_size;
+
+impl KmfsFs {
+    pub(super) fn do_getattr(&self, ino: INodeNo) -> R<FileAttr> {
+        let inode = self.inode(ino)?;
+        self.stat_attr(&inode)
+    }
+
+    pub(super) fn attr(&self, inode: &Inode, st: &libc::stat) -> FileAttr {
+        let kind = inode::kind_of(st.st_mode);
+        let size = match kind {
+            FileType::RegularFile => plain_size(st.st_size as u64),
+            FileType::Symlink => sys::readlink_fd(inode.fd())
+                .ok()
+                .and_then(|t| self.names.decrypt_target(&t).ok())
+                .map(|t| t.len() as u64)
+                .unwrap_or(st.st_size as u64),
+            _ => st.st_size as u64,
+        };
+        FileAttr {
+            ino: INodeNo(inode.ino),
+            size,
+            blocks: st.st_blocks as u64,
+            atime: ts(st.st_atime, st.st_atime_nsec),
+            mtime: ts(st.st_mtime, st.st_mtime_nsec),
+            ctime: ts(st.st_ctime, st.st_ctime_nsec),
+            crtime: UNIX_EPOCH,
+            kind,
+            perm: (st.st_mode & 0o7777) as u16,
+            nlink: st.st_nlink as u32,
+            uid: st.st_uid,
+            gid: st.st_gid,
+            rdev: st.st_rdev as u32,
+            blksize: st.st_blksize as u32,
+            flags: 0,
+        }
+    }
+
+    pub(super) fn stat_attr(&self, inode: &Inode) -> R<FileAttr> {
+        let st = sys::fstat(inode.fd()).map_err(Errno::from)?;
+        Ok(self.attr(inode, &st))
+    }
+
+    /// Mode for a new entry: the caller's umask applies unless the backing
+    /// parent has a default ACL (then the backing filesystem applies the ACL).
+    pub(super) fn create_mode(&self, parent: &Inode, mode: u32, umask: u32) -> u32 {
+        let has_default_acl =
+            sys::getxattr(parent.fd(), c"system.posix_acl_default").is_ok_and(|v| !v.is_empty());
+        if has_default_acl {
+            mode & 0o7777
+        } else {
+            mode & 0o7777 & !umask
+        }
+    }
+
+    /// Gives a new entry to the caller (uid, and gid unless the directory is
+    /// set-group-id), keeping set-id bits the chown would clear.
+    pub(super) fn set_owner(&self, parent: &Inode, fd: BorrowedFd<'_>, req: &Request, mode: u32) {
+        let pst = sys::fstat(parent.fd()).ok();
+        let gid = match pst {
+            Some(p) if p.st_mode & libc::S_ISGID != 0 => None,
+            _ => Some(req.gid()),
+        };
+        if req.uid() == 0 && gid.is_none_or(|g| g == 0) {
+            return;
+        }
+        if let Err(e) = sys::fchownat(fd, Some(req.uid()), gid) {
+            log::warn!("op=chown path={} error=\"{e}\"", sys::fd_path(fd));
+        }
+        if mode & (libc::S_ISUID | libc::S_ISGID) != 0
+            && let Ok(st) = sys::fstat(fd)
+            && st.st_mode & libc::S_IFMT != libc::S_IFLNK
+        {
+            let _ = sys::chmod_fd(fd, mode & 0o7777);
+        }
+    }
+
+    /// What the kernel leaves to us under FUSE_HANDLE_KILLPRIV_V2 after a
+    /// write or truncate by a caller without CAP_FSETID, or a chown: clear
+    /// S_ISUID, S_ISGID when group-executable, and the file capability.
+    pub(super) fn kill_priv(&self, inode: &Inode, clear_mode: Option<Caller>) {
+        if inode.kind != FileType::RegularFile {
+            return;
+        }
+        if let Some(caller) = clear_mode
+            && let Ok(st) = sys::fstat(inode.fd())
+        {
+            // The kernel's rule (setattr_should_drop_sgid): set-gid goes with
+            // group-execute, or when the caller is not in the file's group;
+            // set-gid without group-execute is otherwise a locking marker.
+            let mut kill = libc::S_ISUID;
+            if st.st_mode & libc::S_IXGRP != 0 || !caller.in_group(st.st_gid) {
+                kill |= libc::S_ISGID;
+            }
+            if st.st_mode & kill != 0
+                && sys::chmod_fd(inode.fd(), st.st_mode & 0o7777 & !kill).is_ok()
+            {
+                // A write reply carries no attributes: drop the kernel's
+                // cached mode (attributes only; no page is touched).
+                if let Some(n) = self.opts.notifier.get() {
+                    let _ = n.inval_inode(INodeNo(inode.ino), -1, 0);
+                }
+            }
+        }
+        for (_, c) in self.xattr_ciphers() {
+            if let Ok(Mapped::Encrypted(b)) = c.map_name(b"security.capability")
+                && let Ok(n) = sys::cstr(&b)
+            {
+                let _ = sys::removexattr(inode.fd(), &n);
+            }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn do_setattr(
+        &self,
+        ino: INodeNo,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        size: Option<u64>,
+        atime: Option<TimeOrNow>,
+        mtime: Option<TimeOrNow>,
+        fh: Option<FileHandle>,
+        caller: Caller,
+    ) -> R<FileAttr> {
+        let inode = self.inode(ino)?;
+        if mode.is_some()
+            || uid.is_some()
+            || gid.is_some()
+            || size.is_some()
+            || atime.is_some()
+            || mtime.is_some()
+        {
+            self.ro()?;
+        }
+        if uid.is_some() || gid.is_some() {
+            sys::fchownat(inode.fd(), uid, gid).map_err(Errno::from)?;
+            // The backing chown cleared the set-id bits; the capability is
+            // one of our encrypted attributes.
+            if self.killpriv {
+                self.kill_priv(&inode, None);
+            }
+        }
+        if let Some(m) = mode {
+            if inode.kind == FileType::Symlink {
+                return Err(Errno::EOPNOTSUPP);
+            }
+            sys::chmod_fd(inode.fd(), m & 0o7777).map_err(Errno::from)?;
+        }
+        if let Some(s) = size {
+            self.truncate(&inode, fh, s)?;
+            // The kernel's FATTR_KILL_SUIDGID (caller without CAP_FSETID) is
+            // not passed on by fuser: a non-root caller stands for it.
+            if self.killpriv && caller.uid != 0 {
+                self.kill_priv(&inode, Some(caller));
+            }
+        }
+        if atime.is_some() || mtime.is_some() {
+            let t = [timespec(atime), timespec(mtime)];
+            sys::utimens_fd(inode.fd(), &t).map_err(Errno::from)?;
+        }
+        self.stat_attr(&inode)
+    }
+}
+
+fn ts(sec: i64, nsec: i64) -> SystemTime {
+    let nsec = nsec.clamp(0, 999_999_999) as u32;
+    if sec >= 0 {
+        UNIX_EPOCH + Duration::new(sec as u64, nsec)
+    } else {
+        UNIX_EPOCH - Duration::new(sec.unsigned_abs(), 0) + Duration::new(0, nsec)
+    }
+}
+
+fn timespec(t: Option<TimeOrNow>) -> libc::timespec {
+    match t {
+        None => libc::timespec {
+            tv_sec: 0,
+            tv_nsec: libc::UTIME_OMIT,
+        },
+        Some(TimeOrNow::Now) => libc::timespec {
+            tv_sec: 0,
+            tv_nsec: libc::UTIME_NOW,
+        },
+        Some(TimeOrNow::SpecificTime(t)) => match t.duration_since(UNIX_EPOCH) {
+            Ok(d) => libc::timespec {
+                tv_sec: d.as_secs() as libc::time_t,
+                tv_nsec: d.subsec_nanos() as libc::c_long,
+            },
+            Err(e) => {
+                let d = e.duration();
+                let mut sec = -(d.as_secs() as libc::time_t);
+                let mut nsec = d.subsec_nanos() as libc::c_long;
+                if nsec > 0 {
+                    sec -= 1;
+                    nsec = 1_000_000_000 - nsec;
+                }
+                libc::timespec {
+                    tv_sec: sec,
+                    tv_nsec: nsec,
+                }
+            }
+        },
+    }
+}
+
+/// Who sent a request, for the set-id rules that depend on the caller.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Caller {
+    pub(super) uid: u32,
+    gid: u32,
+    pid: u32,
+}
+
+impl Caller {
+    pub(super) fn of(req: &Request) -> Caller {
+        Caller {
+            uid: req.uid(),
+            gid: req.gid(),
+            pid: req.pid(),
+        }
+    }
+
+    /// Whether the caller is a member of group `gid`.
+    fn in_group(&self, gid: u32) -> bool {
+        sys::pid_in_group(self.pid, self.gid, gid)
+    }
+}

@@ -1,0 +1,280 @@
+//! Entries: create, mknod, symlink (and readlink), link, unlink and rename.
+//! A long encrypted name's sidecar is written before the entry and removed
+//! again when the entry could not be made or goes away.
+
+use std::ffi::OsStr;
+use std::io;
+use std::os::fd::AsFd;
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+use std::sync::Arc;
+
+use fuser::{Errno, FileAttr, INodeNo, RenameFlags, Request};
+
+use super::handle::OpenFile;
+use super::inode::Inode;
+use super::names::BackingName;
+use super::{KmfsFs, R, read_lock};
+use crate::sys;
+use crate::volume::dirid;
+
+impl KmfsFs {
+    pub(super) fn do_readlink(&self, ino: INodeNo) -> R<Vec<u8>> {
+        let inode = self.inode(ino)?;
+        let stored = sys::readlink_fd(inode.fd()).map_err(Errno::from)?;
+        self.names.decrypt_target(&stored).map_err(|e| {
+            log::error!(
+                "op=readlink path={} error=\"{e}\" result=eio",
+                sys::fd_path(inode.fd())
+            );
+            Errno::EIO
+        })
+    }
+
+    /// Registers a freshly created entry `b` of `parent`.
+    pub(super) fn finish_new(
+        &self,
+        parent: &Inode,
+        b: &BackingName,
+        req: &Request,
+        mode: u32,
+    ) -> R<(Arc<Inode>, FileAttr)> {
+        let fd = sys::open_path(parent.fd(), &b.name).map_err(Errno::from)?;
+        self.set_owner(parent, fd.as_fd(), req, mode);
+        let st = sys::fstat(fd.as_fd()).map_err(Errno::from)?;
+        let inode = self.inodes.lookup(fd, &st);
+        let attr = self.attr(&inode, &st);
+        Ok((inode, attr))
+    }
+
+    /// Runs `make` to create entry `b` in `parent`, with the long-name sidecar
+    /// written before and removed again if the entry could not be made.
+    pub(super) fn with_sidecar(
+        &self,
+        parent: &Inode,
+        b: &BackingName,
+        make: impl FnOnce() -> io::Result<()>,
+    ) -> R<()> {
+        self.names
+            .write_sidecar(parent, b)
+            .map_err(|e| self.fail("sidecar", parent, e))?;
+        match make() {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                if e.raw_os_error() != Some(libc::EEXIST) {
+                    self.names.remove_sidecar(parent, b);
+                }
+                Err(Errno::from(e))
+            }
+        }
+    }
+
+    pub(super) fn do_mknod(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        rdev: u32,
+    ) -> R<(Arc<Inode>, FileAttr)> {
+        self.ro()?;
+        let parent = self.inode(parent)?;
+        let b = self.names.encode(&parent, name)?;
+        let perm = self.create_mode(&parent, mode, umask);
+        let fmt = mode & libc::S_IFMT;
+        self.with_sidecar(&parent, &b, || {
+            if fmt == libc::S_IFREG || fmt == 0 {
+                sys::openat(
+                    parent.fd(),
+                    &b.name,
+                    libc::O_CREAT | libc::O_EXCL | libc::O_WRONLY | libc::O_NOFOLLOW,
+                    perm,
+                )
+                .map(drop)
+            } else {
+                sys::mknodat(parent.fd(), &b.name, fmt | perm, rdev as u64)
+            }
+        })?;
+        self.finish_new(&parent, &b, req, perm)
+    }
+
+    pub(super) fn do_create(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        flags: i32,
+    ) -> R<(FileAttr, u64)> {
+        self.ro()?;
+        let parent = self.inode(parent)?;
+        let _n = read_lock(&parent.names);
+        let b = self.names.encode(&parent, name)?;
+        let perm = self.create_mode(&parent, mode, umask);
+        let mut created = false;
+        let made = self.with_sidecar(&parent, &b, || {
+            sys::openat(
+                parent.fd(),
+                &b.name,
+                libc::O_CREAT | libc::O_EXCL | libc::O_RDWR | libc::O_NOFOLLOW,
+                perm,
+            )
+            .map(|fd| {
+                created = true;
+                drop(fd)
+            })
+        });
+        match made {
+            Ok(()) => {}
+            Err(e) if e == Errno::EEXIST && flags & libc::O_EXCL == 0 => {}
+            Err(e) => return Err(e),
+        }
+        let (inode, _) = if created {
+            self.finish_new(&parent, &b, req, perm)?
+        } else {
+            self.lookup_backing(&parent, &b.name)?
+        };
+        let file = match self.open_backing(&inode, flags) {
+            Ok(f) => f,
+            Err(e) => {
+                self.inodes.forget(inode.ino, 1);
+                return Err(e);
+            }
+        };
+        if created {
+            let _g = inode.io.write().unwrap_or_else(|p| p.into_inner());
+            if let Err(e) = self.ensure_header(&inode, &file, "create") {
+                self.inodes.forget(inode.ino, 1);
+                return Err(e);
+            }
+        } else if flags & libc::O_TRUNC != 0
+            && let Err(e) = self.truncate(&inode, None, 0)
+        {
+            self.inodes.forget(inode.ino, 1);
+            return Err(e);
+        }
+        let attr = self.stat_attr(&inode)?;
+        let fh = self.files.insert(OpenFile::new(inode, file, flags));
+        Ok((attr, fh))
+    }
+
+    pub(super) fn do_symlink(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        link_name: &OsStr,
+        target: &Path,
+    ) -> R<(Arc<Inode>, FileAttr)> {
+        self.ro()?;
+        let parent = self.inode(parent)?;
+        let _n = read_lock(&parent.names);
+        let b = self.names.encode(&parent, link_name)?;
+        // Target encrypted and stored under one hold of the active generation.
+        self.vol.keys.generations.with_active(|_, k| {
+            let t = self
+                .names
+                .encrypt_target(k, target.as_os_str().as_bytes())?;
+            self.with_sidecar(&parent, &b, || sys::symlinkat(&t, parent.fd(), &b.name))
+        })?;
+        self.finish_new(&parent, &b, req, 0o777)
+    }
+
+    pub(super) fn do_link(
+        &self,
+        ino: INodeNo,
+        newparent: INodeNo,
+        newname: &OsStr,
+    ) -> R<(Arc<Inode>, FileAttr)> {
+        self.ro()?;
+        let _moves = self.moves.read().unwrap_or_else(|p| p.into_inner());
+        let inode = self.inode(ino)?;
+        let np = self.inode(newparent)?;
+        let _n = read_lock(&np.names);
+        let b = self.names.encode(&np, newname)?;
+        self.with_sidecar(&np, &b, || sys::link_fd(inode.fd(), np.fd(), &b.name))?;
+        self.lookup_backing(&np, &b.name)
+    }
+
+    pub(super) fn do_unlink(&self, parent: INodeNo, name: &OsStr) -> R<()> {
+        self.ro()?;
+        let parent = self.inode(parent)?;
+        let _n = read_lock(&parent.names);
+        let b = self.names.encode(&parent, name)?;
+        sys::unlinkat(parent.fd(), &b.name, 0).map_err(Errno::from)?;
+        self.names.remove_sidecar(&parent, &b);
+        Ok(())
+    }
+
+    pub(super) fn do_rename(
+        &self,
+        parent: INodeNo,
+        name: &OsStr,
+        newparent: INodeNo,
+        newname: &OsStr,
+        flags: RenameFlags,
+    ) -> R<()> {
+        self.ro()?;
+        if flags.contains(RenameFlags::RENAME_WHITEOUT) {
+            return Err(Errno::EINVAL);
+        }
+        let _moves = self.moves.read().unwrap_or_else(|p| p.into_inner());
+        let p = self.inode(parent)?;
+        let np = self.inode(newparent)?;
+        let _n1 = read_lock(&p.names);
+        let _n2 = (np.ino != p.ino).then(|| read_lock(&np.names));
+        let ob = self.names.encode(&p, name)?;
+        let nb = self.names.encode(&np, newname)?;
+        let exchange = flags.contains(RenameFlags::RENAME_EXCHANGE);
+        let noreplace = flags.contains(RenameFlags::RENAME_NOREPLACE);
+        let src = sys::fstatat(p.fd(), &ob.name, libc::AT_SYMLINK_NOFOLLOW).map_err(Errno::from)?;
+        let mut stripped: Option<(std::os::fd::OwnedFd, Option<dirid::DirKey>)> = None;
+        let target_existed;
+        match sys::fstatat(np.fd(), &nb.name, libc::AT_SYMLINK_NOFOLLOW) {
+            Ok(tst) => {
+                target_existed = true;
+                if (tst.st_dev, tst.st_ino) == (src.st_dev, src.st_ino) && !exchange {
+                    // Same inode (same entry or hard links): POSIX says do nothing.
+                    if noreplace {
+                        return Err(Errno::EEXIST);
+                    }
+                    return Ok(());
+                }
+                let both_dirs = tst.st_mode & libc::S_IFMT == libc::S_IFDIR
+                    && src.st_mode & libc::S_IFMT == libc::S_IFDIR;
+                if both_dirs && !exchange && !noreplace {
+                    let tfd = sys::open_path(np.fd(), &nb.name).map_err(Errno::from)?;
+                    let id = self.strip_empty_dir(tfd.as_fd())?;
+                    stripped = Some((tfd, id));
+                }
+            }
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
+                target_existed = false;
+                if exchange {
+                    return Err(Errno::ENOENT);
+                }
+            }
+            Err(e) => return Err(Errno::from(e)),
+        }
+        if !exchange {
+            self.names
+                .write_sidecar(&np, &nb)
+                .map_err(|e| self.fail("rename", &np, e))?;
+        }
+        let r = sys::renameat2(p.fd(), &ob.name, np.fd(), &nb.name, flags.bits());
+        if let Err(e) = r {
+            if let Some((tfd, id)) = stripped {
+                self.restore_dirid(tfd.as_fd(), id);
+            }
+            if !exchange && !target_existed {
+                self.names.remove_sidecar(&np, &nb);
+            }
+            return Err(Errno::from(e));
+        }
+        if !exchange {
+            self.names.remove_sidecar(&p, &ob);
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,233 @@
+//! Extended attributes: names and values sealed with the attribute cipher of
+//! a key generation (see [`crate::crypto::xattr`]); ACLs and other clear
+//! names pass through. During a rekey an attribute may exist under an older
+//! generation too: reads try every generation, writes replace the older copy.
+
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
+use std::sync::Arc;
+
+use fuser::{Errno, INodeNo, ReplyXattr};
+
+use super::{KmfsFs, R};
+use crate::crypto::xattr::{self, Mapped, XattrCipher, XattrError};
+use crate::sys;
+use crate::volume::GenKeys;
+
+/// The answer to getxattr/listxattr.
+pub(super) enum XattrReply {
+    /// The caller asked for the size only.
+    Size(u32),
+    Data(Vec<u8>),
+}
+
+impl XattrReply {
+    /// The answer for a caller with room for `size` bytes (0 asks for the
+    /// size); ERANGE if the value does not fit.
+    pub(super) fn fit(v: Vec<u8>, size: u32) -> R<XattrReply> {
+        if size == 0 {
+            Ok(XattrReply::Size(v.len() as u32))
+        } else if v.len() > size as usize {
+            Err(Errno::ERANGE)
+        } else {
+            Ok(XattrReply::Data(v))
+        }
+    }
+
+    pub(super) fn send(self, reply: ReplyXattr) {
+        match self {
+            XattrReply::Size(n) => reply.size(n),
+            XattrReply::Data(v) => reply.data(&v),
+        }
+    }
+}
+
+impl KmfsFs {
+    /// The attribute ciphers of every key generation, the active one first.
+    pub(super) fn xattr_ciphers(&self) -> Vec<(u16, Arc<XattrCipher>)> {
+        self.vol
+            .keys
+            .generations
+            .all()
+            .into_iter()
+            .map(|(g, k)| (g, self.xattr_cipher_for(g, &k)))
+            .collect()
+    }
+
+    /// The attribute cipher of generation `g` (keys `k`), made once.
+    pub(super) fn xattr_cipher_for(&self, g: u16, k: &GenKeys) -> Arc<XattrCipher> {
+        let mut cache = self.xattrs.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((_, c)) = cache.iter().find(|(x, _)| *x == g) {
+            return c.clone();
+        }
+        let c = Arc::new(XattrCipher::new(&k.metadata));
+        cache.push((g, c.clone()));
+        c
+    }
+
+    pub(super) fn xattr_name(c: &XattrCipher, name: &OsStr) -> R<Mapped> {
+        c.map_name(name.as_bytes()).map_err(|e| match e {
+            XattrError::Unsupported => Errno::EOPNOTSUPP,
+            XattrError::Invalid => Errno::ERANGE,
+        })
+    }
+
+    pub(super) fn do_getxattr(&self, ino: INodeNo, name: &OsStr) -> R<Vec<u8>> {
+        let inode = self.inode(ino)?;
+        let _g = inode.io.read().unwrap_or_else(|p| p.into_inner());
+        let mut missing = Errno::ENODATA;
+        // Stored under the generation it was written with: try each.
+        for (_, c) in self.xattr_ciphers() {
+            let b = match Self::xattr_name(&c, name)? {
+                Mapped::Clear(n) => {
+                    return sys::getxattr(inode.fd(), &sys::cstr(&n).map_err(Errno::from)?)
+                        .map_err(Errno::from);
+                }
+                Mapped::Encrypted(b) => b,
+            };
+            let blob = match sys::getxattr(inode.fd(), &sys::cstr(&b).map_err(Errno::from)?) {
+                Ok(v) => v,
+                Err(e) if e.raw_os_error() == Some(libc::ENODATA) => continue,
+                Err(e) => {
+                    missing = Errno::from(e);
+                    continue;
+                }
+            };
+            return match c.open(&b, &blob) {
+                Some((n, v)) if n == name.as_bytes() => Ok(v),
+                _ => {
+                    log::error!(
+                        "op=getxattr path={} attr={} error=\"value does not authenticate\" result=eio",
+                        sys::fd_path(inode.fd()),
+                        String::from_utf8_lossy(&b)
+                    );
+                    Err(Errno::EIO)
+                }
+            };
+        }
+        Err(missing)
+    }
+
+    pub(super) fn do_listxattr(&self, ino: INodeNo) -> R<Vec<u8>> {
+        let inode = self.inode(ino)?;
+        let _g = inode.io.read().unwrap_or_else(|p| p.into_inner());
+        let ciphers = self.xattr_ciphers();
+        let mut seen: Vec<Vec<u8>> = Vec::new();
+        let raw = match sys::listxattr(inode.fd()) {
+            Ok(r) => r,
+            Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => Vec::new(),
+            Err(e) => return Err(Errno::from(e)),
+        };
+        let mut out = Vec::new();
+        for n in raw.split(|&c| c == 0).filter(|n| !n.is_empty()) {
+            if n == xattr::ACL_ACCESS || n == xattr::ACL_DEFAULT {
+                out.extend_from_slice(n);
+                out.push(0);
+            } else if n.starts_with(xattr::BACKING_PREFIX) {
+                let Ok(c) = sys::cstr(n) else { continue };
+                let Ok(blob) = sys::getxattr(inode.fd(), &c) else {
+                    continue;
+                };
+                match ciphers.iter().find_map(|(_, c)| c.open(n, &blob)) {
+                    // During a rekey one attribute may briefly exist twice.
+                    Some((name, _)) if seen.contains(&name) => {}
+                    Some((name, _)) => {
+                        out.extend_from_slice(&name);
+                        out.push(0);
+                        seen.push(name);
+                    }
+                    None => log::error!(
+                        "op=listxattr path={} attr={} error=\"value does not authenticate\"",
+                        sys::fd_path(inode.fd()),
+                        String::from_utf8_lossy(n)
+                    ),
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    pub(super) fn do_setxattr(
+        &self,
+        ino: INodeNo,
+        name: &OsStr,
+        value: &[u8],
+        flags: i32,
+    ) -> R<()> {
+        self.ro()?;
+        let inode = self.inode(ino)?;
+        let _g = inode.io.write().unwrap_or_else(|p| p.into_inner());
+        let ciphers = self.xattr_ciphers();
+        // Sealed and stored under one hold of the active generation, so a
+        // rekey's final sweep (after a barrier) sees it. No other lock of
+        // the generations is taken inside.
+        self.vol.keys.generations.with_active(|g, k| {
+            let active = self.xattr_cipher_for(g, k);
+            match Self::xattr_name(&active, name)? {
+                Mapped::Clear(n) => sys::setxattr(
+                    inode.fd(),
+                    &sys::cstr(&n).map_err(Errno::from)?,
+                    value,
+                    flags,
+                )
+                .map_err(Errno::from),
+                Mapped::Encrypted(b) => {
+                    // The same attribute under an older generation (a
+                    // rekey has not reached this inode yet) counts as
+                    // existing, and goes once the new one is written.
+                    let mut older = Vec::new();
+                    for (og, c) in &ciphers {
+                        if *og == g {
+                            continue;
+                        }
+                        if let Ok(Mapped::Encrypted(o)) = c.map_name(name.as_bytes())
+                            && let Ok(oc) = sys::cstr(&o)
+                            && sys::getxattr(inode.fd(), &oc).is_ok()
+                        {
+                            older.push(oc);
+                        }
+                    }
+                    let mut flags = flags;
+                    if !older.is_empty() {
+                        if flags & libc::XATTR_CREATE != 0 {
+                            return Err(Errno::EEXIST);
+                        }
+                        flags &= !libc::XATTR_REPLACE;
+                    }
+                    let blob = active
+                        .seal(&b, name.as_bytes(), value)
+                        .map_err(Errno::from)?;
+                    sys::setxattr(
+                        inode.fd(),
+                        &sys::cstr(&b).map_err(Errno::from)?,
+                        &blob,
+                        flags,
+                    )
+                    .map_err(Errno::from)?;
+                    for o in older {
+                        let _ = sys::removexattr(inode.fd(), &o);
+                    }
+                    Ok(())
+                }
+            }
+        })
+    }
+
+    pub(super) fn do_removexattr(&self, ino: INodeNo, name: &OsStr) -> R<()> {
+        self.ro()?;
+        let inode = self.inode(ino)?;
+        let _g = inode.io.write().unwrap_or_else(|p| p.into_inner());
+        let mut result = Err(Errno::ENODATA);
+        for (_, c) in self.xattr_ciphers() {
+            let n = match Self::xattr_name(&c, name)? {
+                Mapped::Clear(n) | Mapped::Encrypted(n) => n,
+            };
+            match sys::removexattr(inode.fd(), &sys::cstr(&n).map_err(Errno::from)?) {
+                Ok(()) => result = Ok(()),
+                Err(e) if e.raw_os_error() == Some(libc::ENODATA) => {}
+                Err(e) => return Err(Errno::from(e)),
+            }
+        }
+        result
+    }
+}
