@@ -326,7 +326,11 @@ fn hostile_tree_mount_list_read_rekey_and_check_finish() {
             .arg(&vol.backing),
     );
     assert!(!text(&o).contains("panicked"), "{}", text(&o));
-    assert_eq!(user_entries(&vol.backing), before, "repair removed user entries");
+    assert_eq!(
+        user_entries(&vol.backing),
+        before,
+        "repair removed user entries"
+    );
 }
 
 /// Every backing entry below `root` whose name is not reserved for kmfs.
@@ -389,7 +393,10 @@ fn hostile_root_files_are_refused_by_name_in_bounded_time() {
             .last()
             .unwrap_or_default()
             .to_string();
-        assert!(last.starts_with("kmfs: ") && last.contains(word), "{file}: {out}");
+        assert!(
+            last.starts_with("kmfs: ") && last.contains(word),
+            "{file}: {out}"
+        );
         assert!(!mount::is_mounted(&vol.mnt));
         let o = bounded(
             30,

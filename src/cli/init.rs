@@ -51,6 +51,15 @@ pub fn run(a: InitArgs) -> Result<(), CliError> {
     }
     restrict_backing_dir(&a.backing_dir)?;
     let vol = Volume::init(&a.backing_dir, provider.as_ref(), &opts)?;
+    // The mount root shows 0755 root:root (chmod/chown it through the mount),
+    // while the backing root stays 0700.
+    let root_attrs = crate::volume::internal::open_dir(&a.backing_dir)
+        .and_then(|fd| crate::fs::root::RootAttrs::DEFAULT.store(std::os::fd::AsFd::as_fd(&fd)));
+    if let Err(e) = root_attrs {
+        println!(
+            "note: the backing filesystem keeps no trusted.* attributes ({e}): the mount root shows the backing root's mode 0700 until changed"
+        );
+    }
     if let Some(c) = &cfg {
         c.record_volume_id(&vol.id_hex()).map_err(|e| {
             CliError::other(

@@ -30,6 +30,10 @@ impl KmfsFs {
                 .unwrap_or(st.st_size as u64),
             _ => st.st_size as u64,
         };
+        let (perm, uid, gid) = match self.root.get().filter(|_| inode.ino == inode::ROOT) {
+            Some(r) => (r.mode as u16, r.uid, r.gid),
+            None => ((st.st_mode & 0o7777) as u16, st.st_uid, st.st_gid),
+        };
         FileAttr {
             ino: INodeNo(inode.ino),
             size,
@@ -39,10 +43,10 @@ impl KmfsFs {
             ctime: ts(st.st_ctime, st.st_ctime_nsec),
             crtime: UNIX_EPOCH,
             kind,
-            perm: (st.st_mode & 0o7777) as u16,
+            perm,
             nlink: st.st_nlink as u32,
-            uid: st.st_uid,
-            gid: st.st_gid,
+            uid,
+            gid,
             rdev: st.st_rdev as u32,
             blksize: st.st_blksize as u32,
             flags: 0,
@@ -147,6 +151,19 @@ impl KmfsFs {
         {
             self.ro()?;
         }
+        // The mount root's owner and mode are kept apart from the backing
+        // root's (fs/root.rs): the backing root stays root's alone.
+        let kept_apart = inode.ino == inode::ROOT
+            && (mode.is_some() || uid.is_some() || gid.is_some())
+            && self
+                .root
+                .set(inode.fd(), mode, uid, gid)
+                .map_err(Errno::from)?;
+        let (mode, uid, gid) = if kept_apart {
+            (None, None, None)
+        } else {
+            (mode, uid, gid)
+        };
         if uid.is_some() || gid.is_some() {
             sys::fchownat(inode.fd(), uid, gid).map_err(Errno::from)?;
             // The backing chown cleared the set-id bits; the capability is

@@ -113,7 +113,6 @@ impl KmfsFs {
         let _n = read_lock(&parent.names);
         let b = self.names.encode(&parent, name)?;
         let perm = self.create_mode(&parent, mode, umask);
-        let mut created = false;
         let made = self.with_sidecar(&parent, &b, || {
             sys::openat(
                 parent.fd(),
@@ -121,21 +120,16 @@ impl KmfsFs {
                 libc::O_CREAT | libc::O_EXCL | libc::O_RDWR | libc::O_NOFOLLOW,
                 perm,
             )
-            .map(|fd| {
-                created = true;
-                drop(fd)
-            })
+            .map(drop)
         });
-        match made {
-            Ok(()) => {}
-            Err(e) if e == Errno::EEXIST && flags & libc::O_EXCL == 0 => {}
-            Err(e) => return Err(e),
-        }
-        let (inode, _) = if created {
-            self.finish_new(&parent, &b, req, perm)?
-        } else {
-            self.lookup_backing(&parent, &b.name)?
-        };
+        // The kernel sends CREATE only after its LOOKUP found nothing, so an
+        // entry that exists now appeared in between (another client, or the
+        // backing store). Opening it here would open it as root with the
+        // caller's flags, past the permission check the kernel makes for an
+        // ordinary open: EEXIST instead, even without O_EXCL (the caller
+        // can retry its open, which then goes through the kernel's checks).
+        made?;
+        let (inode, _) = self.finish_new(&parent, &b, req, perm)?;
         let file = match self.open_backing(&inode, flags) {
             Ok(f) => f,
             Err(e) => {
@@ -143,17 +137,12 @@ impl KmfsFs {
                 return Err(e);
             }
         };
-        if created {
+        {
             let _g = inode.io.write().unwrap_or_else(|p| p.into_inner());
             if let Err(e) = self.ensure_header(&inode, &file, "create") {
                 self.inodes.forget(inode.ino, 1);
                 return Err(e);
             }
-        } else if flags & libc::O_TRUNC != 0
-            && let Err(e) = self.truncate(&inode, None, 0)
-        {
-            self.inodes.forget(inode.ino, 1);
-            return Err(e);
         }
         let attr = self.stat_attr(&inode)?;
         let fh = self.files.insert(OpenFile::new(inode, file, flags));

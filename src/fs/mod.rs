@@ -45,6 +45,7 @@ pub mod gate;
 pub mod handle;
 pub mod inode;
 pub mod names;
+pub mod root;
 pub mod stats;
 mod xattr;
 
@@ -115,6 +116,8 @@ pub struct KmfsFs {
     /// Attribute ciphers per key generation, made on first use.
     xattrs: Mutex<Vec<(u16, Arc<XattrCipher>)>>,
     root_dir: File,
+    /// The mount root's owner and mode, kept apart from the backing root's.
+    root: root::Root,
     opts: FsOptions,
     /// The kernel's writeback cache is on (negotiated at init).
     writeback: bool,
@@ -197,6 +200,7 @@ impl KmfsFs {
             dirs: Handles::default(),
             names,
             xattrs,
+            root: root::Root::load(std::os::fd::AsFd::as_fd(&root_dir)),
             root_dir,
             opts,
             writeback: false,

@@ -256,7 +256,11 @@ pub fn xattrs_behind(path: &Path, ciphers: &[(u16, XattrCipher)], to: u16) -> io
         // On an old generation: opens with another one, not with `to`. One
         // that opens with none (damaged or planted) is not behind: it is
         // unreadable either way and must not hold the rekey up forever.
-        let opens = |g: u16| ciphers.iter().any(|(k, c)| *k == g && c.open(n, blob).is_some());
+        let opens = |g: u16| {
+            ciphers
+                .iter()
+                .any(|(k, c)| *k == g && c.open(n, blob).is_some())
+        };
         if !opens(to) && ciphers.iter().any(|(g, _)| *g != to && opens(*g)) {
             behind = true;
         }
