@@ -91,7 +91,7 @@ use cryptoki::types::RawAuthPin;
 use serde::{Deserialize, Serialize};
 
 use super::{KekRef, KeyProvider, KmsError};
-use crate::audit::{self, AuditRecord};
+use crate::audit::{self, AuditRecord, Outcome};
 use crate::credfile;
 use crate::crypto::keys::Secret;
 
@@ -527,15 +527,14 @@ impl Pkcs11Provider {
     }
 
     fn audit(&self, op: &str, key: &str, version: Option<u32>, res: Result<(), &str>) {
-        audit::record(&AuditRecord {
-            op: op.into(),
-            server: self.token.clone(),
-            key: key.into(),
+        audit::record(&AuditRecord::new(
+            op,
+            &self.token,
+            key,
             version,
-            result: if res.is_ok() { "ok" } else { "fail" }.into(),
-            reason: res.err().unwrap_or_default().into(),
-            ..Default::default()
-        });
+            Outcome::of(&res),
+            res.err().unwrap_or_default(),
+        ));
     }
 
     /// Audits the outcome of `r` and passes it on.
