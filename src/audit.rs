@@ -65,6 +65,61 @@ pub struct AuditRecord {
     pub reason: String,
 }
 
+/// How an audited operation ended: the record's `result` field.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// `ok`
+    Ok,
+    /// `fail`
+    Fail,
+}
+
+impl Outcome {
+    /// `ok` or `fail`, as written in the `result` field.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Ok => "ok",
+            Outcome::Fail => "fail",
+        }
+    }
+
+    /// [`Outcome::Ok`] if `r` is `Ok`, [`Outcome::Fail`] otherwise.
+    pub fn of<T, E>(r: &Result<T, E>) -> Outcome {
+        if r.is_ok() {
+            Outcome::Ok
+        } else {
+            Outcome::Fail
+        }
+    }
+}
+
+impl AuditRecord {
+    /// The record of operation `op` on `server` (key server name, token
+    /// label, provider kind) with version `version` of key `key`, ended with
+    /// `outcome`; `reason` is what the server answered or our error text (may
+    /// be empty). `ip` and `port` stay empty; a caller that knows them sets
+    /// them with `AuditRecord { ip, port, ..AuditRecord::new(..) }`.
+    pub fn new(
+        op: &str,
+        server: &str,
+        key: &str,
+        version: Option<u32>,
+        outcome: Outcome,
+        reason: &str,
+    ) -> AuditRecord {
+        AuditRecord {
+            op: op.to_string(),
+            server: server.to_string(),
+            ip: String::new(),
+            port: None,
+            key: key.to_string(),
+            version,
+            result: outcome.as_str().to_string(),
+            reason: reason.to_string(),
+        }
+    }
+}
+
 /// The CSV header row (without line end).
 pub const CSV_HEADER: &str =
     "date,time,volume,operation,server,ip,port,key,version,user,result,reason";
@@ -388,6 +443,23 @@ mod tests {
             "op=connect server=\"km 2\" user=1000(alice) result=fail error=\"refused\\nserial=5 op=forged\""
         );
         assert!(!l.contains('\n'));
+    }
+
+    #[test]
+    fn constructor_fills_the_same_fields() {
+        let r = AuditRecord {
+            ip: "10.0.0.5".into(),
+            port: Some(5696),
+            ..AuditRecord::new("unwrap", "km1", "vol1-kek", Some(3), Outcome::Ok, "")
+        };
+        let t = OffsetDateTime::from_unix_timestamp(1_700_000_000).unwrap();
+        assert_eq!(
+            csv_row(&r, "v", "0(root)", t),
+            csv_row(&rec(), "v", "0(root)", t)
+        );
+        let f = AuditRecord::new("connect", "", "", None, Outcome::of(&Err::<(), _>(())), "x");
+        assert_eq!((f.result.as_str(), f.reason.as_str()), ("fail", "x"));
+        assert_eq!(Outcome::of(&Ok::<_, ()>(1)), Outcome::Ok);
     }
 
     #[test]

@@ -16,7 +16,7 @@
 //! committed header always names a KEK that unwraps the DEK. The old KEK is never
 //! destroyed.
 
-use crate::audit::{self, AuditRecord};
+use crate::audit::{self, AuditRecord, Outcome};
 use crate::kms::{KekRef, KeyProvider, KmsError};
 use crate::volume::header::{self, RotationEntry};
 use crate::volume::{Volume, VolumeError, hex, now_secs};
@@ -65,18 +65,18 @@ pub enum RotateError {
 }
 
 fn audit_step(vol: &Volume, op: &str, kek: &KekRef, result: Result<(), &str>) {
-    audit::record(&AuditRecord {
-        op: op.into(),
-        server: kek.provider.clone(),
-        key: kek.name.clone(),
-        version: Some(kek.version),
-        result: if result.is_ok() { "ok" } else { "fail" }.into(),
-        reason: match result {
-            Ok(()) => format!("volume={}", vol.id_hex()),
-            Err(e) => format!("volume={} {e}", vol.id_hex()),
-        },
-        ..Default::default()
-    });
+    let reason = match result {
+        Ok(()) => format!("volume={}", vol.id_hex()),
+        Err(e) => format!("volume={} {e}", vol.id_hex()),
+    };
+    audit::record(&AuditRecord::new(
+        op,
+        &kek.provider,
+        &kek.name,
+        Some(kek.version),
+        Outcome::of(&result),
+        &reason,
+    ));
 }
 
 /// Rotates `vol` to a new KEK from `provider` (the volume's own provider for

@@ -7,25 +7,25 @@ use std::sync::Mutex;
 
 use super::Throttle;
 use super::state::RekeyState;
-use crate::audit::{self, AuditRecord};
+use crate::audit::{self, AuditRecord, Outcome};
 use crate::kms::KeyProvider;
 use crate::volume::header::{self, VolumeHeader};
 use crate::volume::{Volume, now_secs};
 
 fn audit_step(vol: &Volume, op: &str, generation: u16, result: Result<(), &str>) {
     let k = &vol.header.kek;
-    audit::record(&AuditRecord {
-        op: op.into(),
-        server: k.provider.clone(),
-        key: k.name.clone(),
-        version: Some(k.version),
-        result: if result.is_ok() { "ok" } else { "fail" }.into(),
-        reason: match result {
-            Ok(()) => format!("volume={} generation={generation}", vol.id_hex()),
-            Err(e) => format!("volume={} generation={generation} {e}", vol.id_hex()),
-        },
-        ..Default::default()
-    });
+    let reason = match result {
+        Ok(()) => format!("volume={} generation={generation}", vol.id_hex()),
+        Err(e) => format!("volume={} generation={generation} {e}", vol.id_hex()),
+    };
+    audit::record(&AuditRecord::new(
+        op,
+        &k.provider,
+        &k.name,
+        Some(k.version),
+        Outcome::of(&result),
+        &reason,
+    ));
 }
 
 /// Starts a rekey of `vol`: a new DEK generation becomes the active one and

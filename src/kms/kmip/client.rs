@@ -27,7 +27,7 @@ use zeroize::Zeroizing;
 use super::KmipServerConfig;
 use super::messages::{self, Credential, Operation, ResponseError, reason};
 use super::ttlv::{Ttlv, tag};
-use crate::audit::{self, AuditRecord};
+use crate::audit::{self, AuditRecord, Outcome};
 use crate::credfile;
 use crate::crypto::keys::Secret;
 use crate::kms::KmsError;
@@ -507,19 +507,14 @@ pub(crate) fn record(
     version: Option<u32>,
     result: Result<&str, &str>,
 ) {
-    let (result, reason) = match result {
-        Ok(r) => ("ok", r),
-        Err(r) => ("fail", r),
+    let reason = match result {
+        Ok(r) | Err(r) => r,
     };
+    let server_name = server.map_or("", |s| s.name.as_str());
     audit::record(&AuditRecord {
-        op: op.to_string(),
-        server: server.map(|s| s.name.clone()).unwrap_or_default(),
         ip: ip.map(|i| i.to_string()).unwrap_or_default(),
         port: server.map(|s| s.port),
-        key: key.to_string(),
-        version,
-        result: result.to_string(),
-        reason: reason.to_string(),
+        ..AuditRecord::new(op, server_name, key, version, Outcome::of(&result), reason)
     });
 }
 
