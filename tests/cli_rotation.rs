@@ -168,6 +168,21 @@ fn rotation_failure_leaves_the_volume_usable() {
     let _guard = Unmount(&small);
     let back2 = small.join("back");
     std::fs::create_dir(&back2).unwrap();
+    // A config unlocks one volume (init pins it): the second volume gets
+    // its own copy, without the first one's id.
+    let cfg = {
+        use std::os::unix::fs::PermissionsExt;
+        let text: String = std::fs::read_to_string(&cfg)
+            .unwrap()
+            .lines()
+            .filter(|l| !l.trim_start().starts_with("id = "))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        let c2 = cfg.with_file_name("second.toml");
+        std::fs::write(&c2, text).unwrap();
+        std::fs::set_permissions(&c2, std::fs::Permissions::from_mode(0o600)).unwrap();
+        c2
+    };
     ok(kmfs(&[&"init", &"--config", &cfg, &back2]));
     let before = std::fs::read(back2.join("kmfs.volume")).unwrap();
     let filler = small.join("filler");

@@ -193,7 +193,7 @@ fn populate(m: &Mounted) -> BTreeMap<String, Vec<u8>> {
         }
         std::os::unix::fs::symlink(
             "some/target",
-            m.p(&format!("{dir}/ln{i}").trim_start_matches('/')),
+            m.p(format!("{dir}/ln{i}").trim_start_matches('/')),
         )
         .unwrap();
     }

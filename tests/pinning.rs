@@ -72,7 +72,10 @@ fn init_pins_the_config_and_another_volume_is_refused_before_unwrap() {
     let o = kmfs(&[&"check", &"--config", &cfg_a, &b]);
     let msg = text(&o);
     assert_eq!(o.status.code(), Some(14), "{msg}");
-    assert!(msg.contains("wrong backing directory, or its header was swapped"), "{msg}");
+    assert!(
+        msg.contains("wrong backing directory, or its header was swapped"),
+        "{msg}"
+    );
     // Swapping the header itself is caught the same way.
     std::fs::copy(b.join("kmfs.volume"), a.join("kmfs.volume")).unwrap();
     let mnt = backing(t.path(), "mnt");
@@ -121,7 +124,14 @@ fn a_rekey_state_file_that_disagrees_with_the_header_is_refused() {
 fn rekey_rates_out_of_range_are_usage_errors() {
     let vol = Volume::create(false);
     for r in ["-1", "0", "NaN", "inf", "1e309", "x"] {
-        let o = kmfs(&[&"rekey", &"--keyfile", &vol.key, &"--rate", &r, &vol.backing]);
+        let o = kmfs(&[
+            &"rekey",
+            &"--keyfile",
+            &vol.key,
+            &"--rate",
+            &r,
+            &vol.backing,
+        ]);
         assert_eq!(o.status.code(), Some(2), "--rate {r}: {}", text(&o));
         assert!(!text(&o).contains("panicked"), "{}", text(&o));
     }

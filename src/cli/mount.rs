@@ -345,7 +345,7 @@ fn serve_inner(plan: &Plan, notify: &mut Option<Notify>) -> Result<(), CliError>
                 "op=mount path={} result=error error=\"{e}\"",
                 plan.backing.display()
             );
-            return Err(e.into());
+            return Err(e);
         }
     };
     // The daemon's control side (status, online rotation) keeps the volume and

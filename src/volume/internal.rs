@@ -119,14 +119,14 @@ fn report(dir: BorrowedFd<'_>, name: &CStr, e: &io::Error) {
             ("result", "refused"),
         ])
     );
-    crate::audit::record(&crate::audit::AuditRecord {
-        op: "internal_file_refused".into(),
-        server: "backing".into(),
-        key: path,
-        result: "fail".into(),
-        reason: what,
-        ..Default::default()
-    });
+    crate::audit::record(&crate::audit::AuditRecord::new(
+        "internal_file_refused",
+        "backing",
+        &path,
+        None,
+        crate::audit::Outcome::Fail,
+        &what,
+    ));
 }
 
 fn open_unreported(
