@@ -4,6 +4,9 @@
 # own dependencies. Set KMFS_LONG_TESTS=1 for the long fault/stress variants.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# Tests that need an outside component (PyKMIP, SoftHSM2, ...) fail instead
+# of skipping when it is missing.
+export KMFS_REQUIRE_ALL=1
 
 scripts/install-deps.sh
 
