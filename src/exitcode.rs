@@ -53,6 +53,7 @@ pub fn for_volume(e: &VolumeError) -> i32 {
         VolumeError::Kms(k) => for_kms(k),
         VolumeError::Header(h) => for_header(h),
         VolumeError::ProviderMismatch { .. } => CONFIG,
+        VolumeError::WrongVolume { .. } | VolumeError::WrongKek { .. } => HEADER,
         VolumeError::Io { .. }
         | VolumeError::AlreadyInitialized(_)
         | VolumeError::NotEmpty(_)
