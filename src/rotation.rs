@@ -222,8 +222,8 @@ pub fn rotate(
 /// the epoch. Names sort by time.
 pub fn backup_name(micros: u64) -> String {
     let secs = (micros / 1_000_000) as i64;
-    let d = time::OffsetDateTime::from_unix_timestamp(secs)
-        .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
+    let d =
+        time::OffsetDateTime::from_unix_timestamp(secs).unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
     format!(
         "kmfs.volume.{:04}{:02}{:02}T{:02}{:02}{:02}.{:06}Z.bak",
         d.year(),

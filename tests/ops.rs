@@ -155,7 +155,10 @@ fn code(o: &std::process::Output) -> Option<i32> {
 }
 
 fn line_count(p: &Path) -> usize {
-    std::fs::read_to_string(p).unwrap_or_default().lines().count()
+    std::fs::read_to_string(p)
+        .unwrap_or_default()
+        .lines()
+        .count()
 }
 
 // ---------------------------------------------------------------------------
@@ -187,7 +190,11 @@ fn ten_thousand_python_opens_do_not_flood_the_basic_log() {
         "import os, sys\nd = {:?}\nn = 0\nfor i in range(10000):\n    p = os.path.join(d, 'f%d' % (i % 10))\n    with open(p) as f:\n        f.read()\n    os.stat(p)\n    n += 1\nprint(n)\n# isatty on a kmfs file is answered, not an error\nwith open(os.path.join(d, 'f0')) as f:\n    sys.stdout.write('tty=%s\\n' % f.isatty())\n",
         d.mnt.display().to_string()
     );
-    let o = Command::new("python3").arg("-c").arg(&script).output().unwrap();
+    let o = Command::new("python3")
+        .arg("-c")
+        .arg(&script)
+        .output()
+        .unwrap();
     let out = text(&o);
     assert!(o.status.success(), "{out}");
     assert!(out.contains("10000") && out.contains("tty=False"), "{out}");
@@ -247,7 +254,13 @@ fn three_rotations_in_one_second_keep_three_backups() {
             hsm.toml_section("ops-three-kek")
         ),
     );
-    ok(kmfs(&[&"init", &"--create-kek", &"--config", &cfg, &d.back]));
+    ok(kmfs(&[
+        &"init",
+        &"--create-kek",
+        &"--config",
+        &cfg,
+        &d.back,
+    ]));
     let dm = Daemon::start(&cfg, &d.back, &d.mnt);
     // Start right after a second boundary so the three fit in one second.
     loop {
@@ -320,7 +333,13 @@ fn key_server_down_exits_12_online_and_offline() {
             pki.client.key.display()
         ),
     );
-    ok(kmfs(&[&"init", &"--create-kek", &"--config", &cfg, &d.back]));
+    ok(kmfs(&[
+        &"init",
+        &"--create-kek",
+        &"--config",
+        &cfg,
+        &d.back,
+    ]));
     let mut dm = Daemon::start(&cfg, &d.back, &d.mnt);
     drop(server);
     let online = kmfs(&[&"rotate-kek", &d.mnt]);
@@ -356,7 +375,13 @@ fn refused_key_exits_13_online_and_offline() {
             hsm.toml_section("ops13-kek")
         ),
     );
-    ok(kmfs(&[&"init", &"--create-kek", &"--config", &cfg, &d.back]));
+    ok(kmfs(&[
+        &"init",
+        &"--create-kek",
+        &"--config",
+        &cfg,
+        &d.back,
+    ]));
     let before = std::fs::read(d.back.join("kmfs.volume")).unwrap();
     let mut dm = Daemon::start(&cfg, &d.back, &d.mnt);
     let online = kmfs(&[&"rotate-kek", &"--new-key", &"ops13-revoked", &d.mnt]);
@@ -471,7 +496,10 @@ fn anchors_in_syslog_catch_a_cut_tail() {
     std::thread::sleep(Duration::from_millis(2500));
     assert!(dm.stop(), "{}", dm.log());
     let sent = syslog.finish();
-    let anchors: Vec<&String> = sent.iter().filter(|l| l.contains("op=log_anchor")).collect();
+    let anchors: Vec<&String> = sent
+        .iter()
+        .filter(|l| l.contains("op=log_anchor"))
+        .collect();
     assert!(
         anchors.iter().any(|l| l.contains("reason=interval")),
         "{sent:#?}"
@@ -596,6 +624,9 @@ fn status_openmetrics_for_all_mounted_volumes() {
     assert!(value("kmfs_daemon_uptime_seconds") >= 0.0);
     assert!(om.contains("# TYPE kmfs_read_bytes counter"), "{om}");
     let prom = ok(kmfs(&[&"status", &"--prometheus", &d.mnt]));
-    assert!(prom.contains("# TYPE kmfs_read_bytes_total counter"), "{prom}");
+    assert!(
+        prom.contains("# TYPE kmfs_read_bytes_total counter"),
+        "{prom}"
+    );
     assert!(!prom.contains("# EOF"));
 }

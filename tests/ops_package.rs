@@ -67,7 +67,7 @@ fn deb_installs_mounts_has_man_pages_and_removes_cleanly() {
         panic!("a kmfs package is already installed here; remove it before this test");
     }
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let gen = env!("CARGO_BIN_EXE_kmfs-gen");
+    let kmfs_gen = env!("CARGO_BIN_EXE_kmfs-gen");
     let mut restore = Restore { mnt: None };
     if Path::new(LOCAL_KMFS).exists() {
         std::fs::rename(LOCAL_KMFS, ASIDE).unwrap();
@@ -76,7 +76,7 @@ fn deb_installs_mounts_has_man_pages_and_removes_cleanly() {
     // Build.
     let o = run(Command::new(root.join("scripts/stage-deb-assets.sh"))
         .arg(KMFS)
-        .arg(&gen)
+        .arg(kmfs_gen)
         .current_dir(root));
     assert!(o.status.success(), "{}", text(&o));
     let out_dir = tempfile::tempdir().unwrap();
@@ -108,8 +108,14 @@ fn deb_installs_mounts_has_man_pages_and_removes_cleanly() {
     ] {
         assert!(listed.lines().any(|l| l == want), "{want} not in\n{listed}");
     }
-    assert!(listed.contains("/usr/share/man/man8/kmfs-rotate-kek.8"), "{listed}");
-    assert!(listed.contains("/usr/share/man/man5/kmfs.toml.5"), "{listed}");
+    assert!(
+        listed.contains("/usr/share/man/man8/kmfs-rotate-kek.8"),
+        "{listed}"
+    );
+    assert!(
+        listed.contains("/usr/share/man/man5/kmfs.toml.5"),
+        "{listed}"
+    );
     let unit = std::fs::read_to_string("/lib/systemd/system/kmfs@.service").unwrap();
     assert!(unit.contains("ExecStart=/usr/bin/kmfs mount"), "{unit}");
     let v = run(Command::new("/usr/bin/kmfs").arg("--version"));
@@ -148,7 +154,10 @@ fn deb_installs_mounts_has_man_pages_and_removes_cleanly() {
     assert!(o.status.success(), "{}", text(&o));
     assert!(is_mounted(&mnt));
     std::fs::write(mnt.join("hello"), b"from the package").unwrap();
-    assert_eq!(std::fs::read(mnt.join("hello")).unwrap(), b"from the package");
+    assert_eq!(
+        std::fs::read(mnt.join("hello")).unwrap(),
+        b"from the package"
+    );
     let o = run(Command::new("umount").arg(&mnt));
     assert!(o.status.success(), "{}", text(&o));
     restore.mnt = None;
@@ -191,5 +200,8 @@ fn deb_installs_mounts_has_man_pages_and_removes_cleanly() {
         }
     }
     drop(restore);
-    assert!(!Path::new("/etc/logrotate.d/kmfs").exists(), "purge keeps config");
+    assert!(
+        !Path::new("/etc/logrotate.d/kmfs").exists(),
+        "purge keeps config"
+    );
 }

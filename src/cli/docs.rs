@@ -66,7 +66,10 @@ mod tests {
             assert!(names.iter().any(|n| n == want), "{want} not in {names:?}");
         }
         let page = std::fs::read_to_string(d.path().join("man/kmfs-status.8")).unwrap();
-        assert!(page.contains(".TH") && page.contains("openmetrics"), "{page}");
+        assert!(
+            page.contains(".TH") && page.contains("openmetrics"),
+            "{page}"
+        );
         let bash = std::fs::read_to_string(d.path().join("completions/kmfs.bash")).unwrap();
         assert!(bash.contains("rotate-kek"));
     }

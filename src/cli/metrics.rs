@@ -145,7 +145,10 @@ pub fn render(volumes: &[serde_json::Value], format: Format) -> String {
         };
         let mut l = vol();
         l.push(("mountpoint", v["mountpoint"].as_str().unwrap_or("").into()));
-        l.push(("backing_dir", v["backing_dir"].as_str().unwrap_or("").into()));
+        l.push((
+            "backing_dir",
+            v["backing_dir"].as_str().unwrap_or("").into(),
+        ));
         l.push(("provider", v["provider"].as_str().unwrap_or("").into()));
         push(info, l, 1.0);
         push(up, vol(), num(&v["uptime_seconds"]));
@@ -233,8 +236,13 @@ mod tests {
     fn openmetrics_names_units_labels_and_eof() {
         let t = render(&[status()], Format::OpenMetrics);
         assert!(t.contains("# TYPE kmfs_read_bytes counter\n"), "{t}");
-        assert!(t.contains("kmfs_read_bytes_total{volume=\"ab12\"} 4096\n"), "{t}");
-        assert!(t.contains("kmfs_keyserver_connect_failures_total{volume=\"ab12\",server=\"km1\"} 1\n"));
+        assert!(
+            t.contains("kmfs_read_bytes_total{volume=\"ab12\"} 4096\n"),
+            "{t}"
+        );
+        assert!(
+            t.contains("kmfs_keyserver_connect_failures_total{volume=\"ab12\",server=\"km1\"} 1\n")
+        );
         assert!(t.contains("kmfs_rekey_in_progress{volume=\"ab12\"} 1\n"));
         assert!(t.contains("kmfs_last_rotation_timestamp_seconds{volume=\"ab12\"} 1700000000\n"));
         assert!(t.contains("mountpoint=\"/srv/pl\\\"ain\""), "{t}");

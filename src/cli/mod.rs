@@ -256,7 +256,9 @@ fn verify_log(file: &Path, expect: Option<&str>) -> Result<(), CliError> {
                 None => {
                     return Err(CliError::other(
                         exitcode::USAGE,
-                        format!("--expect {a:?}: expected SERIAL:HASH (a number, a colon and 64 hex digits)"),
+                        format!(
+                            "--expect {a:?}: expected SERIAL:HASH (a number, a colon and 64 hex digits)"
+                        ),
                     ));
                 }
             }

@@ -235,7 +235,10 @@ pub fn run_status(a: StatusArgs) -> Result<(), CliError> {
         return Ok(());
     }
     let Some(target) = &a.target else {
-        return Err(CliError::other(exitcode::USAGE, "status: give a mountpoint or backing directory"));
+        return Err(CliError::other(
+            exitcode::USAGE,
+            "status: give a mountpoint or backing directory",
+        ));
     };
     let (id, _) = resolve(target)?;
     let v = match control::request(&id, &Request::Status, Duration::from_secs(10)) {

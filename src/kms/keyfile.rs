@@ -37,7 +37,10 @@ fn warn(path: &Path) {
         crate::logging::kv(&[
             ("op", "keyfile_warning"),
             ("key", &path.display().to_string()),
-            ("msg", "development key file: the key-encryption key sits on this machine; use kmip or pkcs11 in production"),
+            (
+                "msg",
+                "development key file: the key-encryption key sits on this machine; use kmip or pkcs11 in production"
+            ),
         ])
     );
 }

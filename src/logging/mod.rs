@@ -1117,14 +1117,24 @@ mod tests {
         assert!(!text.contains("Not Implemented"), "{text}");
         assert!(text.contains("Failed to send FUSE reply"), "{text}");
         let v = file_logger(dir.path(), LogLevel::Verbose);
-        assert!(v.enabled(&Metadata::builder().level(Level::Warn).target("fuser").build()));
+        assert!(
+            v.enabled(
+                &Metadata::builder()
+                    .level(Level::Warn)
+                    .target("fuser")
+                    .build()
+            )
+        );
     }
 
     #[test]
     fn repeated_warnings_are_folded_into_a_count() {
         let mut r = Repeats::default();
         let t0 = Instant::now();
-        assert!(r.check(Level::Warn, "kmfs::fs", "op=read ino=5 error=x", t0).0);
+        assert!(
+            r.check(Level::Warn, "kmfs::fs", "op=read ino=5 error=x", t0)
+                .0
+        );
         for i in 0..100 {
             let msg = format!("op=read ino={i} error=x");
             assert!(!r.check(Level::Warn, "kmfs::fs", &msg, t0).0);
@@ -1136,14 +1146,21 @@ mod tests {
         let (emit, counts) = r.check(Level::Warn, "kmfs::fs", "op=read ino=7 error=x", later);
         assert!(emit);
         assert_eq!(counts.len(), 1);
-        assert!(counts[0].1.starts_with("op=log_repeat count=100 "), "{counts:?}");
+        assert!(
+            counts[0].1.starts_with("op=log_repeat count=100 "),
+            "{counts:?}"
+        );
         assert!(r.expire(later, true).is_empty());
 
         // Through a logger: 1000 identical warnings are one line.
         let dir = tempfile::tempdir().unwrap();
         let l = file_logger(dir.path(), LogLevel::Basic);
         for _ in 0..1000 {
-            l.log_message(Level::Warn, "kmfs::fs", "op=read result=fail error=\"tag mismatch\"");
+            l.log_message(
+                Level::Warn,
+                "kmfs::fs",
+                "op=read result=fail error=\"tag mismatch\"",
+            );
         }
         l.flush_repeats(true);
         let text = std::fs::read_to_string(dir.path().join("kmfs.log")).unwrap();

@@ -128,9 +128,7 @@ pub fn check_anchor(path: &Path, serial: u64, hash: &str) -> Result<(), VerifyEr
         Some(l) if l < serial => format!(
             "the log ends at serial {l} but the anchor names serial {serial}: lines were cut from its end (or the rest is in a newer file)"
         ),
-        Some(_) => format!(
-            "serial {serial} is not in this file (it is in an older, rotated file)"
-        ),
+        Some(_) => format!("serial {serial} is not in this file (it is in an older, rotated file)"),
         None => format!("the log is empty but the anchor names serial {serial}"),
     }))
 }
