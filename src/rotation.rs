@@ -432,6 +432,10 @@ mod tests {
             .map(|i| KeyfileProvider::open(&key(d.path(), &format!("k{i}"), i), None).unwrap())
             .collect();
         let mut vol = Volume::init(&back, &ks[0], &InitOptions::default()).unwrap();
+        // Right after a second boundary: the three land in the same second.
+        while now_micros() % 1_000_000 > 100_000 {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
         let mut backups = Vec::new();
         for k in &ks[1..] {
             let r = rotate(&mut vol, k, &RotateRequest::default(), true).unwrap();
@@ -441,6 +445,8 @@ mod tests {
         names.sort();
         names.dedup();
         assert_eq!(names.len(), 3, "{backups:?}");
+        // Same second (the old one-second names would have collided).
+        assert!(names.iter().all(|n| n[..27] == names[0][..27]), "{names:?}");
         for (name, old) in &backups {
             let b = header::read_file(&back.join(name)).unwrap();
             let h = header::VolumeHeader::decode(&b, &back.join(name)).unwrap();
