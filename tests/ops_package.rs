@@ -81,7 +81,7 @@ fn deb_installs_mounts_has_man_pages_and_removes_cleanly() {
     assert!(o.status.success(), "{}", text(&o));
     let out_dir = tempfile::tempdir().unwrap();
     let o = run(Command::new("cargo")
-        .args(["deb", "--no-build", "--no-strip", "--output"])
+        .args(["deb", "--no-build", "--no-strip", "--fast", "--output"])
         .arg(out_dir.path())
         .current_dir(root));
     assert!(o.status.success(), "{}", text(&o));
