@@ -13,6 +13,7 @@ PKGS=(
   systemd xxd python3               # systemd-analyze verify; demo output; helpers
   libacl1-dev                       # building the POSIX suite pjdfstest
   stress-ng                         # file stressors in tests/stress.rs
+  man-db                            # `man kmfs` in the package test (tests/ops_package.rs)
 )
 
 missing=()
@@ -30,4 +31,11 @@ fi
 if ! command -v cargo >/dev/null; then
   echo "cargo not found: install the Rust toolchain (rustup) first" >&2
   exit 1
+fi
+
+# The Debian package (scripts/build-deb.sh, tests/ops_package.rs) is built
+# with cargo-deb.
+if ! cargo deb --version >/dev/null 2>&1; then
+  echo "installing cargo-deb"
+  cargo install cargo-deb --locked
 fi

@@ -18,9 +18,10 @@ cargo build --locked --benches
 echo "== systemd units (systemd-analyze verify)"
 unitdir=$(mktemp -d)
 cp systemd/kmfs@.service "$unitdir/kmfs@ci.service"
-cp systemd/srv-plain.mount "$unitdir/"
+cp systemd/srv-plain.mount systemd/kmfs-metrics.service systemd/kmfs-metrics.timer "$unitdir/"
 install -m 0755 target/release/kmfs /usr/local/bin/kmfs
-systemd-analyze verify "$unitdir/kmfs@ci.service" "$unitdir/srv-plain.mount"
+systemd-analyze verify "$unitdir/kmfs@ci.service" "$unitdir/srv-plain.mount" \
+  "$unitdir/kmfs-metrics.service" "$unitdir/kmfs-metrics.timer"
 rm -rf "$unitdir"
 
 echo "== tests"

@@ -375,7 +375,51 @@ pub fn install_sink(sink: Option<AuditCsv>) {
 }
 
 /// Records one operation in the audit trail and the log.
+/// Key-server counters of this process, by server name (for
+/// `kmfs status --openmetrics`), counted from the audit records of
+/// key-manager operations.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct ServerCounters {
+    /// Connections attempted (KMIP; an HSM session has none).
+    pub connects: u64,
+    /// Connections that failed (refused, timed out, TLS).
+    pub connect_failures: u64,
+    /// Key-manager operations (connect excluded): create, wrap, unwrap, ...
+    pub operations: u64,
+    /// Operations that failed.
+    pub operation_failures: u64,
+}
+
+static SERVER_COUNTERS: std::sync::Mutex<std::collections::BTreeMap<String, ServerCounters>> =
+    std::sync::Mutex::new(std::collections::BTreeMap::new());
+
+fn count_server(rec: &AuditRecord) {
+    // kmfs's own steps (rotation, rekey) are not key-server traffic.
+    if rec.server.is_empty() || rec.op.starts_with("rotate_") || rec.op.starts_with("rekey") {
+        return;
+    }
+    let failed = rec.result != "ok";
+    let mut m = SERVER_COUNTERS.lock().unwrap_or_else(|e| e.into_inner());
+    let c = m.entry(rec.server.clone()).or_default();
+    if rec.op == "connect" {
+        c.connects += 1;
+        c.connect_failures += u64::from(failed);
+    } else {
+        c.operations += 1;
+        c.operation_failures += u64::from(failed);
+    }
+}
+
+/// The key-server counters so far, by server name.
+pub fn server_counters() -> std::collections::BTreeMap<String, ServerCounters> {
+    SERVER_COUNTERS
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone()
+}
+
 pub fn record(rec: &AuditRecord) {
+    count_server(rec);
     let user = current_user();
     let line = log_line(rec, &user);
     if rec.result == "ok" {

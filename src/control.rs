@@ -11,8 +11,12 @@
 //! → {"cmd":"status"}
 //! ← {"ok":true,"result":{...}}
 //! → {"cmd":"rotate_kek","new_key":null,"revoke_old":false}
-//! ← {"ok":false,"error":"rotation failed at step ..."}
+//! ← {"ok":false,"error":"rotation failed at step ...","code":12}
 //! ```
+//!
+//! A failure carries `code`, the exit code of its class ([`crate::exitcode`]),
+//! so an online command exits with the same code as the offline one would for
+//! the same cause (an unreachable key server is 12 either way).
 //!
 //! A malformed request gets an error response and never affects the mount.
 
@@ -74,13 +78,66 @@ pub struct Response {
     pub result: Option<serde_json::Value>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// With `error`: the exit code of the failure's class.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub code: Option<i32>,
+}
+
+impl Response {
+    fn ok(v: serde_json::Value) -> Response {
+        Response {
+            ok: true,
+            result: Some(v),
+            error: None,
+            code: None,
+        }
+    }
+
+    fn fail(f: Failure) -> Response {
+        Response {
+            ok: false,
+            result: None,
+            error: Some(f.msg),
+            code: Some(f.code),
+        }
+    }
+}
+
+/// A failed control request: the one-line message and the exit code of its
+/// class ([`crate::exitcode`]).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Failure {
+    pub code: i32,
+    pub msg: String,
+}
+
+impl Failure {
+    pub fn new(code: i32, msg: impl Into<String>) -> Failure {
+        Failure {
+            code,
+            msg: msg.into(),
+        }
+    }
+}
+
+/// A bare message is a failure of no particular class.
+impl From<String> for Failure {
+    fn from(msg: String) -> Failure {
+        Failure::new(crate::exitcode::OTHER, msg)
+    }
+}
+
+impl From<&str> for Failure {
+    fn from(msg: &str) -> Failure {
+        Failure::new(crate::exitcode::OTHER, msg)
+    }
 }
 
 /// What the daemon does for control requests.
 pub trait ControlHandler: Send + Sync {
     fn status(&self) -> serde_json::Value;
-    fn rotate(&self, req: &RotateRequest) -> Result<serde_json::Value, String>;
-    fn rekey(&self, action: RekeyAction) -> Result<serde_json::Value, String>;
+    fn rotate(&self, req: &RotateRequest) -> Result<serde_json::Value, Failure>;
+    fn rekey(&self, action: RekeyAction) -> Result<serde_json::Value, Failure>;
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -91,8 +148,9 @@ pub enum ControlError {
     Io { path: PathBuf, source: io::Error },
     #[error("control socket {path}: malformed answer from the daemon")]
     BadAnswer { path: PathBuf },
-    #[error("{0}")]
-    Refused(String),
+    /// The daemon answered with a failure; `code` is its class's exit code.
+    #[error("{msg}")]
+    Refused { msg: String, code: i32 },
     #[error("volume {0} is already mounted by another kmfs daemon")]
     AlreadyServed(String),
 }
@@ -148,11 +206,7 @@ fn handle(mut stream: UnixStream, handler: &dyn ControlHandler) {
             log::warn!("op=control result=fail error={e:?}");
             answer(
                 &mut stream,
-                &Response {
-                    ok: false,
-                    result: None,
-                    error: Some(e),
-                },
+                &Response::fail(Failure::new(crate::exitcode::CONTROL, e)),
             );
             return;
         }
@@ -165,16 +219,8 @@ fn handle(mut stream: UnixStream, handler: &dyn ControlHandler) {
     let resp = match read.map_err(|e| e.to_string()).and_then(|_| {
         serde_json::from_str::<Request>(line.trim()).map_err(|e| format!("malformed request: {e}"))
     }) {
-        Err(e) => Response {
-            ok: false,
-            result: None,
-            error: Some(e),
-        },
-        Ok(Request::Status) => Response {
-            ok: true,
-            result: Some(handler.status()),
-            error: None,
-        },
+        Err(e) => Response::fail(Failure::new(crate::exitcode::USAGE, e)),
+        Ok(Request::Status) => Response::ok(handler.status()),
         Ok(req) => {
             let name = nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid))
                 .ok()
@@ -201,16 +247,8 @@ fn handle(mut stream: UnixStream, handler: &dyn ControlHandler) {
                 Request::RekeyResume => handler.rekey(RekeyAction::Resume),
             };
             match r {
-                Ok(v) => Response {
-                    ok: true,
-                    result: Some(v),
-                    error: None,
-                },
-                Err(e) => Response {
-                    ok: false,
-                    result: None,
-                    error: Some(e),
-                },
+                Ok(v) => Response::ok(v),
+                Err(f) => Response::fail(f),
             }
         }
     };
@@ -357,9 +395,11 @@ pub fn request(
     if resp.ok {
         Ok(resp.result.unwrap_or(serde_json::Value::Null))
     } else {
-        Err(ControlError::Refused(
-            resp.error.unwrap_or_else(|| "unknown error".into()),
-        ))
+        Err(ControlError::Refused {
+            msg: resp.error.unwrap_or_else(|| "unknown error".into()),
+            // An older daemon sends no class.
+            code: resp.code.unwrap_or(crate::exitcode::OTHER),
+        })
     }
 }
 
@@ -376,14 +416,14 @@ mod tests {
         fn status(&self) -> serde_json::Value {
             serde_json::json!({"volume_id": "abc", "mountpoint": "/", "rotations": *self.rotations.lock().unwrap()})
         }
-        fn rotate(&self, req: &RotateRequest) -> Result<serde_json::Value, String> {
+        fn rotate(&self, req: &RotateRequest) -> Result<serde_json::Value, Failure> {
             if req.new_key.as_deref() == Some("bad") {
-                return Err("no such key".into());
+                return Err(Failure::new(12, "no such key"));
             }
             *self.rotations.lock().unwrap() += 1;
             Ok(serde_json::json!({"done": true}))
         }
-        fn rekey(&self, action: RekeyAction) -> Result<serde_json::Value, String> {
+        fn rekey(&self, action: RekeyAction) -> Result<serde_json::Value, Failure> {
             Ok(serde_json::json!({"action": format!("{action:?}")}))
         }
     }
@@ -415,7 +455,7 @@ mod tests {
             new_keyfile: None,
         };
         assert!(
-            matches!(request("v1", &bad, t), Err(ControlError::Refused(e)) if e == "no such key")
+            matches!(request("v1", &bad, t), Err(ControlError::Refused { msg, code: 12 }) if msg == "no such key")
         );
 
         // Garbage, an unknown command and an over-long line get errors; the

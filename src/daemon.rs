@@ -10,7 +10,8 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use serde_json::json;
 
-use crate::control::{ControlHandler, RekeyAction};
+use crate::control::{ControlHandler, Failure, RekeyAction};
+use crate::exitcode;
 use crate::fs::stats::IoStats;
 use crate::kms::KeyProvider;
 use crate::kms::keyfile::KeyfileProvider;
@@ -186,6 +187,8 @@ impl ControlHandler for VolumeControl {
             "rotations": h.history.len(),
             "header_updated": h.updated,
             "mounted_since": self.mounted_since,
+            "uptime_seconds": now_secs().saturating_sub(self.mounted_since),
+            "key_server_counters": crate::audit::server_counters(),
             "pid": std::process::id(),
             "io": self.stats.to_json(),
             "key_generations": h.generations.iter().map(|g| g.generation).collect::<Vec<_>>(),
@@ -194,12 +197,12 @@ impl ControlHandler for VolumeControl {
         })
     }
 
-    fn rotate(&self, req: &RotateRequest) -> Result<serde_json::Value, String> {
+    fn rotate(&self, req: &RotateRequest) -> Result<serde_json::Value, Failure> {
         let mut vol = self.owner.volume();
         let report = match &req.new_keyfile {
             Some(path) => {
-                let p =
-                    KeyfileProvider::open(path, Some(&vol.backing)).map_err(|e| e.to_string())?;
+                let p = KeyfileProvider::open(path, Some(&vol.backing))
+                    .map_err(|e| Failure::new(exitcode::for_kms(&e), e.to_string()))?;
                 let r = rotation::rotate(&mut vol, &p, req, true);
                 if r.is_ok() {
                     // Later wraps (a rekey) must use the key file the header now names.
@@ -213,11 +216,11 @@ impl ControlHandler for VolumeControl {
             }
             None => rotation::rotate(&mut vol, self.owner.provider().as_ref(), req, false),
         }
-        .map_err(|e| e.to_string())?;
-        serde_json::to_value(report).map_err(|e| e.to_string())
+        .map_err(|e| Failure::new(exitcode::for_rotate(&e), e.to_string()))?;
+        serde_json::to_value(report).map_err(|e| Failure::from(e.to_string()))
     }
 
-    fn rekey(&self, action: RekeyAction) -> Result<serde_json::Value, String> {
+    fn rekey(&self, action: RekeyAction) -> Result<serde_json::Value, Failure> {
         let active = self
             .running()
             .as_ref()
@@ -228,7 +231,10 @@ impl ControlHandler for VolumeControl {
             RekeyAction::Start(t) => {
                 t.validate()?;
                 if self.read_only {
-                    return Err("the volume is mounted read-only; a rekey needs it writable".into());
+                    return Err(Failure::new(
+                        exitcode::USAGE,
+                        "the volume is mounted read-only; a rekey needs it writable",
+                    ));
                 }
                 match active {
                     // A second start changes the running rekey's throttle.

@@ -29,3 +29,92 @@ pub const LOG_VERIFY: i32 = 18;
 pub const CONTROL: i32 = 19;
 /// `kmfs check` found errors (unreadable names or files).
 pub const CHECK: i32 = 20;
+
+use crate::kms::KmsError;
+use crate::rotation::RotateError;
+use crate::volume::VolumeError;
+use crate::volume::header::HeaderError;
+
+/// The exit code of a key-provider failure. Used by the command line and by
+/// the daemon (which sends it over the control socket), so a cause has the
+/// same code online and offline.
+pub fn for_kms(e: &KmsError) -> i32 {
+    match e {
+        KmsError::Unreachable(_) => KEY_SERVER,
+        KmsError::AccessDenied(_) | KmsError::WrongKey(_) | KmsError::KeyNotFound(_) => WRONG_KEY,
+        KmsError::Config(_) => CREDENTIALS,
+        KmsError::Protocol(_) | KmsError::VerifyMismatch | KmsError::Unsupported { .. } => OTHER,
+    }
+}
+
+/// The exit code of a volume (header, backing directory, key) failure.
+pub fn for_volume(e: &VolumeError) -> i32 {
+    match e {
+        VolumeError::Kms(k) => for_kms(k),
+        VolumeError::Header(h) => for_header(h),
+        VolumeError::ProviderMismatch { .. } => CONFIG,
+        VolumeError::WrongVolume { .. } | VolumeError::WrongKek { .. } => HEADER,
+        VolumeError::Io { .. }
+        | VolumeError::AlreadyInitialized(_)
+        | VolumeError::NotEmpty(_)
+        | VolumeError::NotADirectory(_) => BACKING_DIR,
+    }
+}
+
+/// The exit code of a header failure.
+pub fn for_header(e: &HeaderError) -> i32 {
+    match e {
+        HeaderError::FutureVersion { .. } => FUTURE_VERSION,
+        HeaderError::Io { .. } => BACKING_DIR,
+        _ => HEADER,
+    }
+}
+
+/// The exit code of a failed KEK rotation, by its cause.
+pub fn for_rotate(e: &RotateError) -> i32 {
+    match e {
+        RotateError::Kms { source, .. } => for_kms(source),
+        RotateError::VerifyFailed { .. } => WRONG_KEY,
+        RotateError::Header { source, .. } => for_header(source),
+        RotateError::Store { source, .. } => for_volume(source),
+        RotateError::SameKey(_) => USAGE,
+    }
+}
+
+/// Names for the codes, as `kmfs status --openmetrics` and the README use them.
+pub fn name(code: i32) -> &'static str {
+    match code {
+        OK => "ok",
+        USAGE => "usage",
+        CONFIG => "config",
+        CREDENTIALS => "credentials",
+        KEY_SERVER => "key_server",
+        WRONG_KEY => "wrong_key",
+        HEADER => "header",
+        FUTURE_VERSION => "future_version",
+        BACKING_DIR => "backing_dir",
+        MOUNT => "mount",
+        LOG_VERIFY => "log_verify",
+        CONTROL => "control",
+        CHECK => "check",
+        _ => "other",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn classes_map_to_the_readme_codes() {
+        assert_eq!(for_kms(&KmsError::Unreachable("x".into())), 12);
+        assert_eq!(for_kms(&KmsError::KeyNotFound("x".into())), 13);
+        assert_eq!(for_kms(&KmsError::Config("x".into())), 11);
+        assert_eq!(
+            for_volume(&VolumeError::Kms(KmsError::WrongKey("x".into()))),
+            13
+        );
+        assert_eq!(name(14), "header");
+        assert_eq!(name(99), "other");
+    }
+}

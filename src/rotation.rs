@@ -60,6 +60,13 @@ pub enum RotateError {
         old: Box<KekRef>,
         source: Box<VolumeError>,
     },
+    #[error(
+        "rotation refused: the volume header on disk is damaged or was replaced behind the daemon: {source}; the volume still uses {old}"
+    )]
+    Header {
+        old: Box<KekRef>,
+        source: header::HeaderError,
+    },
     #[error("the new key-encryption key is the current one ({0}); nothing to rotate")]
     SameKey(Box<KekRef>),
 }
@@ -134,7 +141,6 @@ pub fn rotate(
 
     // 4. Dated backup of the current header, 5. atomic swap.
     let now = now_secs();
-    let backup = backup_name(now);
     let store_err = |old: &KekRef| {
         let old = Box::new(old.clone());
         move |source| RotateError::Store {
@@ -142,11 +148,25 @@ pub fn rotate(
             source: Box::new(source),
         }
     };
-    let current = header::read_file(&header::header_path(&vol.backing))
+    let hpath = header::header_path(&vol.backing);
+    let current = header::read_file(&hpath)
         .map_err(VolumeError::from)
         .map_err(store_err(&old))?;
-    header::write_atomic(&vol.backing, &format!("{backup}.tmp"), &backup, &current)
-        .map_err(VolumeError::from)
+    // The copy must be a header (a mounted volume's file may have been
+    // damaged or replaced since the mount): refuse as an offline open would.
+    if let Err(source) = header::VolumeHeader::decode(&current, &hpath) {
+        audit_step(vol, "rotate_backup", &old, Err(&source.to_string()));
+        return Err(RotateError::Header {
+            old: Box::new(old.clone()),
+            source,
+        });
+    }
+    let backup = save_dated_backup(&vol.backing, &current)
+        .map_err(|source| VolumeError::Io {
+            path: vol.backing.clone(),
+            what: "save the dated header backup",
+            source,
+        })
         .map_err(store_err(&old))?;
     let mut hdr = vol.header.clone();
     hdr.history.push(RotationEntry {
@@ -197,19 +217,69 @@ pub fn rotate(
     })
 }
 
-/// `kmfs.volume.<UTC time>.bak`, e.g. `kmfs.volume.20261122T213000Z.bak`.
-pub fn backup_name(t: u64) -> String {
-    let d = time::OffsetDateTime::from_unix_timestamp(t as i64)
-        .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
+/// `kmfs.volume.<UTC time to the microsecond>.bak`, e.g.
+/// `kmfs.volume.20261122T213000.123456Z.bak`, for a time in microseconds since
+/// the epoch. Names sort by time.
+pub fn backup_name(micros: u64) -> String {
+    let secs = (micros / 1_000_000) as i64;
+    let d =
+        time::OffsetDateTime::from_unix_timestamp(secs).unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
     format!(
-        "kmfs.volume.{:04}{:02}{:02}T{:02}{:02}{:02}Z.bak",
+        "kmfs.volume.{:04}{:02}{:02}T{:02}{:02}{:02}.{:06}Z.bak",
         d.year(),
         d.month() as u8,
         d.day(),
         d.hour(),
         d.minute(),
-        d.second()
+        d.second(),
+        micros % 1_000_000
     )
+}
+
+fn now_micros() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0)
+}
+
+/// Saves `bytes` under a dated backup name that no other file has: the copy is
+/// written and synced as `<name>.tmp`, then hard-linked to `<name>` — link(2)
+/// never replaces an existing file, so two rotations in the same microsecond
+/// (or a clock stepped back) cannot overwrite a backup; on a collision the
+/// next microsecond is tried. Returns the name.
+pub fn save_dated_backup(backing: &std::path::Path, bytes: &[u8]) -> std::io::Result<String> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut t = now_micros();
+    for _ in 0..10_000 {
+        let name = backup_name(t);
+        let dst = backing.join(&name);
+        let tmp = backing.join(format!("{name}.tmp"));
+        let _ = std::fs::remove_file(&tmp);
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        let res = f.write_all(bytes).and_then(|_| f.sync_all());
+        drop(f);
+        let linked = res.and_then(|_| std::fs::hard_link(&tmp, &dst));
+        let _ = std::fs::remove_file(&tmp);
+        match linked {
+            Ok(()) => {
+                std::fs::File::open(backing)?.sync_all()?;
+                return Ok(name);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                t = t.max(now_micros()) + 1;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Err(std::io::Error::other(
+        "no free name for the dated header backup",
+    ))
 }
 
 #[cfg(test)]
@@ -325,7 +395,62 @@ mod tests {
 
     #[test]
     fn backup_names_sort_by_time() {
-        assert_eq!(backup_name(0), "kmfs.volume.19700101T000000Z.bak");
-        assert!(backup_name(1_800_000_000) > backup_name(1_700_000_000));
+        assert_eq!(backup_name(0), "kmfs.volume.19700101T000000.000000Z.bak");
+        assert_eq!(
+            backup_name(1_700_000_000_000_042),
+            "kmfs.volume.20231114T221320.000042Z.bak"
+        );
+        assert!(backup_name(1_800_000_000_000_000) > backup_name(1_700_000_000_999_999));
+        assert!(backup_name(1_700_000_000_000_001) > backup_name(1_700_000_000_000_000));
+    }
+
+    #[test]
+    fn dated_backups_never_overwrite_each_other() {
+        let d = tempfile::tempdir().unwrap();
+        // The same microsecond taken: the next free one is used.
+        let names: Vec<String> = (0..50)
+            .map(|i| save_dated_backup(d.path(), &[i as u8; 10]).unwrap())
+            .collect();
+        let mut uniq = names.clone();
+        uniq.sort();
+        uniq.dedup();
+        assert_eq!(uniq.len(), 50);
+        for (i, n) in names.iter().enumerate() {
+            assert_eq!(std::fs::read(d.path().join(n)).unwrap(), vec![i as u8; 10]);
+        }
+        // No temporaries left.
+        let left = std::fs::read_dir(d.path()).unwrap().count();
+        assert_eq!(left, 50);
+    }
+
+    #[test]
+    fn three_rotations_in_one_second_keep_three_backups() {
+        let d = tempfile::tempdir().unwrap();
+        let back = d.path().join("back");
+        std::fs::create_dir(&back).unwrap();
+        let ks: Vec<KeyfileProvider> = (1..=4)
+            .map(|i| KeyfileProvider::open(&key(d.path(), &format!("k{i}"), i), None).unwrap())
+            .collect();
+        let mut vol = Volume::init(&back, &ks[0], &InitOptions::default()).unwrap();
+        // Right after a second boundary: the three land in the same second.
+        while now_micros() % 1_000_000 > 100_000 {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        let mut backups = Vec::new();
+        for k in &ks[1..] {
+            let r = rotate(&mut vol, k, &RotateRequest::default(), true).unwrap();
+            backups.push((r.backup, r.old_kek));
+        }
+        let mut names: Vec<&String> = backups.iter().map(|(n, _)| n).collect();
+        names.sort();
+        names.dedup();
+        assert_eq!(names.len(), 3, "{backups:?}");
+        // Same second (the old one-second names would have collided).
+        assert!(names.iter().all(|n| n[..27] == names[0][..27]), "{names:?}");
+        for (name, old) in &backups {
+            let b = header::read_file(&back.join(name)).unwrap();
+            let h = header::VolumeHeader::decode(&b, &back.join(name)).unwrap();
+            assert_eq!(&h.kek, old, "{name}");
+        }
     }
 }

@@ -3,9 +3,11 @@
 //! one-line messages and exit codes.
 
 pub mod check;
+pub mod docs;
 pub mod header;
 pub mod init;
 pub mod keyserver;
+pub mod metrics;
 pub mod mount;
 pub mod rekey;
 pub mod rotate;
@@ -20,12 +22,24 @@ use crate::exitcode;
 use crate::kms::keyfile::KeyfileProvider;
 use crate::kms::{KeyProvider, KmsError};
 use crate::volume::VolumeError;
-use crate::volume::header::HeaderError;
+
+/// `kmfs --version`: the program version and the on-disk format versions it
+/// reads (the highest is the one `kmfs init` writes).
+pub fn version_string() -> &'static str {
+    static V: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    V.get_or_init(|| {
+        use crate::volume::header::{VERSION, VERSION_1};
+        format!(
+            "{} (on-disk format {VERSION}; reads formats {VERSION_1} to {VERSION})",
+            env!("CARGO_PKG_VERSION")
+        )
+    })
+}
 
 #[derive(Parser, Debug)]
 #[command(
     name = "kmfs",
-    version,
+    version = version_string(),
     about = "Transparent encrypted filesystem with keys on a KMIP key manager or HSM"
 )]
 pub struct Cli {
@@ -65,6 +79,11 @@ pub enum LogCommand {
     Verify {
         /// The log file to check.
         file: PathBuf,
+        /// An anchor `SERIAL:HASH` the file must reach (the daemon logs one to
+        /// syslog every few minutes and at unmount as `op=log_anchor`): a
+        /// file whose tail was cut ends before it.
+        #[arg(long, value_name = "SERIAL:HASH")]
+        expect: Option<String>,
     },
 }
 
@@ -103,33 +122,9 @@ impl CliError {
     pub fn exit_code(&self) -> i32 {
         match self {
             CliError::Config(_) => exitcode::CONFIG,
-            CliError::Kms(k) => kms_code(k),
-            CliError::Volume(v) => match v {
-                VolumeError::Kms(k) => kms_code(k),
-                VolumeError::Header(HeaderError::FutureVersion { .. }) => exitcode::FUTURE_VERSION,
-                VolumeError::Header(HeaderError::Io { .. }) => exitcode::BACKING_DIR,
-                VolumeError::Header(_) => exitcode::HEADER,
-                VolumeError::ProviderMismatch { .. } => exitcode::CONFIG,
-                VolumeError::WrongVolume { .. } | VolumeError::WrongKek { .. } => exitcode::HEADER,
-                VolumeError::Io { .. }
-                | VolumeError::AlreadyInitialized(_)
-                | VolumeError::NotEmpty(_)
-                | VolumeError::NotADirectory(_) => exitcode::BACKING_DIR,
-            },
+            CliError::Kms(k) => exitcode::for_kms(k),
+            CliError::Volume(v) => exitcode::for_volume(v),
             CliError::Other { code, .. } => *code,
-        }
-    }
-}
-
-fn kms_code(k: &KmsError) -> i32 {
-    match k {
-        KmsError::Unreachable(_) => exitcode::KEY_SERVER,
-        KmsError::AccessDenied(_) | KmsError::WrongKey(_) | KmsError::KeyNotFound(_) => {
-            exitcode::WRONG_KEY
-        }
-        KmsError::Config(_) => exitcode::CREDENTIALS,
-        KmsError::Protocol(_) | KmsError::VerifyMismatch | KmsError::Unsupported { .. } => {
-            exitcode::OTHER
         }
     }
 }
@@ -241,19 +236,47 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
         Command::Status(a) => rotate::run_status(a),
         Command::Rekey(a) => rekey::run(a),
         Command::Check(a) => check::run(a),
-        Command::Log(LogCommand::Verify { file }) => {
-            match crate::logging::verify::verify_file(&file) {
-                Ok(report) => {
-                    println!("{report}");
-                    Ok(())
+        Command::Log(LogCommand::Verify { file, expect }) => verify_log(&file, expect.as_deref()),
+    }
+}
+
+/// `kmfs log verify FILE [--expect SERIAL:HASH]`.
+fn verify_log(file: &Path, expect: Option<&str>) -> Result<(), CliError> {
+    let fail = |e: crate::logging::VerifyError| {
+        CliError::other(exitcode::LOG_VERIFY, format!("{}: {e}", file.display()))
+    };
+    let anchor = match expect {
+        Some(a) => {
+            let parsed = a
+                .split_once(':')
+                .and_then(|(s, h)| Some((s.trim().parse::<u64>().ok()?, h.trim())))
+                .filter(|(_, h)| h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit()));
+            match parsed {
+                Some(p) => Some(p),
+                None => {
+                    return Err(CliError::other(
+                        exitcode::USAGE,
+                        format!(
+                            "--expect {a:?}: expected SERIAL:HASH (a number, a colon and 64 hex digits)"
+                        ),
+                    ));
                 }
-                Err(e) => Err(CliError::other(
-                    exitcode::LOG_VERIFY,
-                    format!("{}: {e}", file.display()),
-                )),
             }
         }
+        None => None,
+    };
+    let report = crate::logging::verify::verify_file(file).map_err(fail)?;
+    if let Some((serial, hash)) = anchor {
+        crate::logging::verify::check_anchor(file, serial, hash).map_err(fail)?;
     }
+    match &report.last {
+        Some((serial, hash)) => println!("{report}; last serial {serial} hash {hash}"),
+        None => println!("{report}"),
+    }
+    if let Some((serial, _)) = anchor {
+        println!("anchor serial {serial} found with its hash");
+    }
+    Ok(())
 }
 
 #[cfg(test)]

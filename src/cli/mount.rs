@@ -428,6 +428,7 @@ fn serve_inner(plan: &Plan, notify: &mut Option<Notify>) -> Result<(), CliError>
         log::error!("op=rekey_resume result=fail error=\"{e}\"");
     }
     spawn_signal_thread(sigs, session.unmount_callable(), plan.mountpoint.clone());
+    crate::logging::start_configured_anchors();
     if let Some(n) = notify.take() {
         n.send(0, "");
         let _ = std::env::set_current_dir("/");
@@ -441,6 +442,7 @@ fn serve_inner(plan: &Plan, notify: &mut Option<Notify>) -> Result<(), CliError>
         plan.mountpoint.display(),
         if r.is_ok() { "ok" } else { "error" }
     );
+    crate::logging::anchor("unmount");
     r.map_err(|e| mount_err(format!("FUSE session ended with an error: {e}")))
 }
 

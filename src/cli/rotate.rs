@@ -38,10 +38,20 @@ pub struct RotateArgs {
 #[derive(Args, Debug)]
 pub struct StatusArgs {
     /// Print JSON instead of text.
-    #[arg(long)]
+    #[arg(long, conflicts_with_all = ["openmetrics", "prometheus"])]
     pub json: bool,
-    /// The mountpoint of a mounted volume, or a backing directory.
-    pub target: PathBuf,
+    /// Print the counters in the OpenMetrics text format (of every mounted
+    /// volume when no target is given).
+    #[arg(long, conflicts_with = "prometheus")]
+    pub openmetrics: bool,
+    /// The same counters in the Prometheus text format, for node_exporter's
+    /// textfile collector.
+    #[arg(long)]
+    pub prometheus: bool,
+    /// The mountpoint of a mounted volume, or a backing directory (optional
+    /// with --openmetrics/--prometheus).
+    #[arg(required_unless_present_any = ["openmetrics", "prometheus"])]
+    pub target: Option<PathBuf>,
 }
 
 const TIMEOUT: Duration = Duration::from_secs(120);
@@ -79,9 +89,12 @@ pub(super) fn resolve(target: &Path) -> Result<(String, bool), CliError> {
     ))
 }
 
+/// A control-socket failure as a command-line error: a refusal by the daemon
+/// keeps the class it carries (the same exit code as offline), anything else
+/// is a control-socket problem.
 pub(super) fn control_err(e: ControlError) -> CliError {
     let code = match e {
-        ControlError::Refused(_) => exitcode::OTHER,
+        ControlError::Refused { code, .. } => code,
         _ => exitcode::CONTROL,
     };
     CliError::other(code, e.to_string())
@@ -161,7 +174,7 @@ pub fn run_rotate(a: RotateArgs) -> Result<(), CliError> {
         }
         None => rotation::rotate(&mut vol, provider.as_ref(), &req, false),
     }
-    .map_err(|e| CliError::other(exitcode::KEY_SERVER, e.to_string()))?;
+    .map_err(|e| CliError::other(exitcode::for_rotate(&e), e.to_string()))?;
     print_rotation(&serde_json::to_value(report).unwrap_or_default(), a.json);
     Ok(())
 }
@@ -176,8 +189,58 @@ fn time(t: &serde_json::Value) -> String {
         .unwrap_or_else(|| "-".into())
 }
 
+/// The status answers of every daemon with a socket in the runtime
+/// directory (stale sockets are skipped).
+fn all_statuses() -> Vec<serde_json::Value> {
+    let mut out = Vec::new();
+    let Ok(entries) = std::fs::read_dir(control::runtime_dir()) else {
+        return out;
+    };
+    let mut ids: Vec<String> = entries
+        .flatten()
+        .filter_map(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .strip_suffix(".sock")
+                .map(str::to_string)
+        })
+        .collect();
+    ids.sort();
+    for id in ids {
+        if let Ok(v) = control::request(&id, &Request::Status, Duration::from_secs(5)) {
+            out.push(v);
+        }
+    }
+    out
+}
+
 pub fn run_status(a: StatusArgs) -> Result<(), CliError> {
-    let (id, _) = resolve(&a.target)?;
+    if a.openmetrics || a.prometheus {
+        let format = if a.openmetrics {
+            super::metrics::Format::OpenMetrics
+        } else {
+            super::metrics::Format::Prometheus
+        };
+        let volumes = match &a.target {
+            None => all_statuses(),
+            Some(t) => {
+                let (id, _) = resolve(t)?;
+                vec![
+                    control::request(&id, &Request::Status, Duration::from_secs(10))
+                        .map_err(control_err)?,
+                ]
+            }
+        };
+        print!("{}", super::metrics::render(&volumes, format));
+        return Ok(());
+    }
+    let Some(target) = &a.target else {
+        return Err(CliError::other(
+            exitcode::USAGE,
+            "status: give a mountpoint or backing directory",
+        ));
+    };
+    let (id, _) = resolve(target)?;
     let v = match control::request(&id, &Request::Status, Duration::from_secs(10)) {
         Ok(v) => v,
         Err(ControlError::NotRunning { .. }) => {

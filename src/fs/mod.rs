@@ -639,4 +639,24 @@ impl Filesystem for KmfsFs {
     ) {
         send(reply, self.do_lseek(fh, offset, whence), ReplyLseek::offset);
     }
+
+    /// No ioctl is supported: terminal ioctls (TCGETS from isatty(3), which
+    /// Python and many programs call on every open) and the FS_IOC_*FLAGS
+    /// family get ENOTTY, the errno of a file that is not a terminal and of a
+    /// filesystem without inode flags — answered quietly (debug level only)
+    /// instead of fuser's default ENOSYS with a warning per call.
+    fn ioctl(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        _flags: fuser::IoctlFlags,
+        cmd: u32,
+        _in_data: &[u8],
+        _out_size: u32,
+        reply: fuser::ReplyIoctl,
+    ) {
+        log::debug!("op=ioctl ino={} cmd={cmd:#x} result=ENOTTY", ino.0);
+        reply.error(Errno::ENOTTY);
+    }
 }

@@ -26,10 +26,23 @@ fn warn(path: &Path) {
         path.display()
     );
     static PRINTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-    if !PRINTED.swap(true, std::sync::atomic::Ordering::Relaxed) {
+    // The logger shows warnings on a terminal itself when it has no syslog.
+    if !crate::logging::warnings_reach_stderr()
+        && !PRINTED.swap(true, std::sync::atomic::Ordering::Relaxed)
+    {
         eprintln!("kmfs: {msg}");
     }
-    log::warn!("op=keyfile_warning key={} result=warn", path.display());
+    log::warn!(
+        "{}",
+        crate::logging::kv(&[
+            ("op", "keyfile_warning"),
+            ("key", &path.display().to_string()),
+            (
+                "msg",
+                "development key file: the key-encryption key sits on this machine; use kmip or pkcs11 in production"
+            ),
+        ])
+    );
 }
 
 impl KeyfileProvider {

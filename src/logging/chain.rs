@@ -326,6 +326,13 @@ impl ChainWriter {
         self.lock().serial
     }
 
+    /// Serial and hash (hex) of the last line written: what a log anchor
+    /// records.
+    pub fn last(&self) -> (u64, String) {
+        let st = self.lock();
+        (st.serial, hex(&st.prev))
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }

@@ -10,10 +10,27 @@
 //!   audit facility (default `authpriv`), the others with `facility`
 //!   (default `daemon`).
 //! - Without `/dev/log` (containers) syslog is skipped: one note on stderr,
-//!   never an error. Without syslog and without a file, lines go to stderr.
+//!   never an error. Without syslog and without a file, warnings go to
+//!   stderr as plain lines (`kmfs: warning: ...`), each distinct warning once;
+//!   the command's own error line comes last. With `stderr = true` (a
+//!   foreground mount) every record is copied to stderr as a plain line. The
+//!   hash-chained form goes only to the file and syslog.
 //! - Levels: `none` (nothing; the CSV audit trail is still written), `basic`
 //!   (error, warn, info), `verbose` (+ debug), `debug` (+ trace). Other
-//!   crates (fuser, rustls, ...) are capped at info whatever the level.
+//!   crates (fuser, rustls, ...) are capped at error at `basic` (their
+//!   internal messages are not the administrator's business) and at info
+//!   otherwise.
+//! - Repeated warnings and errors are folded: the first of a kind (same
+//!   level, source and text with digits ignored) is logged, identical ones in
+//!   the next [`REPEAT_WINDOW`] are counted, and the count is logged as one
+//!   `op=log_repeat count=N` line when the window ends (or at unmount). The
+//!   audit records are never folded.
+//! - Anchors: with a log file, [`anchor`] logs `op=log_anchor
+//!   anchor_serial=S anchor_hash=H` — the file's last serial and hash — to
+//!   syslog (and the file); the daemon does so every `anchor_interval_s`
+//!   seconds (default 300) when the log has grown, and at unmount. A copy of
+//!   the file that lost its tail no longer reaches the latest anchor
+//!   (`kmfs log verify --expect S:H`).
 //!
 //! # Fields
 //!
@@ -34,13 +51,15 @@ pub mod chain;
 pub mod verify;
 
 use std::borrow::Cow;
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::fs;
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant};
 
 use log::{Level, LevelFilter, Log, Metadata, Record};
 use serde::{Deserialize, Serialize};
@@ -60,6 +79,18 @@ pub const AUDIT_TARGET: &str = "kmfs::audit";
 
 /// Default audit CSV for root.
 pub const DEFAULT_AUDIT_FILE: &str = "/var/log/kmfs/audit.csv";
+
+/// Default seconds between log anchors.
+pub const DEFAULT_ANCHOR_INTERVAL_S: u64 = 300;
+
+/// How long identical warnings are folded into one count.
+pub const REPEAT_WINDOW: Duration = Duration::from_secs(60);
+
+/// At most this many kinds of warning are tracked for folding at once.
+const REPEAT_KINDS: usize = 512;
+
+/// At most this many distinct warnings are remembered for "each once" on stderr.
+const STDERR_SEEN: usize = 1024;
 
 /// The start-up warning at `verbose` and `debug`.
 pub const VERBOSE_WARNING: &str = "log level is verbose or debug: logs grow fast and may expose sensitive information (file names, key names, server responses); use basic in production";
@@ -148,6 +179,8 @@ pub struct LoggingConfig {
     pub audit_file: Option<PathBuf>,
     /// Also copy every line to stderr (foreground runs).
     pub stderr: bool,
+    /// Seconds between log anchors sent to syslog (0: only at unmount).
+    pub anchor_interval_s: u64,
 }
 
 impl Default for LoggingConfig {
@@ -162,6 +195,7 @@ impl Default for LoggingConfig {
             file: None,
             audit_file: None,
             stderr: false,
+            anchor_interval_s: DEFAULT_ANCHOR_INTERVAL_S,
         }
     }
 }
@@ -381,6 +415,120 @@ impl SyslogSink {
     }
 }
 
+/// What the stderr sink shows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum StderrMode {
+    Off,
+    /// Warnings only (errors reach the terminal as the command's own last line).
+    Warnings,
+    /// Every record (foreground runs).
+    All,
+}
+
+/// One kind of repeated warning being folded.
+struct Repeat {
+    since: Instant,
+    suppressed: u64,
+    level: Level,
+    target: String,
+    msg: String,
+}
+
+impl Repeat {
+    fn summary(&self) -> (Level, String) {
+        (
+            self.level,
+            kv(&[
+                ("op", "log_repeat"),
+                ("count", &self.suppressed.to_string()),
+                ("window_s", &REPEAT_WINDOW.as_secs().to_string()),
+                ("src", &self.target),
+                ("msg", &self.msg),
+            ]),
+        )
+    }
+}
+
+/// Folds repeated warnings (see the module doc).
+#[derive(Default)]
+struct Repeats {
+    kinds: HashMap<String, Repeat>,
+}
+
+/// The folding key: level, target and text with digit runs reduced to `#`.
+fn repeat_key(level: Level, target: &str, msg: &str) -> String {
+    let mut k = format!("{level}|{target}|");
+    let mut digits = false;
+    for c in msg.chars() {
+        if c.is_ascii_digit() {
+            if !digits {
+                k.push('#');
+            }
+            digits = true;
+        } else {
+            digits = false;
+            k.push(c);
+        }
+    }
+    k
+}
+
+impl Repeats {
+    /// Whether to log this record now, and count lines to log first.
+    fn check(
+        &mut self,
+        level: Level,
+        target: &str,
+        msg: &str,
+        now: Instant,
+    ) -> (bool, Vec<(Level, String)>) {
+        let key = repeat_key(level, target, msg);
+        let mut out = Vec::new();
+        if let Some(r) = self.kinds.get_mut(&key) {
+            if now.duration_since(r.since) < REPEAT_WINDOW {
+                r.suppressed += 1;
+                return (false, out);
+            }
+            if r.suppressed > 0 {
+                out.push(r.summary());
+            }
+            r.since = now;
+            r.suppressed = 0;
+            return (true, out);
+        }
+        if self.kinds.len() >= REPEAT_KINDS {
+            out.extend(self.expire(now, false));
+        }
+        if self.kinds.len() < REPEAT_KINDS {
+            self.kinds.insert(
+                key,
+                Repeat {
+                    since: now,
+                    suppressed: 0,
+                    level,
+                    target: target.to_string(),
+                    msg: msg.to_string(),
+                },
+            );
+        }
+        (true, out)
+    }
+
+    /// Ends the windows that are over (all of them if `all`) and returns
+    /// their count lines.
+    fn expire(&mut self, now: Instant, all: bool) -> Vec<(Level, String)> {
+        let mut out = Vec::new();
+        self.kinds.retain(|_, r| {
+            let over = all || now.duration_since(r.since) >= REPEAT_WINDOW;
+            if over && r.suppressed > 0 {
+                out.push(r.summary());
+            }
+            !over
+        });
+        out
+    }
+}
+
 /// The kmfs logger: filter, chain writer, syslog and stderr sinks. Usable
 /// directly (tests, tools) or installed process-wide by [`init`].
 pub struct Logger {
@@ -389,8 +537,12 @@ pub struct Logger {
     chain: ChainWriter,
     syslog: Option<SyslogSink>,
     audit_syslog: Option<SyslogSink>,
-    stderr: bool,
+    stderr: StderrMode,
     file_error_reported: AtomicBool,
+    repeats: Mutex<Repeats>,
+    stderr_seen: Mutex<HashSet<String>>,
+    /// Serial of the last anchor line (0: none yet).
+    last_anchor: AtomicU64,
 }
 
 impl Logger {
@@ -419,7 +571,7 @@ impl Logger {
                     if cfg.file.is_some() {
                         "to the log file only"
                     } else {
-                        "to stderr"
+                        "warnings to stderr only"
                     }
                 );
             }
@@ -427,7 +579,13 @@ impl Logger {
         } else {
             (None, None)
         };
-        let stderr = cfg.stderr || (syslog.is_none() && cfg.file.is_none());
+        let stderr = if cfg.stderr {
+            StderrMode::All
+        } else if syslog.is_none() && cfg.file.is_none() {
+            StderrMode::Warnings
+        } else {
+            StderrMode::Off
+        };
         Ok(Logger {
             filter: cfg.level.filter(),
             volume: volume.to_string(),
@@ -436,6 +594,9 @@ impl Logger {
             audit_syslog,
             stderr,
             file_error_reported: AtomicBool::new(false),
+            repeats: Mutex::new(Repeats::default()),
+            stderr_seen: Mutex::new(HashSet::new()),
+            last_anchor: AtomicU64::new(0),
         })
     }
 
@@ -449,12 +610,113 @@ impl Logger {
         &self.chain
     }
 
+    /// Whether warnings are shown on stderr (so callers need not print them
+    /// again).
+    pub fn warnings_on_stderr(&self) -> bool {
+        self.stderr != StderrMode::Off
+    }
+
     /// Logs a preformatted message (what [`Log::log`] does for a record).
+    /// Repeated warnings and errors are folded (see the module doc).
     pub fn log_message(&self, level: Level, target: &str, msg: &str) {
         let meta = Metadata::builder().level(level).target(target).build();
         if !self.enabled(&meta) {
             return;
         }
+        if level <= Level::Warn && target != AUDIT_TARGET {
+            let (emit, counts) = self
+                .repeats
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .check(level, target, msg, Instant::now());
+            for (l, m) in counts {
+                self.write_record(l, "kmfs::logging", &m);
+            }
+            if !emit {
+                return;
+            }
+        }
+        self.write_record(level, target, msg);
+    }
+
+    /// Logs the count lines of folded warnings whose window is over (all of
+    /// them if `all`, at unmount).
+    pub fn flush_repeats(&self, all: bool) {
+        let counts = self
+            .repeats
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .expire(Instant::now(), all);
+        for (l, m) in counts {
+            self.write_record(l, "kmfs::logging", &m);
+        }
+    }
+
+    /// Logs an anchor — the log file's last serial and hash — to syslog and
+    /// the file, unless nothing was logged since the previous anchor (or
+    /// there is no file). Returns the anchored serial and hash.
+    pub fn anchor(&self, reason: &str) -> Option<(u64, String)> {
+        if self.filter == LevelFilter::Off {
+            return None;
+        }
+        self.chain.path()?;
+        let (serial, hash) = self.chain.last();
+        if serial == self.last_anchor.load(Ordering::Relaxed) {
+            return None;
+        }
+        self.write_record(
+            Level::Info,
+            "kmfs::logging",
+            &kv(&[
+                ("op", "log_anchor"),
+                ("anchor_serial", &serial.to_string()),
+                ("anchor_hash", &hash),
+                ("reason", reason),
+            ]),
+        );
+        self.last_anchor
+            .store(self.chain.last_serial(), Ordering::Relaxed);
+        Some((serial, hash))
+    }
+
+    fn to_stderr(&self, level: Level, target: &str, msg: &str) {
+        let show = match self.stderr {
+            StderrMode::Off => false,
+            StderrMode::Warnings => level == Level::Warn,
+            StderrMode::All => true,
+        };
+        if !show {
+            return;
+        }
+        if level == Level::Warn {
+            let mut seen = self.stderr_seen.lock().unwrap_or_else(|e| e.into_inner());
+            if seen.contains(msg) {
+                return;
+            }
+            if seen.len() < STDERR_SEEN {
+                seen.insert(msg.to_string());
+            }
+        }
+        let lvl = match level {
+            Level::Error => "error",
+            Level::Warn => "warning",
+            Level::Info => "info",
+            Level::Debug => "debug",
+            Level::Trace => "trace",
+        };
+        let src = if target.starts_with("kmfs") {
+            String::new()
+        } else {
+            format!("[{target}] ")
+        };
+        let _ = writeln!(
+            io::stderr(),
+            "kmfs: {lvl}: {src}{}",
+            chain::sanitize_body(msg)
+        );
+    }
+
+    fn write_record(&self, level: Level, target: &str, msg: &str) {
         let body = format_body(level, &self.volume, target, msg);
         let appended = self.chain.append(&body);
         if let Some(e) = &appended.error
@@ -474,20 +736,18 @@ impl Logger {
         } else {
             self.syslog.as_ref()
         };
-        for (i, line) in appended.lines.iter().enumerate() {
-            // Segment starts that precede the message are informational.
-            let lvl = if i + 1 == appended.lines.len() {
-                level
-            } else {
-                Level::Info
-            };
-            if let Some(s) = sink {
+        if let Some(s) = sink {
+            for (i, line) in appended.lines.iter().enumerate() {
+                // Segment starts that precede the message are informational.
+                let lvl = if i + 1 == appended.lines.len() {
+                    level
+                } else {
+                    Level::Info
+                };
                 s.send(lvl, line);
             }
-            if self.stderr {
-                let _ = writeln!(io::stderr(), "{line}");
-            }
         }
+        self.to_stderr(level, target, msg);
     }
 }
 
@@ -495,6 +755,9 @@ impl Log for Logger {
     fn enabled(&self, meta: &Metadata<'_>) -> bool {
         let cap = if meta.target().starts_with("kmfs") {
             self.filter
+        } else if self.filter == LevelFilter::Info {
+            // basic: only other crates' errors.
+            LevelFilter::Error
         } else {
             self.filter.min(LevelFilter::Info)
         };
@@ -510,6 +773,57 @@ impl Log for Logger {
     }
 
     fn flush(&self) {}
+}
+
+/// The process-wide logger [`init`] installed.
+static LOGGER: OnceLock<&'static Logger> = OnceLock::new();
+
+/// Whether the installed logger shows warnings on stderr itself.
+pub fn warnings_reach_stderr() -> bool {
+    LOGGER.get().is_some_and(|l| l.warnings_on_stderr())
+}
+
+/// Logs an anchor through the installed logger (see [`Logger::anchor`]) and
+/// the counts of folded warnings. Called by the daemon at unmount.
+pub fn anchor(reason: &str) -> Option<(u64, String)> {
+    let l = LOGGER.get()?;
+    l.flush_repeats(reason == "unmount");
+    l.anchor(reason)
+}
+
+/// Starts the thread that anchors the log every `interval` (and ends folding
+/// windows that are over). For the mount daemon; does nothing without an
+/// installed logger with a file, or with a zero interval.
+pub fn start_anchors(interval: Duration) {
+    let Some(l) = LOGGER.get().copied() else {
+        return;
+    };
+    if interval.is_zero() || l.chain.path().is_none() {
+        return;
+    }
+    let tick = interval.min(REPEAT_WINDOW);
+    let _ = std::thread::Builder::new()
+        .name("kmfs-log-anchor".into())
+        .spawn(move || {
+            let mut last = Instant::now();
+            loop {
+                std::thread::sleep(tick);
+                l.flush_repeats(false);
+                if last.elapsed() >= interval {
+                    l.anchor("interval");
+                    last = Instant::now();
+                }
+            }
+        });
+}
+
+/// The anchor interval of the installed logger's config, kept for
+/// [`start_anchors`].
+static ANCHOR_INTERVAL: AtomicU64 = AtomicU64::new(DEFAULT_ANCHOR_INTERVAL_S);
+
+/// [`start_anchors`] with the interval from the config [`init`] was given.
+pub fn start_configured_anchors() {
+    start_anchors(Duration::from_secs(ANCHOR_INTERVAL.load(Ordering::Relaxed)));
 }
 
 static INITIALISED: AtomicBool = AtomicBool::new(false);
@@ -533,8 +847,10 @@ pub fn init(cfg: &LoggingConfig, volume_name: &str) -> Result<(), LoggingError> 
         })?;
         let logger = Logger::new(cfg, volume_name)?;
         let filter = logger.filter();
-        log::set_logger(Box::leak(Box::new(logger)))
-            .map_err(|_| LoggingError::AlreadyInitialized)?;
+        let logger: &'static Logger = Box::leak(Box::new(logger));
+        log::set_logger(logger).map_err(|_| LoggingError::AlreadyInitialized)?;
+        let _ = LOGGER.set(logger);
+        ANCHOR_INTERVAL.store(cfg.anchor_interval_s, Ordering::Relaxed);
         log::set_max_level(filter);
         crate::audit::install_sink(Some(audit));
         Ok(())
@@ -675,12 +991,13 @@ mod tests {
         let l = file_logger(dir.path(), LogLevel::Basic);
         l.log_message(Level::Info, "kmfs::x", "op=mount result=ok");
         l.log_message(Level::Debug, "kmfs::x", "op=noise");
-        l.log_message(Level::Warn, "fuser", "from another crate");
+        l.log_message(Level::Error, "fuser", "from another crate");
+        l.log_message(Level::Warn, "fuser", "dropped at basic");
         l.log_message(Level::Debug, "fuser", "dropped");
         let text = std::fs::read_to_string(dir.path().join("kmfs.log")).unwrap();
         assert_eq!(text.lines().count(), 3, "{text}");
         assert!(!text.contains("noise") && !text.contains("dropped"));
-        assert!(text.contains("level=WARN volume=vol1 src=fuser msg=\"from another crate\""));
+        assert!(text.contains("level=ERROR volume=vol1 src=fuser msg=\"from another crate\""));
         let r = verify_file(&dir.path().join("kmfs.log")).unwrap();
         assert_eq!(r.lines, 3);
     }
@@ -788,6 +1105,101 @@ mod tests {
         l.log_message(Level::Info, "kmfs", "op=still_logged");
         let text = std::fs::read_to_string(dir.path().join("kmfs.log")).unwrap();
         assert!(text.contains("op=still_logged"));
+    }
+
+    #[test]
+    fn basic_keeps_other_crates_warnings_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let l = file_logger(dir.path(), LogLevel::Basic);
+        l.log_message(Level::Warn, "fuser", "[Not Implemented] ioctl(cmd: 21505)");
+        l.log_message(Level::Error, "fuser", "Failed to send FUSE reply");
+        let text = std::fs::read_to_string(dir.path().join("kmfs.log")).unwrap();
+        assert!(!text.contains("Not Implemented"), "{text}");
+        assert!(text.contains("Failed to send FUSE reply"), "{text}");
+        let v = file_logger(dir.path(), LogLevel::Verbose);
+        assert!(
+            v.enabled(
+                &Metadata::builder()
+                    .level(Level::Warn)
+                    .target("fuser")
+                    .build()
+            )
+        );
+    }
+
+    #[test]
+    fn repeated_warnings_are_folded_into_a_count() {
+        let mut r = Repeats::default();
+        let t0 = Instant::now();
+        assert!(
+            r.check(Level::Warn, "kmfs::fs", "op=read ino=5 error=x", t0)
+                .0
+        );
+        for i in 0..100 {
+            let msg = format!("op=read ino={i} error=x");
+            assert!(!r.check(Level::Warn, "kmfs::fs", &msg, t0).0);
+        }
+        // Another text is its own kind.
+        assert!(r.check(Level::Warn, "kmfs::fs", "op=write error=y", t0).0);
+        // After the window: the count line, then the message again.
+        let later = t0 + REPEAT_WINDOW;
+        let (emit, counts) = r.check(Level::Warn, "kmfs::fs", "op=read ino=7 error=x", later);
+        assert!(emit);
+        assert_eq!(counts.len(), 1);
+        assert!(
+            counts[0].1.starts_with("op=log_repeat count=100 "),
+            "{counts:?}"
+        );
+        assert!(r.expire(later, true).is_empty());
+
+        // Through a logger: 1000 identical warnings are one line.
+        let dir = tempfile::tempdir().unwrap();
+        let l = file_logger(dir.path(), LogLevel::Basic);
+        for _ in 0..1000 {
+            l.log_message(
+                Level::Warn,
+                "kmfs::fs",
+                "op=read result=fail error=\"tag mismatch\"",
+            );
+        }
+        l.flush_repeats(true);
+        let text = std::fs::read_to_string(dir.path().join("kmfs.log")).unwrap();
+        assert_eq!(text.lines().count(), 3, "{text}"); // chain_start, first, count
+        assert!(text.contains("op=log_repeat count=999 "), "{text}");
+        // Audit records are never folded.
+        for _ in 0..3 {
+            l.log_message(Level::Warn, AUDIT_TARGET, "op=unwrap result=fail");
+        }
+        let text = std::fs::read_to_string(dir.path().join("kmfs.log")).unwrap();
+        assert_eq!(text.matches("op=unwrap result=fail").count(), 3);
+    }
+
+    #[test]
+    fn anchors_name_the_last_line_and_are_not_repeated_idle() {
+        let dir = tempfile::tempdir().unwrap();
+        let l = file_logger(dir.path(), LogLevel::Basic);
+        l.log_message(Level::Info, "kmfs", "op=mount result=ok");
+        let (serial, hash) = l.anchor("interval").unwrap();
+        assert_eq!(serial, 2);
+        let text = std::fs::read_to_string(dir.path().join("kmfs.log")).unwrap();
+        let line2 = text.lines().nth(1).unwrap();
+        assert!(line2.ends_with(&format!("hash={hash}")), "{line2}");
+        assert!(text.lines().nth(2).unwrap().contains(&format!(
+            "op=log_anchor anchor_serial=2 anchor_hash={hash} reason=interval"
+        )));
+        // Nothing new since: no second anchor.
+        assert!(l.anchor("interval").is_none());
+        l.log_message(Level::Info, "kmfs", "op=x");
+        assert_eq!(l.anchor("unmount").unwrap().0, 4);
+        crate::logging::verify::check_anchor(&dir.path().join("kmfs.log"), 4, &l.chain().last().1)
+            .unwrap_err();
+        let (s, h) = {
+            let t = std::fs::read_to_string(dir.path().join("kmfs.log")).unwrap();
+            let last = t.lines().last().unwrap().to_string();
+            let s: u64 = last.split(' ').next().unwrap()[7..].parse().unwrap();
+            (s, last.rsplit("hash=").next().unwrap().to_string())
+        };
+        crate::logging::verify::check_anchor(&dir.path().join("kmfs.log"), s, &h).unwrap();
     }
 
     #[test]

@@ -49,6 +49,9 @@ pub enum VerifyError {
     /// The first broken line (1-based) and what is wrong with it.
     #[error("line {line}: {problem}")]
     Broken { line: u64, problem: String },
+    /// The chain is intact but does not reach an expected anchor.
+    #[error("{0}")]
+    Anchor(String),
 }
 
 impl VerifyError {
@@ -56,7 +59,7 @@ impl VerifyError {
     pub fn line(&self) -> Option<u64> {
         match self {
             VerifyError::Broken { line, .. } => Some(*line),
-            VerifyError::Io { .. } => None,
+            VerifyError::Io { .. } | VerifyError::Anchor(_) => None,
         }
     }
 }
@@ -72,6 +75,62 @@ pub fn verify_file(path: &Path) -> Result<VerifyReport, VerifyError> {
         ReadOrBroken::Io(source) => io_err(source),
         ReadOrBroken::Broken(b) => b,
     })
+}
+
+/// Checks that the log at `path` (verify it first) reaches the anchor
+/// `serial`/`hash` — the last serial and hash the daemon sent to syslog: the
+/// line with that serial must be in the file with that hash. A file whose
+/// tail was cut ends before the anchor; a rewritten one has another hash.
+pub fn check_anchor(path: &Path, serial: u64, hash: &str) -> Result<(), VerifyError> {
+    let file = File::open(path).map_err(|source| VerifyError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let want = hash.to_ascii_lowercase();
+    let mut last = None;
+    let mut r = BufReader::new(file);
+    let mut buf = Vec::new();
+    let mut n: u64 = 0;
+    loop {
+        buf.clear();
+        let read = (&mut r)
+            .take(MAX_LINE as u64 + 2)
+            .read_until(b'\n', &mut buf)
+            .map_err(|source| VerifyError::Io {
+                path: path.to_path_buf(),
+                source,
+            })?;
+        if read == 0 {
+            break;
+        }
+        n += 1;
+        let Ok(text) = std::str::from_utf8(&buf) else {
+            continue;
+        };
+        let Ok(p) = parse_line(text.trim_end_matches('\n')) else {
+            continue;
+        };
+        if p.serial == serial {
+            let have = hex(&p.hash);
+            if have == want {
+                return Ok(());
+            }
+            return Err(VerifyError::Broken {
+                line: n,
+                problem: format!(
+                    "serial {serial} has hash {have}, the anchor says {want}: the log was rewritten"
+                ),
+            });
+        }
+        last = Some(p.serial);
+    }
+    Err(VerifyError::Anchor(match last {
+        Some(l) if l < serial => format!(
+            "the log ends at serial {l} but the anchor names serial {serial}: lines were cut from its end (or the rest is in a newer file)"
+        ),
+        Some(_) => format!("serial {serial} is not in this file (it is in an older, rotated file)"),
+        None => format!("the log is empty but the anchor names serial {serial}"),
+    }))
 }
 
 enum ReadOrBroken {
