@@ -125,6 +125,7 @@ fn is_root_file(name: &[u8]) -> bool {
         || (name.starts_with(b"kmfs.volume.") && name.ends_with(b".bak"))
         || name == rekey::state::STATE_FILE.as_bytes()
         || name == rekey::journal::JOURNAL_FILE.as_bytes()
+        || name == crate::volume::lock::LOCK_FILE.as_bytes()
         || name == b"lost+found"
 }
 
@@ -703,6 +704,7 @@ mod tests {
         assert!(is_root_file(b"kmfs.volume"));
         assert!(is_root_file(b"kmfs.volume.20261122T214509Z.bak"));
         assert!(is_root_file(b"kmfs.rekey.journal"));
+        assert!(is_root_file(b"kmfs.lock"));
         assert!(!is_root_file(b"kmfs.volume.tmp"));
         assert!(is_temp_file(b"kmfs.volume.tmp"));
         assert!(is_temp_file(b"kmfs.dirid.tmp"));

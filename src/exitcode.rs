@@ -29,6 +29,8 @@ pub const LOG_VERIFY: i32 = 18;
 pub const CONTROL: i32 = 19;
 /// `kmfs check` found errors (unreadable names or files).
 pub const CHECK: i32 = 20;
+/// The volume is in use by another writer (its lock `kmfs.lock` is held).
+pub const LOCKED: i32 = 21;
 
 use crate::kms::KmsError;
 use crate::rotation::RotateError;
@@ -97,6 +99,7 @@ pub fn name(code: i32) -> &'static str {
         LOG_VERIFY => "log_verify",
         CONTROL => "control",
         CHECK => "check",
+        LOCKED => "locked",
         _ => "other",
     }
 }

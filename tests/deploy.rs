@@ -162,7 +162,11 @@ fn mount_t_fuse_kmfs_fstab_and_failure_paths() {
     std::fs::create_dir(&mnt2).unwrap();
     let o = mount(&[&"-t", &"fuse.kmfs", &s.back, &mnt2, &"-o", &opt]);
     assert!(!o.status.success());
-    assert!(text(&o).contains("already mounted"), "{}", text(&o));
+    assert!(
+        text(&o).contains("is in use by another writer"),
+        "{}",
+        text(&o)
+    );
     assert!(!is_mounted(&mnt2));
     assert!(umount(&s.mnt).status.success());
     wait_no_daemon(&s.back);

@@ -86,7 +86,7 @@ fn rotate_while_writing_then_remount_with_only_the_new_key() {
         .unwrap();
     assert!(!o.status.success());
     assert!(
-        String::from_utf8_lossy(&o.stderr).contains("already mounted"),
+        String::from_utf8_lossy(&o.stderr).contains("is in use by another writer"),
         "{}",
         String::from_utf8_lossy(&o.stderr)
     );

@@ -6,11 +6,11 @@ use std::path::PathBuf;
 
 use clap::Args;
 
-use super::rotate::resolve;
 use super::{CliError, KeySource};
 use crate::check::{self, Severity};
 use crate::exitcode;
 use crate::volume;
+use crate::volume::lock::{self, VolumeLock};
 
 #[derive(Args, Debug)]
 pub struct CheckArgs {
@@ -24,7 +24,7 @@ pub struct CheckArgs {
     /// Print the report as JSON.
     #[arg(long)]
     pub json: bool,
-    /// The backing directory of an unmounted volume.
+    /// The backing directory (with --repair: of an unmounted volume).
     pub backing_dir: PathBuf,
 }
 
@@ -34,22 +34,20 @@ pub fn run(a: CheckArgs) -> Result<(), CliError> {
         // Let read_header produce the usual "no volume header" message.
         volume::read_header(backing)?;
     }
-    let (id, mounted) = resolve(backing)?;
-    if mounted
-        && crate::control::request(
-            &id,
-            &crate::control::Request::Status,
-            std::time::Duration::from_secs(5),
-        )
-        .is_ok()
-    {
-        return Err(CliError::other(
-            exitcode::MOUNT,
-            format!(
-                "volume {id} is mounted; kmfs check needs it unmounted (kmfs status shows where it is mounted)"
-            ),
-        ));
-    }
+    // --repair writes: one writer, so not while the volume is mounted (here
+    // or on another host) or another command changes it. A read-only check
+    // runs beside a writer, and says so.
+    let _lock = if a.repair {
+        Some(VolumeLock::acquire(backing, "check-repair")?)
+    } else {
+        if let Ok(Some(holder)) = lock::holder(backing) {
+            eprintln!(
+                "note: volume {} is in use by a writer ({holder}); findings may include operations in progress",
+                backing.display()
+            );
+        }
+        None
+    };
     let (cfg, provider) = a.keys.open(Some(backing))?;
     let vol = super::open_volume(backing, cfg.as_ref(), provider.as_ref())?;
     let bar = if std::io::stderr().is_terminal() && !a.json {

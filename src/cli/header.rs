@@ -8,6 +8,7 @@ use clap::Subcommand;
 use super::{CliError, KeySource};
 use crate::exitcode;
 use crate::volume::header::{self, VolumeHeader};
+use crate::volume::lock::VolumeLock;
 use crate::volume::{self, hex};
 
 #[derive(Subcommand, Debug)]
@@ -150,6 +151,7 @@ pub fn run(cmd: HeaderCommand) -> Result<(), CliError> {
             backing_dir,
             file,
         } => {
+            let _lock = VolumeLock::acquire(&backing_dir, "header-restore")?;
             let bytes = header::read_file(&file).map_err(volume::VolumeError::from)?;
             let candidate =
                 VolumeHeader::decode(&bytes, &file).map_err(volume::VolumeError::from)?;

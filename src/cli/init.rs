@@ -5,7 +5,8 @@ use std::path::PathBuf;
 use clap::Args;
 
 use super::{CliError, KeySource};
-use crate::volume::{InitOptions, Volume};
+use crate::volume::lock::{LOCK_FILE, VolumeLock};
+use crate::volume::{InitOptions, Volume, header};
 
 #[derive(Args, Debug)]
 pub struct InitArgs {
@@ -22,7 +23,38 @@ pub struct InitArgs {
     pub backing_dir: PathBuf,
 }
 
+/// Whether `dir` could take a new volume: a directory without a header,
+/// empty but for `lost+found` and the lock file. Only then does `init` take
+/// the lock (creating `kmfs.lock`); otherwise [`Volume::init`] reports why
+/// not and nothing is created.
+fn could_init(dir: &std::path::Path) -> bool {
+    dir.is_dir()
+        && !header::header_path(dir).exists()
+        && std::fs::read_dir(dir).is_ok_and(|mut rd| {
+            rd.all(|e| e.is_ok_and(|e| e.file_name() == "lost+found" || e.file_name() == LOCK_FILE))
+        })
+}
+
 pub fn run(a: InitArgs) -> Result<(), CliError> {
+    // One writer: a concurrent init (or anything else) on the same directory
+    // is refused before a key is created or a byte written.
+    let lock = if could_init(&a.backing_dir) {
+        Some(VolumeLock::acquire(&a.backing_dir, "init")?)
+    } else {
+        None
+    };
+    let r = init(&a);
+    // A failed init leaves the directory as it found it.
+    if r.is_err()
+        && let Some(l) = lock
+        && l.created()
+    {
+        l.remove();
+    }
+    r
+}
+
+fn init(a: &InitArgs) -> Result<(), CliError> {
     let (cfg, provider) = a.keys.open(Some(&a.backing_dir))?;
     if a.create_kek {
         match provider.current_kek() {

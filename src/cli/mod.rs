@@ -22,6 +22,7 @@ use crate::exitcode;
 use crate::kms::keyfile::KeyfileProvider;
 use crate::kms::{KeyProvider, KmsError};
 use crate::volume::VolumeError;
+use crate::volume::lock::LockError;
 
 /// `kmfs --version`: the program version and the on-disk format versions it
 /// reads (the highest is the one `kmfs init` writes).
@@ -107,6 +108,8 @@ pub enum CliError {
     Volume(#[from] VolumeError),
     #[error(transparent)]
     Kms(#[from] KmsError),
+    #[error(transparent)]
+    Lock(#[from] LockError),
     #[error("{msg}")]
     Other { msg: String, code: i32 },
 }
@@ -124,6 +127,8 @@ impl CliError {
             CliError::Config(_) => exitcode::CONFIG,
             CliError::Kms(k) => exitcode::for_kms(k),
             CliError::Volume(v) => exitcode::for_volume(v),
+            CliError::Lock(LockError::Held { .. }) => exitcode::LOCKED,
+            CliError::Lock(_) => exitcode::BACKING_DIR,
             CliError::Other { code, .. } => *code,
         }
     }

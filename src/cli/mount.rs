@@ -21,6 +21,7 @@ use crate::exitcode;
 use crate::fs::stats::IoStats;
 use crate::fs::{FsOptions, KmfsFs};
 use crate::logging::{LogLevel, LoggingConfig};
+use crate::volume::lock::VolumeLock;
 
 #[derive(Args, Debug)]
 pub struct MountArgs {
@@ -335,6 +336,16 @@ fn serve_inner(plan: &Plan, notify: &mut Option<Notify>) -> Result<(), CliError>
             ));
         }
     }
+    // One writer per volume, for the daemon's whole life (held by this
+    // process, which is the daemon after the fork): a second mount, here or
+    // on another host of shared storage, stops here — before rekey recovery
+    // or anything else touches the volume.
+    let _lock = VolumeLock::acquire(&plan.backing, "mount").inspect_err(|e| {
+        log::error!(
+            "op=mount path={} result=error error=\"{e}\"",
+            plan.backing.display()
+        );
+    })?;
     let (cfg, provider) = plan.keys.open(Some(&plan.backing))?;
     let allow_other = plan.opts.allow_other || cfg.as_ref().is_some_and(|c| c.mount.allow_other);
     let read_only = plan.opts.read_only || cfg.as_ref().is_some_and(|c| c.mount.read_only);
@@ -349,8 +360,7 @@ fn serve_inner(plan: &Plan, notify: &mut Option<Notify>) -> Result<(), CliError>
         }
     };
     // The daemon's control side (status, online rotation) keeps the volume and
-    // the provider; the filesystem gets only the derived keys. Claiming the
-    // control socket first also refuses a second daemon for the same volume.
+    // the provider; the filesystem gets only the derived keys.
     let view = Arc::new(vol.view());
     let stats = Arc::new(IoStats::default());
     let mountpoint =

@@ -16,6 +16,7 @@ use crate::exitcode;
 use crate::kms::KeyProvider;
 use crate::rekey::state::RekeyState;
 use crate::rekey::{self, Offline, Rekey, RekeyHost, Throttle, generations};
+use crate::volume::lock::VolumeLock;
 use crate::volume::{self, Volume};
 
 #[derive(Args, Debug)]
@@ -254,6 +255,19 @@ fn offline(a: &RekeyArgs) -> Result<(), CliError> {
             format!("{} is not a kmfs backing directory", backing.display()),
         ));
     }
+    // Everything but --status writes (the state file, the files): one writer.
+    let _lock = if a.status {
+        None
+    } else {
+        let cmd = if a.pause {
+            "rekey-pause"
+        } else if a.resume {
+            "rekey-resume"
+        } else {
+            "rekey"
+        };
+        Some(VolumeLock::acquire(backing, cmd)?)
+    };
     let state = RekeyState::load(backing)
         .map_err(|e| CliError::other(exitcode::BACKING_DIR, e.to_string()))?;
     if a.status {

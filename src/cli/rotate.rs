@@ -11,6 +11,7 @@ use super::{CliError, KeySource};
 use crate::control::{self, ControlError, Request};
 use crate::exitcode;
 use crate::rotation::{self, RotateRequest};
+use crate::volume::lock::VolumeLock;
 use crate::volume::{self, hex};
 
 #[derive(Args, Debug)]
@@ -165,6 +166,7 @@ pub fn run_rotate(a: RotateArgs) -> Result<(), CliError> {
             format!("{} is not a kmfs backing directory", backing.display()),
         ));
     }
+    let _lock = VolumeLock::acquire(backing, "rotate-kek")?;
     let (cfg, provider) = a.keys.open(Some(backing))?;
     let mut vol = super::open_volume(backing, cfg.as_ref(), provider.as_ref())?;
     let report = match &req.new_keyfile {

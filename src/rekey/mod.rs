@@ -1095,6 +1095,7 @@ mod tests {
     fn own_files_are_skipped_user_files_are_not() {
         assert!(is_own_file(OsStr::new("kmfs.volume")));
         assert!(is_own_file(OsStr::new("kmfs.rekey.journal")));
+        assert!(is_own_file(OsStr::new("kmfs.lock")));
         assert!(is_own_file(OsStr::new("kmfs.dirid")));
         assert!(is_own_file(OsStr::new("kmfs.long.abc.name")));
         assert!(!is_own_file(OsStr::new("kmfs.long.abc")));

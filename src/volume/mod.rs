@@ -10,6 +10,7 @@ pub mod dirid;
 pub mod header;
 pub mod internal;
 pub mod layout;
+pub mod lock;
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
@@ -359,7 +360,11 @@ impl Volume {
         }
         let mut entries = std::fs::read_dir(backing)
             .map_err(io_err(backing, "cannot list the backing directory"))?;
-        if entries.any(|e| e.map(|e| e.file_name() != "lost+found").unwrap_or(true)) {
+        // `kmfs init` takes the volume lock before it gets here.
+        if entries.any(|e| {
+            e.map(|e| e.file_name() != "lost+found" && e.file_name() != lock::LOCK_FILE)
+                .unwrap_or(true)
+        }) {
             return Err(VolumeError::NotEmpty(backing.to_path_buf()));
         }
         let kek = provider.current_kek()?;
