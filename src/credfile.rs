@@ -118,28 +118,10 @@ pub fn check_backing_dir(path: &Path) -> Result<(), BackingDirError> {
 
 /// Checks a file that decides trust without being secret (a CA
 /// certificate): a regular file owned by root (or the user running kmfs)
-/// that nobody else can write, in a directory nobody else can write.
+/// that nobody else can write, in a directory nobody else can write (unless
+/// it has the sticky bit).
 pub fn check_trusted(path: &Path, what: &'static str) -> Result<(), CredFileError> {
-    let io = |source| CredFileError::Io {
-        what,
-        path: path.to_path_buf(),
-        source,
-    };
-    let md = std::fs::metadata(path).map_err(io)?;
-    if !md.is_file() {
-        return Err(CredFileError::NotRegular {
-            what,
-            path: path.to_path_buf(),
-        });
-    }
-    if !trusted_uid(md.uid()) {
-        return Err(CredFileError::WrongOwner {
-            what,
-            path: path.to_path_buf(),
-            uid: md.uid(),
-        });
-    }
-    let mode = md.mode() & 0o7777;
+    let (mode, _) = owned_regular_file(path, what)?;
     if mode & 0o022 != 0 {
         return Err(CredFileError::Writable {
             what,
@@ -147,9 +129,9 @@ pub fn check_trusted(path: &Path, what: &'static str) -> Result<(), CredFileErro
             mode,
         });
     }
-    let abs = std::path::absolute(path).map_err(io)?;
+    let abs = std::path::absolute(path).map_err(io_error(path, what))?;
     if let Some(dir) = abs.parent() {
-        let dmode = std::fs::metadata(dir).map_err(io)?.mode() & 0o7777;
+        let dmode = std::fs::metadata(dir).map_err(io_error(path, what))?.mode() & 0o7777;
         if dmode & 0o022 != 0 && dmode & 0o1000 == 0 {
             return Err(CredFileError::LooseDir {
                 what,
@@ -162,20 +144,21 @@ pub fn check_trusted(path: &Path, what: &'static str) -> Result<(), CredFileErro
     Ok(())
 }
 
-fn trusted_uid(uid: u32) -> bool {
-    // SAFETY: geteuid has no preconditions.
-    uid == 0 || uid == unsafe { libc::geteuid() }
-}
-
-/// Checks that `path` is a private regular file in a safely owned directory.
-/// `what` names the file's role in messages ("key file", "volume config", ...).
-pub fn check_private(path: &Path, what: &'static str) -> Result<(), CredFileError> {
-    let io = |source| CredFileError::Io {
+fn io_error(path: &Path, what: &'static str) -> impl Fn(std::io::Error) -> CredFileError {
+    move |source| CredFileError::Io {
         what,
         path: path.to_path_buf(),
         source,
-    };
-    let md = std::fs::metadata(path).map_err(io)?;
+    }
+}
+
+/// `path` must be a regular file owned by root or the user running kmfs:
+/// its permission bits and metadata.
+fn owned_regular_file(
+    path: &Path,
+    what: &'static str,
+) -> Result<(u32, std::fs::Metadata), CredFileError> {
+    let md = std::fs::metadata(path).map_err(io_error(path, what))?;
     if !md.is_file() {
         return Err(CredFileError::NotRegular {
             what,
@@ -189,7 +172,19 @@ pub fn check_private(path: &Path, what: &'static str) -> Result<(), CredFileErro
             uid: md.uid(),
         });
     }
-    let mode = md.mode() & 0o7777;
+    Ok((md.mode() & 0o7777, md))
+}
+
+fn trusted_uid(uid: u32) -> bool {
+    // SAFETY: geteuid has no preconditions.
+    uid == 0 || uid == unsafe { libc::geteuid() }
+}
+
+/// Checks that `path` is a private regular file in a safely owned directory.
+/// `what` names the file's role in messages ("key file", "volume config", ...).
+pub fn check_private(path: &Path, what: &'static str) -> Result<(), CredFileError> {
+    let io = io_error(path, what);
+    let (mode, _) = owned_regular_file(path, what)?;
     if mode & 0o077 != 0 {
         return Err(CredFileError::LooseMode {
             what,
@@ -197,9 +192,9 @@ pub fn check_private(path: &Path, what: &'static str) -> Result<(), CredFileErro
             mode,
         });
     }
-    let abs = std::path::absolute(path).map_err(io)?;
+    let abs = std::path::absolute(path).map_err(&io)?;
     if let Some(dir) = abs.parent() {
-        let dmd = std::fs::metadata(dir).map_err(io)?;
+        let dmd = std::fs::metadata(dir).map_err(&io)?;
         let dmode = dmd.mode() & 0o7777;
         if !trusted_uid(dmd.uid()) {
             return Err(CredFileError::DirWrongOwner {

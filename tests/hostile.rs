@@ -40,6 +40,16 @@ fn bounded(secs: u64, cmd: &mut Command) -> Output {
     o
 }
 
+/// `kmfs check [--repair]` of an unmounted volume, bounded in time.
+fn check(secs: u64, vol: &Volume, repair: bool) -> Output {
+    let mut c = Command::new(cli::KMFS);
+    c.arg("check");
+    if repair {
+        c.arg("--repair");
+    }
+    bounded(secs, c.arg("--keyfile").arg(&vol.key).arg(&vol.backing))
+}
+
 fn mkfifo(p: &Path) {
     nix::unistd::mkfifo(p, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
 }
@@ -139,14 +149,7 @@ fn hostile_sidecars_and_dir_ids_fail_one_entry_without_hanging() {
     assert!(log.contains("symbolic link"), "{log}");
     let vol = m.unmount();
 
-    let o = bounded(
-        60,
-        Command::new(cli::KMFS)
-            .arg("check")
-            .arg("--keyfile")
-            .arg(&vol.key)
-            .arg(&vol.backing),
-    );
+    let o = check(60, &vol, false);
     let out = text(&o);
     assert_eq!(o.status.code(), Some(20), "{out}");
     assert!(
@@ -302,29 +305,14 @@ fn hostile_tree_mount_list_read_rekey_and_check_finish() {
     assert!(!log.contains("panicked"), "{log}");
     let vol = m.unmount();
 
-    let o = bounded(
-        120,
-        Command::new(cli::KMFS)
-            .arg("check")
-            .arg("--keyfile")
-            .arg(&vol.key)
-            .arg(&vol.backing),
-    );
+    let o = check(120, &vol, false);
     let out = text(&o);
     assert_eq!(o.status.code(), Some(20), "{out}");
     assert!(!out.contains("panicked"), "{out}");
     // --repair removes only leftovers and finishes too: every backing entry
     // that is not kmfs's own (hostile or not) is still there afterwards.
     let before = user_entries(&vol.backing);
-    let o = bounded(
-        120,
-        Command::new(cli::KMFS)
-            .arg("check")
-            .arg("--repair")
-            .arg("--keyfile")
-            .arg(&vol.key)
-            .arg(&vol.backing),
-    );
+    let o = check(120, &vol, true);
     assert!(!text(&o).contains("panicked"), "{}", text(&o));
     assert_eq!(
         user_entries(&vol.backing),
@@ -398,14 +386,7 @@ fn hostile_root_files_are_refused_by_name_in_bounded_time() {
             "{file}: {out}"
         );
         assert!(!mount::is_mounted(&vol.mnt));
-        let o = bounded(
-            30,
-            Command::new(cli::KMFS)
-                .arg("check")
-                .arg("--keyfile")
-                .arg(&vol.key)
-                .arg(&vol.backing),
-        );
+        let o = check(30, &vol, false);
         assert!(!o.status.success());
         assert!(!text(&o).contains("panicked"), "{}", text(&o));
         let _ = kmfs(&[&"header", &"dump", &vol.backing]);
