@@ -164,3 +164,63 @@ fn two_backing_files_with_one_file_id_are_reported() {
     let o = kmfs(&[&"check", &"--keyfile", &vol.key, &vol.backing]);
     assert!(text(&o).contains("same file id"), "{}", text(&o));
 }
+
+/// Every command that can hold a key runs without core dumps (the mount
+/// daemon always did; an offline rekey holds the DEK for as long), and a
+/// key that cannot be locked in memory is said once, not silently.
+#[test]
+fn offline_commands_holding_keys_cannot_dump_core_and_say_when_memory_is_not_locked() {
+    let m = Volume::create(false).mount();
+    std::fs::write(m.p("big"), vec![7u8; 4 << 20]).unwrap();
+    let vol = m.unmount();
+    let mut child = std::process::Command::new(cli::KMFS)
+        .args(["rekey", "--rate", "0.05", "--keyfile"])
+        .arg(&vol.key)
+        .arg(&vol.backing)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let limits = format!("/proc/{}/limits", child.id());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let mut core = None;
+    while std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        let l = std::fs::read_to_string(&limits).unwrap_or_default();
+        if let Some(line) = l.lines().find(|l| l.starts_with("Max core file size")) {
+            let v: Vec<&str> = line.split_whitespace().collect();
+            core = Some((v[4].to_string(), v[5].to_string()));
+            if core == Some(("0".into(), "0".into())) {
+                break;
+            }
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(
+        core,
+        Some(("0".into(), "0".into())),
+        "offline rekey may dump core"
+    );
+
+    // Without CAP_IPC_LOCK and with no memlock allowance, mlock fails.
+    let o = std::process::Command::new("prlimit")
+        .args([
+            "--memlock=0:0",
+            "setpriv",
+            "--inh-caps=-ipc_lock",
+            "--bounding-set=-ipc_lock",
+        ])
+        .arg(cli::KMFS)
+        .args(["check", "--keyfile"])
+        .arg(&vol.key)
+        .arg(&vol.backing)
+        .output()
+        .unwrap();
+    let out = text(&o);
+    assert_eq!(
+        out.matches("cannot lock").count(),
+        1,
+        "the mlock failure must be said exactly once: {out}"
+    );
+}

@@ -256,10 +256,7 @@ fn warn_mlock_failed(size: usize) {
         "cannot lock {size} bytes of key memory ({err}): keys may be written to swap; raise the memlock limit (LimitMEMLOCK= in the systemd unit, ulimit -l)"
     );
     log::warn!("op=mlock result=warn msg=\"{msg}\"");
-    use std::io::IsTerminal;
-    if std::io::stderr().is_terminal() {
-        eprintln!("kmfs: warning: {msg}");
-    }
+    eprintln!("kmfs: warning: {msg}");
 }
 
 /// Turns off core dumps for this process and marks it non-dumpable, so that keys
