@@ -6,7 +6,10 @@
 //! id, every name decrypts in its directory, long names match their
 //! sidecars, symlink targets decrypt, every file header parses and names a
 //! key generation the header holds, and every encrypted extended attribute
-//! of a file or directory authenticates with one of those generations. It also finds what crashes leave behind
+//! of a file or directory authenticates with one of those generations,
+//! bound to its owner (and every symlink target bound to its place; on a
+//! volume not yet migrated to format version 3 the unbound forms are
+//! accepted and counted). It also finds what crashes leave behind
 //! (temporary files, half-created directories, orphaned sidecars, torn file
 //! headers, a pending rekey journal record); `--repair` removes or finishes
 //! those, and never touches anything it cannot prove is a leftover.
@@ -23,7 +26,7 @@ use std::path::{Path, PathBuf};
 use serde::Serialize;
 
 use crate::crypto::names::{self, DIR_ID_LEN};
-use crate::crypto::xattr::{Mapped, XattrCipher};
+use crate::crypto::xattr::{Mapped, NO_OWNER, OWNER_LEN, XattrCipher};
 use crate::rekey;
 use crate::sys;
 use crate::volume::layout::{FileHeader, HEADER_LEN};
@@ -76,6 +79,10 @@ struct Checker<'a> {
     vol: &'a Volume,
     /// The attribute cipher of every generation the header holds.
     xciphers: Vec<(u16, XattrCipher)>,
+    /// Unbound attribute values and symlink targets are accepted (format
+    /// version ≤ 2); `unbound` counts them.
+    unbound_ok: bool,
+    unbound: u64,
     repair: bool,
     report: Report,
     progress: &'a mut dyn FnMut(u64),
@@ -199,7 +206,14 @@ impl Checker<'_> {
         } else {
             None
         };
-        self.xattrs(&abs, rel, plain.as_deref());
+        let owner = if encrypted {
+            key.map(|(id, _)| id)
+        } else {
+            Some(NO_OWNER)
+        };
+        // `abs` is a /proc/self/fd link: "." makes each_xattr (O_NOFOLLOW)
+        // open the directory, not the link.
+        self.xattrs(&abs.join("."), rel, plain.as_deref(), owner);
         let mut entries: Vec<(OsString, fs::Metadata)> = match fs::read_dir(&abs) {
             Ok(rd) => rd
                 .flatten()
@@ -239,6 +253,20 @@ impl Checker<'_> {
             }
             if b.starts_with(b"kmfs.tmp.") && md.is_dir() {
                 self.half_created_dir(dfd, name, &brel, md);
+                continue;
+            }
+            if b.starts_with(b"kmfs.tmp.") && md.file_type().is_symlink() {
+                // A symlink re-created for a rename or a rekey, never renamed
+                // into place: the entry it was for still has its own.
+                let i = self.find(
+                    Severity::Leftover,
+                    &brel,
+                    None,
+                    "symlink whose re-creation was interrupted (a rename or rekey)".into(),
+                );
+                if self.repair {
+                    self.repaired(i, unlink(dfd, name, 0), "removed");
+                }
                 continue;
             }
             if b.starts_with(names::LONG_PREFIX.as_bytes())
@@ -292,7 +320,14 @@ impl Checker<'_> {
             } else if ft.is_file() {
                 self.file(dfd, name, &brel, pchild.as_deref(), md);
             } else if ft.is_symlink() {
-                self.symlink(&abs.join(name), &brel, pchild.as_deref());
+                let place = match (&pname, key) {
+                    (Some(n), Some((id, _))) => Some((id, n.as_bytes().to_vec())),
+                    (Some(n), None) if !encrypted => {
+                        Some(([0u8; DIR_ID_LEN], n.as_bytes().to_vec()))
+                    }
+                    _ => None,
+                };
+                self.symlink(&abs.join(name), &brel, pchild.as_deref(), place);
             } else {
                 self.report.other += 1;
             }
@@ -415,7 +450,9 @@ impl Checker<'_> {
         md: &fs::Metadata,
     ) {
         self.report.files += 1;
-        self.xattrs(&fd_dir(dfd).join(name), brel, plain);
+        let at = fd_dir(dfd).join(name);
+        let owner = rekey::metadata::owner_of(&at, md, self.vol.header.plaintext_names());
+        self.xattrs(&at, brel, plain, owner);
         let len = md.len();
         if len == 0 {
             return;
@@ -487,29 +524,48 @@ impl Checker<'_> {
         }
     }
 
-    /// The encrypted extended attributes of the file or directory `brel`:
-    /// each must authenticate (AES-GCM, bound to its backing name) with a
-    /// generation the header holds. A name stored under two generations is
-    /// what an interrupted rekey leaves; the next rekey removes the old one.
-    fn xattrs(&mut self, at: &Path, brel: &Path, plain: Option<&Path>) {
+    /// The encrypted extended attributes of the file or directory `brel`
+    /// (at `at`), whose owner id is `owner`: each must authenticate
+    /// (AES-GCM, bound to its backing name and owner; unbound ones only
+    /// while the volume is not migrated) with a generation the header holds.
+    /// A name stored under two generations is what an interrupted rekey
+    /// leaves; the next rekey removes the old one.
+    fn xattrs(
+        &mut self,
+        at: &Path,
+        brel: &Path,
+        plain: Option<&Path>,
+        owner: Option<[u8; OWNER_LEN]>,
+    ) {
         let mut bad: Vec<String> = Vec::new();
         let mut seen: Vec<Vec<u8>> = Vec::new();
         let mut twice = 0;
+        let mut unbound = 0;
         let ciphers = &self.xciphers;
+        let unbound_ok = self.unbound_ok;
         let r = rekey::metadata::each_xattr(at, &mut |_, n, blob| {
             let opened = ciphers.iter().find_map(|(_, c)| {
-                let (name, _) = c.open(n, blob)?;
+                let o = c.open(n, blob, owner.as_ref(), unbound_ok)?;
                 // The value names the attribute it belongs to; the backing
                 // name must be that name's encoding under the same key.
-                (c.map_name(&name).ok()? == Mapped::Encrypted(n.to_vec())).then_some(name)
+                (c.map_name(&o.name).ok()? == Mapped::Encrypted(n.to_vec())).then_some(o)
             });
             match opened {
-                Some(name) if seen.contains(&name) => twice += 1,
-                Some(name) => seen.push(name),
+                Some(o) => {
+                    if !o.bound {
+                        unbound += 1;
+                    }
+                    if seen.contains(&o.name) {
+                        twice += 1
+                    } else {
+                        seen.push(o.name)
+                    }
+                }
                 None => bad.push(String::from_utf8_lossy(n).into_owned()),
             }
             Ok(())
         });
+        self.unbound += unbound;
         if let Err(e) = r {
             self.find(
                 Severity::Error,
@@ -524,7 +580,7 @@ impl Checker<'_> {
                 Severity::Error,
                 brel,
                 plain,
-                format!("extended attribute {n} does not authenticate with any key generation the header holds (damaged or foreign): unreadable"),
+                format!("extended attribute {n} does not authenticate with any key generation the header holds, bound to this file (damaged, foreign, or copied from another file): unreadable"),
             );
         }
         if twice > 0 {
@@ -537,29 +593,43 @@ impl Checker<'_> {
         }
     }
 
-    fn symlink(&mut self, at: &Path, brel: &Path, plain: Option<&Path>) {
+    /// Symlink `brel` (at `at`), whose target is bound to `place` (its
+    /// directory id and plaintext name; `None` if its name does not decrypt,
+    /// already reported).
+    fn symlink(
+        &mut self,
+        at: &Path,
+        brel: &Path,
+        plain: Option<&Path>,
+        place: Option<([u8; DIR_ID_LEN], Vec<u8>)>,
+    ) {
         self.report.symlinks += 1;
-        if self.vol.header.plaintext_names() {
+        let Some((dir_id, name)) = place else {
             return;
-        }
+        };
         match fs::read_link(at) {
             Ok(t) => {
                 let stored = t.as_os_str().as_bytes();
-                let ok = self
-                    .vol
-                    .keys
-                    .generations
-                    .all()
-                    .iter()
-                    .any(|(_, k)| k.names.decrypt_symlink(stored).is_ok());
-                if !ok {
-                    self.find(
-                        Severity::Error,
-                        brel,
-                        plain,
-                        "symlink target does not decrypt with any key generation the header holds"
-                            .into(),
-                    );
+                let place = rekey::metadata::LinkPlace {
+                    dir_id,
+                    name: &name,
+                };
+                let all = self.vol.keys.generations.all();
+                match rekey::metadata::open_target(&all, &place, stored, self.unbound_ok) {
+                    Some((_, bound, _)) => {
+                        if !bound {
+                            self.unbound += 1;
+                        }
+                    }
+                    None => {
+                        self.find(
+                            Severity::Error,
+                            brel,
+                            plain,
+                            "symlink target does not decrypt with any key generation the header holds, bound to this name and directory (damaged, or moved or copied from elsewhere): readlink fails"
+                                .into(),
+                        );
+                    }
                 }
             }
             Err(e) => {
@@ -581,6 +651,8 @@ pub fn check(vol: &Volume, repair: bool, progress: &mut dyn FnMut(u64)) -> Repor
     let mut c = Checker {
         vol,
         xciphers: rekey::metadata::xattr_ciphers(&vol.keys.generations.all()),
+        unbound_ok: vol.keys.unbound_ok(),
+        unbound: 0,
         repair,
         report: Report::default(),
         progress,
@@ -666,6 +738,15 @@ pub fn check(vol: &Volume, repair: bool, progress: &mut dyn FnMut(u64)) -> Repor
                 format!("cannot open the backing directory: {e}"),
             );
         }
+    }
+    if c.unbound > 0 {
+        let n = c.unbound;
+        c.find(
+            Severity::Warning,
+            Path::new(""),
+            None,
+            format!("{n} extended-attribute value(s) and symlink target(s) are not bound to their file or place yet (volume format version {}); kmfs rekey binds them and migrates the volume to version 3", vol.header.version),
+        );
     }
     (c.progress)(c.seen);
     c.report

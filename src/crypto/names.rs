@@ -14,6 +14,13 @@
 //!
 //! Backing names starting with `kmfs.` are reserved for kmfs's own files; an
 //! encoded name never starts that way.
+//!
+//! A symlink target is AES-SIV encrypted with the associated data
+//! `["kmfs v2 symlink target", dir id, plaintext name]`: bound to the
+//! directory and name of the link, so a backing symlink moved or swapped
+//! with another does not decrypt. (Volumes of format version ≤ 2 hold
+//! targets with the single AD item `"kmfs v1 symlink target"`, read until
+//! a rekey migrates them.)
 
 use aes_siv::KeyInit;
 use aes_siv::siv::Aes256Siv;
@@ -38,7 +45,12 @@ pub const LONG_SUFFIX: &str = ".name";
 /// Longest symlink target accepted (its encoding must fit in PATH_MAX).
 pub const SYMLINK_MAX: usize = 3000;
 
-const SYMLINK_AD: &[u8] = b"kmfs v1 symlink target";
+/// Associated data of symlink targets of format version ≤ 2 (not bound to
+/// their place; read only until a volume is migrated).
+const SYMLINK_AD_V1: &[u8] = b"kmfs v1 symlink target";
+/// First associated-data item of a bound symlink target; the directory id
+/// and the plaintext name of the link follow.
+const SYMLINK_AD_V2: &[u8] = b"kmfs v2 symlink target";
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum NameError {
@@ -160,30 +172,70 @@ impl NameCipher {
         Ok(name)
     }
 
-    /// Encrypts a symlink target into a string for the backing symlink.
-    pub fn encrypt_symlink(&self, target: &[u8]) -> Result<String, NameError> {
-        if target.is_empty() || target.contains(&0) {
-            return Err(NameError::Invalid);
-        }
-        if target.len() > SYMLINK_MAX {
-            return Err(NameError::TooLong);
-        }
+    /// Encrypts a symlink target into a string for the backing symlink
+    /// named `name` (plaintext) in the directory `dir_id` (zeros on a
+    /// plaintext-names volume).
+    pub fn encrypt_symlink(
+        &self,
+        dir_id: &[u8; DIR_ID_LEN],
+        name: &[u8],
+        target: &[u8],
+    ) -> Result<String, NameError> {
+        check_target(target)?;
         let ct = self
             .siv()
-            .encrypt([SYMLINK_AD], target)
+            .encrypt([SYMLINK_AD_V2, dir_id.as_slice(), name], target)
             .map_err(|_| NameError::Invalid)?;
         Ok(URL_SAFE_NO_PAD.encode(ct))
     }
 
-    /// Decrypts a backing symlink's target.
-    pub fn decrypt_symlink(&self, encoded: &[u8]) -> Result<Vec<u8>, NameError> {
+    /// Decrypts the target of the backing symlink named `name` in directory
+    /// `dir_id`.
+    pub fn decrypt_symlink(
+        &self,
+        dir_id: &[u8; DIR_ID_LEN],
+        name: &[u8],
+        encoded: &[u8],
+    ) -> Result<Vec<u8>, NameError> {
         let ct = URL_SAFE_NO_PAD
             .decode(encoded)
             .map_err(|_| NameError::Corrupt)?;
         self.siv()
-            .decrypt([SYMLINK_AD], &ct)
+            .decrypt([SYMLINK_AD_V2, dir_id.as_slice(), name], &ct)
             .map_err(|_| NameError::Corrupt)
     }
+
+    /// The unbound target encoding of format version ≤ 2. Only for tests and
+    /// fixtures of old volumes: kmfs never writes it.
+    #[doc(hidden)]
+    pub fn encrypt_symlink_unbound(&self, target: &[u8]) -> Result<String, NameError> {
+        check_target(target)?;
+        let ct = self
+            .siv()
+            .encrypt([SYMLINK_AD_V1], target)
+            .map_err(|_| NameError::Invalid)?;
+        Ok(URL_SAFE_NO_PAD.encode(ct))
+    }
+
+    /// Decrypts an unbound target (format version ≤ 2).
+    pub fn decrypt_symlink_unbound(&self, encoded: &[u8]) -> Result<Vec<u8>, NameError> {
+        let ct = URL_SAFE_NO_PAD
+            .decode(encoded)
+            .map_err(|_| NameError::Corrupt)?;
+        self.siv()
+            .decrypt([SYMLINK_AD_V1], &ct)
+            .map_err(|_| NameError::Corrupt)
+    }
+}
+
+fn check_target(target: &[u8]) -> Result<(), NameError> {
+    if target.is_empty() || target.contains(&0) {
+        return Err(NameError::Invalid);
+    }
+    if target.len() > SYMLINK_MAX {
+        return Err(NameError::TooLong);
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -288,18 +340,82 @@ mod tests {
     }
 
     #[test]
-    fn symlink_targets_roundtrip() {
+    fn symlink_targets_roundtrip_and_are_bound_to_directory_and_name() {
         let c = cipher();
-        let e = c.encrypt_symlink(b"../some/where else").unwrap();
+        let (d1, d2) = ([1u8; 16], [2u8; 16]);
+        let e = c
+            .encrypt_symlink(&d1, b"link", b"../some/where else")
+            .unwrap();
         assert!(!e.contains('/'));
         assert_eq!(
-            c.decrypt_symlink(e.as_bytes()).unwrap(),
+            c.decrypt_symlink(&d1, b"link", e.as_bytes()).unwrap(),
             b"../some/where else"
         );
-        assert_eq!(c.decrypt_symlink(b"zz"), Err(NameError::Corrupt));
+        // Moved to another directory, renamed, or read as an old target.
         assert_eq!(
-            c.encrypt_symlink(&[b'a'; SYMLINK_MAX + 1]),
+            c.decrypt_symlink(&d2, b"link", e.as_bytes()),
+            Err(NameError::Corrupt)
+        );
+        assert_eq!(
+            c.decrypt_symlink(&d1, b"other", e.as_bytes()),
+            Err(NameError::Corrupt)
+        );
+        assert_eq!(
+            c.decrypt_symlink_unbound(e.as_bytes()),
+            Err(NameError::Corrupt)
+        );
+        // Same target, other places: other encodings.
+        assert_ne!(
+            c.encrypt_symlink(&d2, b"link", b"../some/where else")
+                .unwrap(),
+            e
+        );
+        assert_eq!(
+            c.decrypt_symlink(&d1, b"link", b"zz"),
+            Err(NameError::Corrupt)
+        );
+        assert_eq!(
+            c.encrypt_symlink(&d1, b"link", &[b'a'; SYMLINK_MAX + 1]),
             Err(NameError::TooLong)
+        );
+        assert_eq!(
+            c.encrypt_symlink(&d1, b"link", b""),
+            Err(NameError::Invalid)
+        );
+    }
+
+    /// Unbound targets (format version ≤ 2) still decrypt as such, and never
+    /// as bound ones.
+    #[test]
+    fn unbound_symlink_targets_of_old_volumes() {
+        let c = cipher();
+        let e = c.encrypt_symlink_unbound(b"/etc/passwd").unwrap();
+        assert_eq!(
+            c.decrypt_symlink_unbound(e.as_bytes()).unwrap(),
+            b"/etc/passwd"
+        );
+        assert_eq!(
+            c.decrypt_symlink(&[0u8; 16], b"", e.as_bytes()),
+            Err(NameError::Corrupt)
+        );
+    }
+
+    /// Pins the bound target format: AES-SIV (RFC 5297) over the target
+    /// with the AD vector [label, dir id, name], base64url without padding.
+    #[test]
+    fn bound_symlink_target_layout_matches_the_format_document() {
+        let key = [7u8; 64];
+        let c = NameCipher::from_key(Secret::from_slice(&key));
+        let mut siv = Aes256Siv::new_from_slice(&key).unwrap();
+        let ct = siv
+            .encrypt(
+                [&b"kmfs v2 symlink target"[..], &[4u8; 16][..], &b"ln"[..]],
+                b"t",
+            )
+            .unwrap();
+        assert_eq!(
+            c.encrypt_symlink(&[4u8; 16], b"ln", b"t").unwrap(),
+            URL_SAFE_NO_PAD.encode(ct)
         );
     }
 }

@@ -97,7 +97,9 @@ impl KmfsFs {
             Err(e) if e == Errno::EPERM => return Err(Errno::ENOENT),
             Err(e) => return Err(e),
         };
-        self.lookup_backing(&parent, &b.name)
+        let (inode, attr) = self.lookup_backing(&parent, &b.name)?;
+        self.note_link(&inode, &parent, name);
+        Ok((inode, attr))
     }
 
     pub(super) fn do_mkdir(
@@ -268,13 +270,15 @@ impl KmfsFs {
     /// is encoded again.
     fn lookup_listed(&self, dir: &Inode, e: &DirEntry) -> R<(Arc<Inode>, FileAttr)> {
         let _n = read_lock(&dir.names);
-        match self.lookup_backing(dir, &e.backing) {
+        let (inode, attr) = match self.lookup_backing(dir, &e.backing) {
             Err(err) if err == Errno::ENOENT && !self.names.plaintext() => {
                 let b = self.names.encode(dir, &e.name)?;
                 self.lookup_backing(dir, &b.name)
             }
             r => r,
-        }
+        }?;
+        self.note_link(&inode, dir, &e.name);
+        Ok((inode, attr))
     }
 
     pub(super) fn do_readdirplus(

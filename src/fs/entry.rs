@@ -9,7 +9,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::sync::Arc;
 
-use fuser::{Errno, FileAttr, INodeNo, RenameFlags, Request};
+use fuser::{Errno, FileAttr, FileType, INodeNo, RenameFlags, Request};
 
 use super::handle::OpenFile;
 use super::inode::Inode;
@@ -21,14 +21,7 @@ use crate::volume::dirid;
 impl KmfsFs {
     pub(super) fn do_readlink(&self, ino: INodeNo) -> R<Vec<u8>> {
         let inode = self.inode(ino)?;
-        let stored = sys::readlink_fd(inode.fd()).map_err(Errno::from)?;
-        self.names.decrypt_target(&stored).map_err(|e| {
-            log::error!(
-                "op=readlink path={} error=\"{e}\" result=eio",
-                sys::fd_path(inode.fd())
-            );
-            Errno::EIO
-        })
+        self.read_target(&inode)
     }
 
     /// Registers a freshly created entry `b` of `parent`.
@@ -160,14 +153,18 @@ impl KmfsFs {
         let parent = self.inode(parent)?;
         let _n = read_lock(&parent.names);
         let b = self.names.encode(&parent, link_name)?;
-        // Target encrypted and stored under one hold of the active generation.
+        let place = self.names.link_place(&parent, link_name.as_bytes())?;
+        // Target encrypted (bound to the link's place, see `bind`) and stored
+        // under one hold of the active generation.
         self.vol.keys.generations.with_active(|_, k| {
             let t = self
                 .names
-                .encrypt_target(k, target.as_os_str().as_bytes())?;
+                .encrypt_target(k, &place, target.as_os_str().as_bytes())?;
             self.with_sidecar(&parent, &b, || sys::symlinkat(&t, parent.fd(), &b.name))
         })?;
-        self.finish_new(&parent, &b, req, 0o777)
+        let (inode, attr) = self.finish_new(&parent, &b, req, 0o777)?;
+        inode.set_link_place(place);
+        Ok((inode, attr))
     }
 
     pub(super) fn do_link(
@@ -179,6 +176,10 @@ impl KmfsFs {
         self.ro()?;
         let _moves = self.moves.read().unwrap_or_else(|p| p.into_inner());
         let inode = self.inode(ino)?;
+        if inode.kind == FileType::Symlink {
+            // Its target is bound to its one name (see `bind`).
+            return Err(Errno::EPERM);
+        }
         let np = self.inode(newparent)?;
         let _n = read_lock(&np.names);
         let b = self.names.encode(&np, newname)?;
@@ -245,6 +246,20 @@ impl KmfsFs {
                 }
             }
             Err(e) => return Err(Errno::from(e)),
+        }
+        if exchange {
+            // A symlink is bound to its place: it cannot be exchanged
+            // atomically into another one (see `bind`).
+            let tst = sys::fstatat(np.fd(), &nb.name, libc::AT_SYMLINK_NOFOLLOW)
+                .map_err(Errno::from)?;
+            if self.rebinds(src.st_mode, &p, name, &np, newname)
+                || self.rebinds(tst.st_mode, &np, newname, &p, name)
+            {
+                return Err(Errno::EINVAL);
+            }
+        } else if self.rebinds(src.st_mode, &p, name, &np, newname) {
+            let flags = if noreplace { libc::RENAME_NOREPLACE } else { 0 };
+            return self.rename_symlink(&p, &ob, name, &np, &nb, newname, flags, target_existed);
         }
         if !exchange {
             self.names

@@ -41,7 +41,14 @@ pub struct Inode {
     pub io: RwLock<()>,
     /// Open handles that may write (see `handle::OpenFile`).
     pub writers: AtomicUsize,
+    /// A symlink's place (its directory's id, zeros on a plaintext-names
+    /// volume, and its plaintext name), which its target is bound to; noted
+    /// at every lookup by name.
+    link: Mutex<Option<LinkPlace>>,
 }
+
+/// Where a symlink is: what its target is bound to.
+pub type LinkPlace = ([u8; DIR_ID_LEN], Vec<u8>);
 
 impl Inode {
     pub fn fd(&self) -> BorrowedFd<'_> {
@@ -67,6 +74,29 @@ impl Inode {
 
     pub fn cache_header(&self, h: FileHeader) {
         *self.header.lock().unwrap_or_else(|p| p.into_inner()) = Some(h);
+    }
+
+    /// The symlink's place, as last looked up.
+    pub fn link_place(&self) -> Option<LinkPlace> {
+        self.link.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    pub fn set_link_place(&self, place: LinkPlace) {
+        *self.link.lock().unwrap_or_else(|p| p.into_inner()) = Some(place);
+    }
+
+    fn new(ino: u64, fd: OwnedFd, kind: FileType) -> Inode {
+        Inode {
+            ino,
+            fd,
+            kind,
+            dir_key: Mutex::new(None),
+            names: RwLock::new(()),
+            header: Mutex::new(None),
+            io: RwLock::new(()),
+            writers: AtomicUsize::new(0),
+            link: Mutex::new(None),
+        }
     }
 }
 
@@ -102,16 +132,7 @@ pub struct InodeTable {
 impl InodeTable {
     pub fn new(root_fd: OwnedFd, st: &libc::stat) -> InodeTable {
         let key = (st.st_dev, st.st_ino);
-        let root = Arc::new(Inode {
-            ino: ROOT,
-            fd: root_fd,
-            kind: FileType::Directory,
-            dir_key: Mutex::new(None),
-            names: RwLock::new(()),
-            header: Mutex::new(None),
-            io: RwLock::new(()),
-            writers: AtomicUsize::new(0),
-        });
+        let root = Arc::new(Inode::new(ROOT, root_fd, FileType::Directory));
         let mut by_ino = HashMap::new();
         by_ino.insert(
             ROOT,
@@ -188,16 +209,7 @@ impl InodeTable {
             t.next_synthetic += 1;
             t.next_synthetic
         };
-        let inode = Arc::new(Inode {
-            ino,
-            fd,
-            kind: kind_of(st.st_mode),
-            dir_key: Mutex::new(None),
-            names: RwLock::new(()),
-            header: Mutex::new(None),
-            io: RwLock::new(()),
-            writers: AtomicUsize::new(0),
-        });
+        let inode = Arc::new(Inode::new(ino, fd, kind_of(st.st_mode)));
         t.by_ino.insert(
             ino,
             Entry {
@@ -208,6 +220,31 @@ impl InodeTable {
         );
         t.by_key.insert(key, ino);
         inode
+    }
+
+    /// Points the entry of backing inode `old` (a symlink re-created under
+    /// a new backing inode by a rename, which the kernel sees as the same
+    /// inode) at the new backing inode behind `fd` (`st`), keeping its node
+    /// id and references. Returns whether the kernel held an entry.
+    pub fn rebind(&self, old: (u64, u64), fd: OwnedFd, st: &libc::stat, place: LinkPlace) -> bool {
+        let key = (st.st_dev, st.st_ino);
+        let mut t = self.lock();
+        let Some(&ino) = t.by_key.get(&old) else {
+            return false;
+        };
+        if t.by_key.contains_key(&key) {
+            return false;
+        }
+        let Some(e) = t.by_ino.get_mut(&ino) else {
+            return false;
+        };
+        let inode = Inode::new(ino, fd, kind_of(st.st_mode));
+        inode.set_link_place(place);
+        e.inode = Arc::new(inode);
+        e.key = key;
+        t.by_key.remove(&old);
+        t.by_key.insert(key, ino);
+        true
     }
 
     /// Drops `n` kernel references; the entry goes when none are left.

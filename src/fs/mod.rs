@@ -38,6 +38,7 @@
 //! counters.
 
 mod attr;
+mod bind;
 mod dir;
 mod entry;
 mod file_io;
@@ -191,7 +192,7 @@ impl KmfsFs {
             inodes.root().cache_dir_key(dirid::read(&vol.backing)?);
         }
         let xattrs = Mutex::new(Vec::new());
-        Ok(KmfsFs {
+        let fs = KmfsFs {
             vol,
             inodes,
             moves: Arc::default(),
@@ -205,7 +206,9 @@ impl KmfsFs {
             opts,
             writeback: false,
             killpriv: false,
-        })
+        };
+        fs.warn_if_unbound();
+        Ok(fs)
     }
 
     /// The gate a rekey of this volume goes through while it is mounted.

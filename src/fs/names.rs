@@ -20,10 +20,11 @@ use std::sync::Arc;
 
 use fuser::Errno;
 
-use super::inode::Inode;
+use super::inode::{Inode, LinkPlace};
 use crate::crypto::names::{
     self as cn, DIR_ID_LEN, EncodedName, NameError, is_long, is_reserved, long_sidecar,
 };
+use crate::rekey::metadata::LinkPlace as LinkPlace2;
 use crate::sys;
 use crate::volume::{GenKeys, VolumeView};
 use crate::volume::{dirid, internal};
@@ -262,23 +263,44 @@ impl Names {
         Ok(true)
     }
 
-    /// The symlink target as stored in the backing symlink, encrypted with
-    /// the keys `k` (the active generation's).
-    pub fn encrypt_target(&self, k: &GenKeys, target: &[u8]) -> Result<CString, Errno> {
-        let s = k.names.encrypt_symlink(target).map_err(name_errno)?;
+    /// The symlink target as stored in the backing symlink at `place`,
+    /// encrypted with the keys `k` (the active generation's) and bound to
+    /// its place.
+    pub fn encrypt_target(
+        &self,
+        k: &GenKeys,
+        place: &LinkPlace,
+        target: &[u8],
+    ) -> Result<CString, Errno> {
+        let s = k
+            .names
+            .encrypt_symlink(&place.0, &place.1, target)
+            .map_err(name_errno)?;
         sys::cstr(s.as_bytes()).map_err(Errno::from)
     }
 
-    /// A stored symlink target, decrypted with whichever generation it was
-    /// written with (the active one first; AES-SIV tells).
-    pub fn decrypt_target(&self, stored: &[u8]) -> Result<Vec<u8>, NameError> {
-        let mut err = NameError::Corrupt;
-        for (_, k) in self.vol.keys.generations.all() {
-            match k.names.decrypt_symlink(stored) {
-                Ok(t) => return Ok(t),
-                Err(e) => err = e,
-            }
-        }
-        Err(err)
+    /// A stored symlink target found at `place`, decrypted with whichever
+    /// generation it was written with (the active one first; AES-SIV
+    /// tells); in the unbound form of format version ≤ 2 only while the
+    /// volume is not migrated.
+    pub fn decrypt_target(&self, place: &LinkPlace, stored: &[u8]) -> Result<Vec<u8>, NameError> {
+        let keys = self.vol.keys.generations.all();
+        let place = LinkPlace2 {
+            dir_id: place.0,
+            name: &place.1,
+        };
+        crate::rekey::metadata::open_target(&keys, &place, stored, self.vol.keys.unbound_ok())
+            .map(|(_, _, t)| t)
+            .ok_or(NameError::Corrupt)
+    }
+
+    /// The place a symlink named `name` in `dir` is bound to.
+    pub fn link_place(&self, dir: &Inode, name: &[u8]) -> Result<LinkPlace, Errno> {
+        let id = if self.plaintext {
+            [0u8; DIR_ID_LEN]
+        } else {
+            self.dir_key(dir)?.0
+        };
+        Ok((id, name.to_vec()))
     }
 }

@@ -76,6 +76,8 @@ impl KmfsFs {
         let inode = self.inode(ino)?;
         let _g = inode.io.read().unwrap_or_else(|p| p.into_inner());
         let mut missing = Errno::ENODATA;
+        let unbound_ok = self.vol.keys.unbound_ok();
+        let mut owner = None;
         // Stored under the generation it was written with: try each.
         for (_, c) in self.xattr_ciphers() {
             let b = match Self::xattr_name(&c, name)? {
@@ -93,8 +95,12 @@ impl KmfsFs {
                     continue;
                 }
             };
-            return match c.open(&b, &blob) {
-                Some((n, v)) if n == name.as_bytes() => Ok(v),
+            // Bound to the inode's owner id (see `bind`).
+            if owner.is_none() {
+                owner = Some(self.xattr_owner(&inode, false)?);
+            }
+            return match c.open(&b, &blob, owner.flatten().as_ref(), unbound_ok) {
+                Some(o) if o.name == name.as_bytes() => Ok(o.value),
                 _ => {
                     log::error!(
                         "op=getxattr path={} attr={} error=\"value does not authenticate\" result=eio",
@@ -112,6 +118,8 @@ impl KmfsFs {
         let inode = self.inode(ino)?;
         let _g = inode.io.read().unwrap_or_else(|p| p.into_inner());
         let ciphers = self.xattr_ciphers();
+        let unbound_ok = self.vol.keys.unbound_ok();
+        let owner = self.xattr_owner(&inode, false)?;
         let mut seen: Vec<Vec<u8>> = Vec::new();
         let raw = match sys::listxattr(inode.fd()) {
             Ok(r) => r,
@@ -128,10 +136,14 @@ impl KmfsFs {
                 let Ok(blob) = sys::getxattr(inode.fd(), &c) else {
                     continue;
                 };
-                match ciphers.iter().find_map(|(_, c)| c.open(n, &blob)) {
+                match ciphers
+                    .iter()
+                    .find_map(|(_, c)| c.open(n, &blob, owner.as_ref(), unbound_ok))
+                    .map(|o| o.name)
+                {
                     // During a rekey one attribute may briefly exist twice.
-                    Some((name, _)) if seen.contains(&name) => {}
-                    Some((name, _)) => {
+                    Some(name) if seen.contains(&name) => {}
+                    Some(name) => {
                         out.extend_from_slice(&name);
                         out.push(0);
                         seen.push(name);
@@ -158,6 +170,12 @@ impl KmfsFs {
         let inode = self.inode(ino)?;
         let _g = inode.io.write().unwrap_or_else(|p| p.into_inner());
         let ciphers = self.xattr_ciphers();
+        // Bound to the inode's owner id (a file without a header gets one
+        // now, see `bind`); not for the clear ACL names.
+        let owner = match Self::xattr_name(&ciphers[0].1, name)? {
+            Mapped::Clear(_) => None,
+            Mapped::Encrypted(_) => self.xattr_owner(&inode, true)?,
+        };
         // Sealed and stored under one hold of the active generation, so a
         // rekey's final sweep (after a barrier) sees it. No other lock of
         // the generations is taken inside.
@@ -194,8 +212,9 @@ impl KmfsFs {
                         }
                         flags &= !libc::XATTR_REPLACE;
                     }
+                    let owner = owner.ok_or(Errno::EIO)?;
                     let blob = active
-                        .seal(&b, name.as_bytes(), value)
+                        .seal(&b, name.as_bytes(), value, &owner)
                         .map_err(Errno::from)?;
                     sys::setxattr(
                         inode.fd(),

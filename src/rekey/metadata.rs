@@ -9,8 +9,13 @@
 //! generation. Each step can be repeated, so recovery after a crash simply
 //! runs the directory again (an entry already on the new generation is told
 //! apart by AES-SIV: it decrypts with the new key).
+//!
+//! Symlink targets and attribute values are rewritten in the form bound to
+//! their owner (docs/FORMAT.md 8) whenever they are not already bound under
+//! the new generation, so a rekey of a volume of format version ≤ 2 leaves
+//! nothing unbound, and its end stores the header as version 3.
 
-use std::ffi::{CStr, CString, OsStr};
+use std::ffi::{CStr, CString};
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
@@ -20,8 +25,9 @@ use std::sync::Arc;
 
 use super::journal::{FileRef, Journal, Record};
 use crate::crypto::names::{self, DIR_ID_LEN, EncodedName};
-use crate::crypto::xattr::{self, Mapped, XattrCipher};
+use crate::crypto::xattr::{self, Mapped, NO_OWNER, OWNER_LEN, XattrCipher};
 use crate::sys;
+use crate::volume::layout::FileHeader;
 use crate::volume::{GenKeys, dirid, internal};
 
 fn cstr(b: &[u8]) -> io::Result<CString> {
@@ -56,29 +62,32 @@ pub fn rekey_dir(
     rel: &Path,
     keys: &[(u16, Arc<GenKeys>)],
     to: u16,
+    unbound_ok: bool,
     journal: &mut Journal,
 ) -> io::Result<([u8; DIR_ID_LEN], u16)> {
     let dfd = open_dir(dir)?;
     let (id, from) = dirid::read_at(dfd.as_fd())?;
-    if from == to {
-        return Ok((id, to));
-    }
+    // With the names already on `to`, only symlink targets may be left to
+    // bind (a volume migrated by a rekey an older kmfs began).
+    let renaming = from != to;
     let to_keys = keys_for(keys, to)?;
-    let mut rec = Record {
-        seq: 0,
-        file: FileRef {
-            ino: std::fs::metadata(dir)?.ino(),
-            file_id: id,
-            path: rel.to_path_buf(),
-        },
-        from,
-        to,
-        next_unit: 0,
-        complete: false,
-        writes: Vec::new(),
-        directory: true,
-    };
-    journal.commit(&mut rec)?;
+    if renaming {
+        let mut rec = Record {
+            seq: 0,
+            file: FileRef {
+                ino: std::fs::metadata(dir)?.ino(),
+                file_id: id,
+                path: rel.to_path_buf(),
+            },
+            from,
+            to,
+            next_unit: 0,
+            complete: false,
+            writes: Vec::new(),
+            directory: true,
+        };
+        journal.commit(&mut rec)?;
+    }
     let mut symlinks = Vec::new();
     for e in std::fs::read_dir(dir)? {
         let e = e?;
@@ -86,6 +95,10 @@ pub fn rekey_dir(
         let b = name.as_bytes();
         if (names::is_reserved(b) && !names::is_long(b)) || b == b"lost+found" {
             continue; // dir id, sidecars, temporaries; the root's lost+found
+        }
+        let is_link = e.file_type().map(|t| t.is_symlink()).unwrap_or(false);
+        if !renaming && !is_link {
+            continue;
         }
         let full = if names::is_long(b) {
             match internal::read_sidecar(dfd.as_fd(), b) {
@@ -101,7 +114,6 @@ pub fn rekey_dir(
         } else {
             String::from_utf8_lossy(b).into_owned()
         };
-        let is_link = e.file_type().map(|t| t.is_symlink()).unwrap_or(false);
         let Some((g, plain)) = decrypt_any(keys, &id, &full) else {
             log::error!(
                 "op=rekey_names path={} error=\"name does not decrypt\" result=skip",
@@ -110,7 +122,7 @@ pub fn rekey_dir(
             continue;
         };
         let current = cstr(b)?;
-        let placed = if g == to {
+        let placed = if g == to || !renaming {
             current
         } else {
             let new = to_keys
@@ -136,14 +148,20 @@ pub fn rekey_dir(
             new_name
         };
         if is_link {
-            symlinks.push(placed);
+            symlinks.push((placed, plain));
         }
     }
-    for l in &symlinks {
-        rekey_symlink(dfd.as_fd(), l, keys, &to_keys)?;
+    for (l, plain) in &symlinks {
+        let place = LinkPlace {
+            dir_id: id,
+            name: plain,
+        };
+        rekey_symlink(dfd.as_fd(), l, &place, keys, &to_keys, unbound_ok)?;
     }
-    dirid::write(dir, &id, to)?;
-    journal.idle()?;
+    if renaming {
+        dirid::write(dir, &id, to)?;
+        journal.idle()?;
+    }
     Ok((id, to))
 }
 
@@ -155,68 +173,200 @@ fn keys_for(keys: &[(u16, Arc<GenKeys>)], to: u16) -> io::Result<Arc<GenKeys>> {
         .ok_or_else(|| io::Error::other(format!("no keys for generation {to}")))
 }
 
+/// Where a symlink is: what its target is bound to (the directory id, zeros
+/// on a plaintext-names volume, and the plaintext name).
+pub struct LinkPlace<'a> {
+    pub dir_id: [u8; DIR_ID_LEN],
+    pub name: &'a [u8],
+}
+
+/// What a stored symlink target is, seen from generation `to`.
+#[derive(Debug, PartialEq, Eq)]
+pub enum TargetState {
+    /// Bound to its place and encrypted with `to`: nothing to do.
+    Done,
+    /// Readable (bound with another generation, or unbound while those are
+    /// accepted): this target is to be written bound under `to`.
+    Behind(Vec<u8>),
+    /// Does not decrypt at all (damaged, moved, or unbound on a migrated
+    /// volume): left alone, and an error wherever it is read.
+    Unreadable,
+}
+
+/// Decrypts a stored target found at `place`: bound, with any generation
+/// (`keys`, the active one first), or unbound while `unbound_ok`.
+/// `Some((generation, bound, target))`.
+pub fn open_target(
+    keys: &[(u16, Arc<GenKeys>)],
+    place: &LinkPlace<'_>,
+    stored: &[u8],
+    unbound_ok: bool,
+) -> Option<(u16, bool, Vec<u8>)> {
+    keys.iter()
+        .find_map(|(g, k)| {
+            k.names
+                .decrypt_symlink(&place.dir_id, place.name, stored)
+                .ok()
+                .map(|t| (*g, true, t))
+        })
+        .or_else(|| {
+            if !unbound_ok {
+                return None;
+            }
+            keys.iter().find_map(|(g, k)| {
+                k.names
+                    .decrypt_symlink_unbound(stored)
+                    .ok()
+                    .map(|t| (*g, false, t))
+            })
+        })
+}
+
+/// The state of stored target `stored` at `place` for generation `to`.
+pub fn target_state(
+    keys: &[(u16, Arc<GenKeys>)],
+    place: &LinkPlace<'_>,
+    stored: &[u8],
+    to: u16,
+    unbound_ok: bool,
+) -> TargetState {
+    match open_target(keys, place, stored, unbound_ok) {
+        Some((g, true, _)) if g == to => TargetState::Done,
+        Some((_, _, t)) => TargetState::Behind(t),
+        None => TargetState::Unreadable,
+    }
+}
+
 /// Re-encrypts the targets of the symlinks in `dir` (plain-text-names
 /// volumes, whose directories have no names to move).
-pub fn rekey_symlinks(dir: &Path, keys: &[(u16, Arc<GenKeys>)], to: u16) -> io::Result<()> {
+pub fn rekey_symlinks(
+    dir: &Path,
+    keys: &[(u16, Arc<GenKeys>)],
+    to: u16,
+    unbound_ok: bool,
+) -> io::Result<()> {
     let to_keys = keys_for(keys, to)?;
     let dfd = open_dir(dir)?;
     for e in std::fs::read_dir(dir)? {
         let e = e?;
+        let n = e.file_name();
+        if names::is_reserved(n.as_bytes()) {
+            continue;
+        }
         if e.file_type().map(|t| t.is_symlink()).unwrap_or(false) {
+            let place = LinkPlace {
+                dir_id: [0; DIR_ID_LEN],
+                name: n.as_bytes(),
+            };
             rekey_symlink(
                 dfd.as_fd(),
-                &cstr(e.file_name().as_bytes())?,
+                &cstr(n.as_bytes())?,
+                &place,
                 keys,
                 &to_keys,
+                unbound_ok,
             )?;
         }
     }
     Ok(())
 }
 
-/// Whether a symlink in `dir` has a target not encrypted with `to`.
-pub fn symlinks_behind(dir: &Path, all: &[(u16, Arc<GenKeys>)], to: u16) -> bool {
+/// The place of the backing symlink at `path` (its directory's id and its
+/// plaintext name), if its name decrypts; `plaintext` for plaintext-names
+/// volumes. `None` for kmfs's own files and names that do not decrypt.
+pub fn link_place_of(
+    path: &Path,
+    keys: &[(u16, Arc<GenKeys>)],
+    plaintext: bool,
+) -> Option<([u8; DIR_ID_LEN], Vec<u8>)> {
+    let dir = path.parent()?;
+    let b = path.file_name()?.as_bytes();
+    if names::is_reserved(b) && !names::is_long(b) {
+        return None;
+    }
+    if plaintext {
+        return Some(([0; DIR_ID_LEN], b.to_vec()));
+    }
+    let dfd = open_dir(dir).ok()?;
+    let (id, _) = dirid::read_at(dfd.as_fd()).ok()?;
+    let full = if names::is_long(b) {
+        internal::read_sidecar(dfd.as_fd(), b).ok()?
+    } else {
+        std::str::from_utf8(b).ok()?.to_string()
+    };
+    let (_, plain) = decrypt_any(keys, &id, &full)?;
+    Some((id, plain))
+}
+
+/// Whether a symlink in `dir` still has a readable target not bound under
+/// `to` (`keys` holds every generation).
+pub fn symlinks_behind(
+    dir: &Path,
+    keys: &[(u16, Arc<GenKeys>)],
+    to: u16,
+    plaintext: bool,
+    unbound_ok: bool,
+) -> bool {
     std::fs::read_dir(dir)
         .map(|rd| {
             rd.flatten().any(|e| {
                 e.file_type().map(|t| t.is_symlink()).unwrap_or(false)
-                    && symlink_behind(&e.path(), all, to)
+                    && !symlink_on(&e.path(), keys, to, plaintext, unbound_ok)
             })
         })
         .unwrap_or(false)
 }
 
-/// Re-creates symlink `name` in `dfd` with its target encrypted by `to`, if
-/// it is on another generation (owner and times kept).
+/// Re-creates symlink `name` (at `place`) in `dfd` with its target bound and
+/// encrypted by `to`, unless it already is (owner and times kept).
 fn rekey_symlink(
     dfd: BorrowedFd<'_>,
     name: &CStr,
+    place: &LinkPlace<'_>,
     keys: &[(u16, Arc<GenKeys>)],
     to: &GenKeys,
+    unbound_ok: bool,
 ) -> io::Result<()> {
     let lfd = sys::open_path(dfd, name)?;
     let stored = sys::readlink_fd(lfd.as_fd())?;
-    if to.names.decrypt_symlink(&stored).is_ok() {
+    if to
+        .names
+        .decrypt_symlink(&place.dir_id, place.name, &stored)
+        .is_ok()
+    {
         return Ok(());
     }
-    let Some(target) = keys
-        .iter()
-        .find_map(|(_, k)| k.names.decrypt_symlink(&stored).ok())
-    else {
-        log::error!("op=rekey_symlink error=\"target does not decrypt\" result=skip");
+    let Some((_, _, target)) = open_target(keys, place, &stored, unbound_ok) else {
+        log::error!(
+            "op=rekey_symlink path={}/{} error=\"target does not decrypt\" result=skip",
+            sys::fd_path(dfd),
+            name.to_string_lossy()
+        );
         return Ok(());
     };
-    let st = sys::fstat(lfd.as_fd())?;
     let new = cstr(
         to.names
-            .encrypt_symlink(&target)
+            .encrypt_symlink(&place.dir_id, place.name, &target)
             .map_err(|e| io::Error::other(e.to_string()))?
             .as_bytes(),
     )?;
+    let st = sys::fstat(lfd.as_fd())?;
+    let tmp = symlink_like(dfd, &new, &st)?;
+    let r = sys::renameat2(dfd, &tmp, dfd, name, 0);
+    if r.is_err() {
+        let _ = sys::unlinkat(dfd, &tmp, 0);
+    }
+    r
+}
+
+/// Creates a symlink with the stored target `stored` in `dfd` under a fresh
+/// reserved temporary name (`kmfs.tmp.<random>`), with the owner and times
+/// of `st`; returns the name. Removed again if that fails.
+pub fn symlink_like(dfd: BorrowedFd<'_>, stored: &CStr, st: &libc::stat) -> io::Result<CString> {
     let mut rnd = [0u8; 8];
     getrandom::fill(&mut rnd).map_err(io::Error::other)?;
     let tmp = cstr(format!("kmfs.tmp.{}", crate::volume::hex(&rnd)).as_bytes())?;
-    sys::symlinkat(&new, dfd, &tmp)?;
+    sys::symlinkat(stored, dfd, &tmp)?;
     let r = (|| {
         let tfd = sys::open_path(dfd, &tmp)?;
         sys::fchownat(tfd.as_fd(), Some(st.st_uid), Some(st.st_gid))?;
@@ -233,13 +383,15 @@ fn rekey_symlink(
                     tv_nsec: st.st_mtime_nsec,
                 },
             ],
-        )?;
-        sys::renameat2(dfd, &tmp, dfd, name, 0)
+        )
     })();
-    if r.is_err() {
-        let _ = sys::unlinkat(dfd, &tmp, 0);
+    match r {
+        Ok(()) => Ok(tmp),
+        Err(e) => {
+            let _ = sys::unlinkat(dfd, &tmp, 0);
+            Err(e)
+        }
     }
-    r
 }
 
 /// The attribute ciphers of `keys`, in the same order.
@@ -249,22 +401,48 @@ pub fn xattr_ciphers(keys: &[(u16, Arc<GenKeys>)]) -> Vec<(u16, XattrCipher)> {
         .collect()
 }
 
-/// Whether the inode at `path` has an encrypted attribute not on `to`.
-pub fn xattrs_behind(path: &Path, ciphers: &[(u16, XattrCipher)], to: u16) -> io::Result<bool> {
+/// The owner id the encrypted attributes of the backing inode at `path`
+/// (`md`, not followed) are bound to: a regular file's file id (`None` if it
+/// has no complete header yet), a directory's id on an encrypted-names
+/// volume (`None` if unreadable), zeros otherwise.
+pub fn owner_of(path: &Path, md: &std::fs::Metadata, plaintext: bool) -> Option<[u8; OWNER_LEN]> {
+    if md.is_file() {
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+            .open(path)
+            .ok()?;
+        FileHeader::read_from(&f).ok()?.map(|h| h.file_id)
+    } else if md.is_dir() && !plaintext {
+        dirid::read(path).ok().map(|(id, _)| id)
+    } else {
+        Some(NO_OWNER)
+    }
+}
+
+/// Whether the inode at `path` (`md`) has an encrypted attribute that
+/// authenticates but is not bound under `to`.
+pub fn xattrs_behind(
+    path: &Path,
+    md: &std::fs::Metadata,
+    ciphers: &[(u16, XattrCipher)],
+    to: u16,
+    plaintext: bool,
+    unbound_ok: bool,
+) -> io::Result<bool> {
+    let owner = owner_of(path, md, plaintext);
     let mut behind = false;
-    each_xattr(path, &mut |fd, n, blob| {
-        // On an old generation: opens with another one, not with `to`. One
-        // that opens with none (damaged or planted) is not behind: it is
-        // unreadable either way and must not hold the rekey up forever.
-        let opens = |g: u16| {
-            ciphers
+    each_xattr(path, &mut |_, n, blob| {
+        let done = ciphers
+            .iter()
+            .any(|(g, c)| *g == to && c.open(n, blob, owner.as_ref(), false).is_some());
+        if !done
+            && ciphers
                 .iter()
-                .any(|(k, c)| *k == g && c.open(n, blob).is_some())
-        };
-        if !opens(to) && ciphers.iter().any(|(g, _)| *g != to && opens(*g)) {
+                .any(|(_, c)| c.open(n, blob, owner.as_ref(), unbound_ok).is_some())
+        {
             behind = true;
         }
-        let _ = fd;
         Ok(())
     })?;
     Ok(behind)
@@ -298,55 +476,112 @@ pub(crate) fn each_xattr(path: &Path, f: &mut XattrVisit<'_>) -> io::Result<()> 
     Ok(())
 }
 
-/// Re-encrypts the encrypted attributes of the inode at `path` that are not
-/// on generation `to` (`ciphers` holds every generation). The new one is
-/// written before the old one goes, so a crash leaves at worst both.
-pub fn rekey_xattrs(path: &Path, ciphers: &[(u16, XattrCipher)], to: u16) -> io::Result<()> {
+/// Re-encrypts the encrypted attributes of the inode at `path` (`md`) that
+/// are not bound under generation `to` (`ciphers` holds every generation).
+/// The new one is written before the old one goes, so a crash leaves at
+/// worst both. A regular file without a header that has attributes to bind
+/// gets one first (generation `to`, as a first write would), which is
+/// returned for the filesystem's cache.
+pub fn rekey_xattrs(
+    path: &Path,
+    md: &std::fs::Metadata,
+    ciphers: &[(u16, XattrCipher)],
+    to: u16,
+    plaintext: bool,
+    unbound_ok: bool,
+) -> io::Result<Option<FileHeader>> {
     let Some((_, new_c)) = ciphers.iter().find(|(g, _)| *g == to) else {
         return Err(io::Error::other(format!("no keys for generation {to}")));
     };
+    let mut owner = owner_of(path, md, plaintext);
+    let mut written = None;
+    if owner.is_none() && md.is_file() {
+        // Only unbound values can be on a file without a header: give it
+        // one, so they can be bound to its file id.
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+            .open(path)?;
+        if FileHeader::read_from(&f)?.is_none() && has_xattrs(path)? {
+            let h = FileHeader::generate(to)?;
+            std::os::unix::fs::FileExt::write_all_at(&f, &h.to_bytes(), 0)?;
+            f.sync_data()?;
+            owner = Some(h.file_id);
+            written = Some(h);
+        }
+    }
     each_xattr(path, &mut |fd, n, blob| {
-        if new_c.open(n, blob).is_some() {
+        if new_c.open(n, blob, owner.as_ref(), false).is_some() {
             return Ok(());
         }
-        let Some((name, value)) = ciphers.iter().find_map(|(_, c)| c.open(n, blob)) else {
+        let Some(o) = ciphers
+            .iter()
+            .find_map(|(_, c)| c.open(n, blob, owner.as_ref(), unbound_ok))
+        else {
             log::error!(
                 "op=rekey_xattr path={} error=\"attribute does not authenticate\" result=skip",
                 path.display()
             );
             return Ok(());
         };
-        let Ok(Mapped::Encrypted(nb)) = new_c.map_name(&name) else {
+        let Some(owner) = owner else {
+            return Ok(());
+        };
+        let Ok(Mapped::Encrypted(nb)) = new_c.map_name(&o.name) else {
             return Ok(());
         };
         let nc = cstr(&nb)?;
-        // Set since the rekey began (under the new generation): that wins.
-        if sys::getxattr(fd, &nc).is_err() {
-            let sealed = new_c.seal(&nb, &name, &value)?;
+        let same = nb.as_slice() == n;
+        // Set since the rekey began (bound, under the new generation): that
+        // wins. The same backing name (an unbound value of this generation)
+        // is replaced in place.
+        if same || sys::getxattr(fd, &nc).is_err() {
+            let sealed = new_c.seal(&nb, &o.name, &o.value, &owner)?;
             sys::setxattr(fd, &nc, &sealed, 0)?;
         }
-        sys::removexattr(fd, &cstr(n)?)
-    })
+        if !same {
+            sys::removexattr(fd, &cstr(n)?)?;
+        }
+        Ok(())
+    })?;
+    Ok(written)
 }
 
-/// Whether symlink `path`'s target is encrypted with `to`'s keys.
-/// Whether the symlink at `path` is still on an old generation: its target
-/// decrypts with one of `all` but not with `to`. One that decrypts with none
-/// (damaged or planted) is not behind: it is unreadable either way, is
-/// logged when met, and must not hold the rekey up forever.
-pub fn symlink_behind(path: &Path, all: &[(u16, Arc<GenKeys>)], to: u16) -> bool {
+/// Whether the inode at `path` has any encrypted attribute.
+fn has_xattrs(path: &Path) -> io::Result<bool> {
+    let mut any = false;
+    each_xattr(path, &mut |_, _, _| {
+        any = true;
+        Ok(())
+    })?;
+    Ok(any)
+}
+
+/// Whether symlink `path` has a target that needs nothing from a rekey to
+/// `to`: bound under `to`, or unreadable (nothing a rekey can do). `keys`
+/// holds every generation.
+pub fn symlink_on(
+    path: &Path,
+    keys: &[(u16, Arc<GenKeys>)],
+    to: u16,
+    plaintext: bool,
+    unbound_ok: bool,
+) -> bool {
     let Ok(t) = std::fs::read_link(path) else {
-        return false;
+        return true;
     };
-    let stored = OsStr::as_bytes(t.as_os_str());
-    let on = |g: u16| {
-        all.iter()
-            .any(|(k, keys)| *k == g && keys.names.decrypt_symlink(stored).is_ok())
+    let Some((dir_id, name)) = link_place_of(path, keys, plaintext) else {
+        return true;
     };
-    !on(to)
-        && all
-            .iter()
-            .any(|(g, k)| *g != to && k.names.decrypt_symlink(stored).is_ok())
+    let place = LinkPlace {
+        dir_id,
+        name: &name,
+    };
+    !matches!(
+        target_state(keys, &place, t.as_os_str().as_bytes(), to, unbound_ok),
+        TargetState::Behind(_)
+    )
 }
 
 #[cfg(test)]
@@ -414,14 +649,22 @@ mod tests {
             want.push(plain);
         }
         let link = k0.names.encrypt(&id, b"a link").unwrap();
-        let target = k0.names.encrypt_symlink(b"../somewhere").unwrap();
+        let target = k0
+            .names
+            .encrypt_symlink(&id, b"a link", b"../somewhere")
+            .unwrap();
         std::os::unix::fs::symlink(&target, dir.join(link.backing())).unwrap();
         want.push(b"a link".to_vec());
+        // An unbound target (a volume of format version 2) is bound on the way.
+        let old = k0.names.encrypt(&id, b"old link").unwrap();
+        let target = k0.names.encrypt_symlink_unbound(b"/old/target").unwrap();
+        std::os::unix::fs::symlink(&target, dir.join(old.backing())).unwrap();
+        want.push(b"old link".to_vec());
         want.sort();
 
         let mut j = Journal::open(d.path()).unwrap();
         // The whole pass, then the id put back: "crashed before the last step".
-        rekey_dir(&dir, Path::new("d"), &ks, 1, &mut j).unwrap();
+        rekey_dir(&dir, Path::new("d"), &ks, 1, true, &mut j).unwrap();
         dirid::write(&dir, &id, 0).unwrap();
         // And one entry moved back to the old name: "crashed half way".
         let one = k1.names.encrypt(&id, b"entry-3").unwrap();
@@ -429,7 +672,7 @@ mod tests {
         std::fs::rename(dir.join(one.backing()), dir.join(back.backing())).unwrap();
 
         assert_eq!(
-            rekey_dir(&dir, Path::new("d"), &ks, 1, &mut j).unwrap(),
+            rekey_dir(&dir, Path::new("d"), &ks, 1, true, &mut j).unwrap(),
             (id, 1)
         );
         assert_eq!(dirid::read(&dir).unwrap(), (id, 1));
@@ -437,9 +680,20 @@ mod tests {
         let l = k1.names.encrypt(&id, b"a link").unwrap();
         let t = std::fs::read_link(dir.join(l.backing())).unwrap();
         assert_eq!(
-            k1.names.decrypt_symlink(t.as_os_str().as_bytes()).unwrap(),
+            k1.names
+                .decrypt_symlink(&id, b"a link", t.as_os_str().as_bytes())
+                .unwrap(),
             b"../somewhere"
         );
+        let l = k1.names.encrypt(&id, b"old link").unwrap();
+        let t = std::fs::read_link(dir.join(l.backing())).unwrap();
+        assert_eq!(
+            k1.names
+                .decrypt_symlink(&id, b"old link", t.as_os_str().as_bytes())
+                .unwrap(),
+            b"/old/target"
+        );
+        assert!(!symlinks_behind(&dir, &ks, 1, false, false));
         // No sidecar is left without its entry.
         for e in std::fs::read_dir(&dir).unwrap().flatten() {
             let n = e.file_name().to_string_lossy().into_owned();
@@ -448,5 +702,70 @@ mod tests {
             }
         }
         assert_eq!(Journal::pending(d.path()).unwrap(), None);
+    }
+
+    /// Unbound attribute values (format version 2) of a directory and of a
+    /// file without a header are rewritten bound to their owner; the file
+    /// gets a header for it; a value that does not authenticate is left.
+    #[test]
+    fn attributes_are_bound_to_their_owner_by_a_rekey() {
+        let d = tempfile::tempdir().unwrap();
+        let ks = keys();
+        let xc = xattr_ciphers(&ks);
+        let dir = d.path().join("d");
+        std::fs::create_dir(&dir).unwrap();
+        let id = dirid::create(&dir, 0).unwrap();
+        let file = d.path().join("f");
+        std::fs::write(&file, b"").unwrap();
+        let (c0, c1) = (&xc[0].1, &xc[1].1);
+        let put = |p: &Path, name: &[u8], v: &[u8]| {
+            let Mapped::Encrypted(b) = c0.map_name(name).unwrap() else {
+                panic!()
+            };
+            let blob = c0.seal_unbound(&b, name, v).unwrap();
+            let fd = sys::open_path(
+                open_dir(d.path()).unwrap().as_fd(),
+                &cstr(p.file_name().unwrap().as_bytes()).unwrap(),
+            )
+            .unwrap();
+            sys::setxattr(fd.as_fd(), &cstr(&b).unwrap(), &blob, 0).unwrap();
+        };
+        put(&dir, b"user.d", b"dir value");
+        put(&file, b"security.capability", b"cap");
+        for p in [&dir, &file] {
+            let md = std::fs::symlink_metadata(p).unwrap();
+            assert!(xattrs_behind(p, &md, &xc, 1, false, true).unwrap());
+            // On a migrated volume an unbound value is simply unreadable.
+            assert!(!xattrs_behind(p, &md, &xc, 1, false, false).unwrap());
+        }
+        let md = std::fs::symlink_metadata(&file).unwrap();
+        let h = rekey_xattrs(&file, &md, &xc, 1, false, true)
+            .unwrap()
+            .expect("a header was written");
+        assert_eq!(std::fs::metadata(&file).unwrap().len(), 40);
+        let mdd = std::fs::symlink_metadata(&dir).unwrap();
+        assert_eq!(rekey_xattrs(&dir, &mdd, &xc, 1, false, true).unwrap(), None);
+        let mut got = Vec::new();
+        for (p, owner) in [(&dir, id), (&file, h.file_id)] {
+            let md = std::fs::symlink_metadata(p).unwrap();
+            assert!(!xattrs_behind(p, &md, &xc, 1, false, true).unwrap());
+            each_xattr(p, &mut |_, n, blob| {
+                let o = c1
+                    .open(n, blob, Some(&owner), false)
+                    .expect("bound under 1");
+                assert!(o.bound);
+                assert!(c1.open(n, blob, Some(&[0u8; 16]), true).is_none());
+                got.push((o.name, o.value));
+                Ok(())
+            })
+            .unwrap();
+        }
+        assert_eq!(
+            got,
+            vec![
+                (b"user.d".to_vec(), b"dir value".to_vec()),
+                (b"security.capability".to_vec(), b"cap".to_vec())
+            ]
+        );
     }
 }

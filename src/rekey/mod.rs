@@ -459,7 +459,7 @@ fn recover_dir(
     let all = keys.generations.all();
     let md = std::fs::metadata(&path).map_err(|e| io_msg(&path.display().to_string(), &e))?;
     gate.exclusive_names(&path, &md, &mut || {
-        metadata::rekey_dir(&path, &rel, &all, rec.to, journal).map(Some)
+        metadata::rekey_dir(&path, &rel, &all, rec.to, keys.unbound_ok(), journal).map(Some)
     })
     .map_err(|e| {
         io_msg(
@@ -957,20 +957,20 @@ impl Rekey {
                 ))
             }
         };
+        let unbound_ok = keys.unbound_ok();
         if md.is_dir() {
-            let behind = if self.plaintext_names {
-                metadata::symlinks_behind(&path, all, target)
-            } else {
-                dirid::read(&path)
-                    .map(|(_, g)| g != target)
-                    .unwrap_or(false)
-            };
+            let behind =
+                metadata::symlinks_behind(&path, all, target, self.plaintext_names, unbound_ok)
+                    || (!self.plaintext_names
+                        && dirid::read(&path)
+                            .map(|(_, g)| g != target)
+                            .unwrap_or(false));
             if behind {
                 let r = gate.exclusive_names(&path, md, &mut || {
                     if self.plaintext_names {
-                        metadata::rekey_symlinks(&path, all, target).map(|_| None)
+                        metadata::rekey_symlinks(&path, all, target, unbound_ok).map(|_| None)
                     } else {
-                        metadata::rekey_dir(&path, rel, all, target, journal).map(Some)
+                        metadata::rekey_dir(&path, rel, all, target, unbound_ok, journal).map(Some)
                     }
                 });
                 if let Err(e) = r {
@@ -979,10 +979,25 @@ impl Rekey {
             }
         }
         if !md.file_type().is_symlink()
-            && metadata::xattrs_behind(&path, xciphers, target).unwrap_or(false)
+            && metadata::xattrs_behind(
+                &path,
+                md,
+                xciphers,
+                target,
+                self.plaintext_names,
+                unbound_ok,
+            )
+            .unwrap_or(false)
         {
             let r = gate.exclusive(&path, md, &mut || {
-                metadata::rekey_xattrs(&path, xciphers, target).map(|_| None)
+                metadata::rekey_xattrs(
+                    &path,
+                    md,
+                    xciphers,
+                    target,
+                    self.plaintext_names,
+                    unbound_ok,
+                )
             });
             if let Err(e) = r {
                 fail("attributes", e)?;
@@ -999,6 +1014,7 @@ impl Rekey {
         }
         let all = keys.generations.all();
         let xciphers = metadata::xattr_ciphers(&all);
+        let unbound_ok = keys.unbound_ok();
         let mut left = 0u64;
         walk_all(&self.backing, &mut |rel, md| {
             let path = self.backing.join(rel);
@@ -1013,12 +1029,20 @@ impl Rekey {
                         .unwrap_or(false)
                 }
             } else if md.file_type().is_symlink() {
-                metadata::symlink_behind(&path, &all, target)
+                !metadata::symlink_on(&path, &all, target, self.plaintext_names, unbound_ok)
             } else {
                 false
             };
             let xattrs = !md.file_type().is_symlink()
-                && metadata::xattrs_behind(&path, &xciphers, target).unwrap_or(false);
+                && metadata::xattrs_behind(
+                    &path,
+                    md,
+                    &xciphers,
+                    target,
+                    self.plaintext_names,
+                    unbound_ok,
+                )
+                .unwrap_or(false);
             if behind || xattrs {
                 log::debug!("op=rekey_sweep path={} result=behind", rel.display());
                 left += 1;

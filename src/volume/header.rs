@@ -7,7 +7,10 @@
 //! Nothing in it is secret. A SHA-256 checksum detects accidental damage
 //! without any key; an HMAC-SHA256 keyed from the active generation's DEK
 //! authenticates every field once it is unwrapped. Version 1 headers (one
-//! DEK) are still read; the next header update writes version 2. It is replaced atomically (temporary file, fsync, rename, fsync of
+//! DEK) are still read; the next header update writes version 2. Version 3
+//! has the layout of version 2 and says that every extended-attribute value
+//! and symlink target is bound to its owner; a version 1 or 2 header is
+//! written back as version 2 until a rekey has bound them all. It is replaced atomically (temporary file, fsync, rename, fsync of
 //! the directory) and the previous version is kept as `kmfs.volume.bak`.
 
 use std::fs::{self, File, OpenOptions};
@@ -28,10 +31,19 @@ const TMP_FILE: &str = "kmfs.volume.tmp";
 const BACKUP_TMP_FILE: &str = "kmfs.volume.bak.tmp";
 
 pub const MAGIC: &[u8; 8] = b"kmfs-vol";
-/// The header format version this build writes (it also reads version 1).
-pub const VERSION: u16 = 2;
+/// The header format version this build writes for new and migrated
+/// volumes: extended-attribute values and symlink targets are bound to their
+/// owner (docs/FORMAT.md 8). It also reads versions 1 and 2.
+pub const VERSION: u16 = 3;
+/// Format version 2: DEK generations; attribute values and symlink targets
+/// of such a volume may still be in the unbound form. A header of version
+/// ≤ 2 is written back as version 2 until a rekey completes the migration.
+pub const VERSION_2: u16 = 2;
 /// The first format version: a single DEK from which every subkey is derived.
 pub const VERSION_1: u16 = 1;
+/// The first version whose attribute values and symlink targets are all
+/// bound to their owner (unbound ones are rejected).
+pub const VERSION_BOUND: u16 = 3;
 /// Cipher suite 1: AES-256-XTS contents (4 KiB units), AES-256-SIV names,
 /// HKDF-SHA256 subkeys, HMAC-SHA256 header authentication.
 pub const SUITE_XTS_SIV_V1: u16 = 1;
@@ -89,7 +101,9 @@ pub struct VolumeHeader {
     /// Every DEK generation a file may still use, in increasing order.
     pub generations: Vec<DekGeneration>,
     pub history: Vec<RotationEntry>,
-    /// The format version the header was read in ([`VERSION`] once written).
+    /// The format version the header was read in, or is to be written in:
+    /// [`VERSION`] for new and migrated volumes; a lower one is written as
+    /// [`VERSION_2`] (see [`VolumeHeader::stored_version`]).
     pub version: u16,
 }
 
@@ -201,10 +215,26 @@ impl VolumeHeader {
         self.flags & FLAG_PLAINTEXT_NAMES != 0
     }
 
+    /// The version [`Self::encode`] writes: [`VERSION`] once the volume is
+    /// migrated (attributes and symlink targets bound), else [`VERSION_2`].
+    pub fn stored_version(&self) -> u16 {
+        if self.version >= VERSION_BOUND {
+            VERSION
+        } else {
+            VERSION_2
+        }
+    }
+
+    /// Whether every attribute value and symlink target of the volume is
+    /// bound to its owner, so unbound ones are to be rejected.
+    pub fn bound(&self) -> bool {
+        self.version >= VERSION_BOUND
+    }
+
     fn body(&self) -> Vec<u8> {
         let mut b = Vec::with_capacity(256);
         b.extend_from_slice(MAGIC);
-        b.extend_from_slice(&VERSION.to_be_bytes());
+        b.extend_from_slice(&self.stored_version().to_be_bytes());
         b.extend_from_slice(&[0u8; 4]); // total length, patched below
         b.extend_from_slice(&self.flags.to_be_bytes());
         b.extend_from_slice(&self.suite.to_be_bytes());
@@ -237,7 +267,7 @@ impl VolumeHeader {
         self.generations.iter().find(|x| x.generation == g)
     }
 
-    /// Serialises the header (always the current version), authenticated with
+    /// Serialises the header (in [`Self::stored_version`]), authenticated with
     /// the header MAC key `mac_key` (derived from the active generation's DEK).
     pub fn encode(&self, mac_key: &Secret) -> Vec<u8> {
         let mut b = self.body();
@@ -265,7 +295,7 @@ impl VolumeHeader {
                 found: version,
             });
         }
-        if version != VERSION && version != VERSION_1 {
+        if !(VERSION_1..=VERSION).contains(&version) {
             return Err(HeaderError::UnsupportedVersion {
                 path: p(),
                 found: version,
@@ -616,17 +646,52 @@ mod tests {
             assert!(VolumeHeader::decode(&bytes[..cut], p).is_err(), "cut {cut}");
         }
         let mut future = bytes.clone();
-        future[9] = 3;
+        future[9] = 4;
         let e = VolumeHeader::decode(&future, p).unwrap_err();
         assert!(
-            matches!(e, HeaderError::FutureVersion { found: 3, .. }),
+            matches!(e, HeaderError::FutureVersion { found: 4, .. }),
             "{e}"
         );
+        let mut zero = bytes.clone();
+        zero[9] = 0;
+        assert!(VolumeHeader::decode(&zero, p).is_err());
         assert!(e.to_string().contains("upgrade kmfs"));
         assert!(matches!(
             VolumeHeader::decode(b"[volume]\nname = 1\n", p),
             Err(HeaderError::BadMagic(_))
         ));
+    }
+
+    /// Version 3 (bound attributes and symlinks) and version 2 share one
+    /// layout; a header read as version 2 is written back as version 2, one
+    /// read as version 1 too, and only one marked version 3 as version 3.
+    #[test]
+    fn version_2_and_3_headers_roundtrip_in_their_own_version() {
+        let p = Path::new("t");
+        let mut h = sample();
+        assert!(h.bound());
+        let v3 = h.encode(&dek());
+        assert_eq!(u16::from_be_bytes([v3[8], v3[9]]), 3);
+        h.version = VERSION_2;
+        let v2 = h.encode(&dek());
+        assert_eq!(u16::from_be_bytes([v2[8], v2[9]]), 2);
+        assert_eq!(v2.len(), v3.len());
+        let back = VolumeHeader::decode(&v2, p).unwrap();
+        assert_eq!(back.version, VERSION_2);
+        assert!(!back.bound());
+        assert_eq!(back, h);
+        VolumeHeader::verify(&v2, &dek(), p).unwrap();
+        h.version = VERSION_1;
+        assert_eq!(h.encode(&dek()), v2);
+        // The version is authenticated: relabelling a version 2 header as 3
+        // (with the checksum fixed up) fails the HMAC.
+        let mut forged = v2.clone();
+        forged[9] = 3;
+        let n = forged.len();
+        let sum = Sha256::digest(&forged[..n - 32]);
+        forged[n - 32..].copy_from_slice(&sum);
+        assert!(VolumeHeader::decode(&forged, p).unwrap().bound());
+        assert!(VolumeHeader::verify(&forged, &dek(), p).is_err());
     }
 
     #[test]

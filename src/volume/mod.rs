@@ -239,6 +239,24 @@ impl Generations {
 /// The keys of an open volume, as the filesystem layer needs them.
 pub struct VolumeKeys {
     pub generations: Generations,
+    /// The header is format version 3 or later: every extended-attribute
+    /// value and symlink target is bound to its owner, and unbound ones are
+    /// rejected. Until then both forms are read (bound ones are always
+    /// written); the rekey that migrates the volume sets it.
+    bound: std::sync::atomic::AtomicBool,
+}
+
+impl VolumeKeys {
+    /// Whether unbound (format version ≤ 2) attribute values and symlink
+    /// targets are still accepted when reading.
+    pub fn unbound_ok(&self) -> bool {
+        !self.bound.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    fn set_bound(&self, bound: bool) {
+        self.bound
+            .store(bound, std::sync::atomic::Ordering::Release);
+    }
 }
 
 /// What the filesystem layer needs of an unlocked volume. The keys change
@@ -284,7 +302,12 @@ fn mac_key(dek: &Secret, volume_id: &[u8; 16]) -> Secret {
     crate::crypto::keys::derive(dek, volume_id, crate::crypto::keys::labels::HEADER_MAC, 32)
 }
 
-fn derive_keys(deks: &[(u16, Secret)], active: u16, volume_id: &[u8; 16]) -> Arc<VolumeKeys> {
+fn derive_keys(
+    deks: &[(u16, Secret)],
+    active: u16,
+    volume_id: &[u8; 16],
+    bound: bool,
+) -> Arc<VolumeKeys> {
     let keys = deks
         .iter()
         .map(|(g, d)| (*g, Arc::new(GenKeys::derive(d, volume_id))))
@@ -293,6 +316,7 @@ fn derive_keys(deks: &[(u16, Secret)], active: u16, volume_id: &[u8; 16]) -> Arc
         generations: Generations {
             inner: RwLock::new(GenInner { active, keys }),
         },
+        bound: std::sync::atomic::AtomicBool::new(bound),
     })
 }
 
@@ -402,7 +426,7 @@ impl Volume {
         }
         header::store(backing, &hdr.encode(&mac_key(&dek, &volume_id)))?;
         let deks = vec![(0, dek)];
-        let keys = derive_keys(&deks, 0, &volume_id);
+        let keys = derive_keys(&deks, 0, &volume_id, true);
         Ok(Volume {
             backing: backing.to_path_buf(),
             header: hdr,
@@ -434,7 +458,7 @@ impl Volume {
             });
         }
         let deks = unlock(&hdr, &bytes, provider, &header::header_path(backing))?;
-        let keys = derive_keys(&deks, hdr.active, &hdr.volume_id);
+        let keys = derive_keys(&deks, hdr.active, &hdr.volume_id, hdr.bound());
         Ok(Volume {
             backing: backing.to_path_buf(),
             header: hdr,
@@ -466,7 +490,8 @@ impl Volume {
             .expect("the active generation's DEK is known");
         header::store(&self.backing, &hdr.encode(&mac_key(dek, &hdr.volume_id)))?;
         self.header = hdr;
-        self.header.version = header::VERSION;
+        self.header.version = self.header.stored_version();
+        self.keys.set_bound(self.header.bound());
         Ok(())
     }
 
@@ -565,6 +590,11 @@ impl Volume {
     /// `kek`; it must equal the DEK in use, and `kek` must still be the
     /// header's KEK. Returns the generations removed. In-memory ciphers stay
     /// until unmount.
+    ///
+    /// Called at the end of a rekey, which has rewritten every attribute
+    /// value and symlink target in the bound form: the header is stored as
+    /// format version 3, which completes the migration of an older volume
+    /// (from then on unbound ones are rejected).
     pub fn retire_generations(
         &mut self,
         keep: u16,
@@ -592,6 +622,7 @@ impl Volume {
         hdr.generations.retain(|g| g.generation == keep);
         hdr.active = keep;
         hdr.updated = now_secs();
+        hdr.version = header::VERSION;
         self.store_header(hdr)?;
         self.deks.retain(|(g, _)| *g == keep);
         Ok(removed)
@@ -646,7 +677,9 @@ mod tests {
         let g = v.add_generation(&p).unwrap();
         assert_eq!(g, 1);
         let v2 = Volume::open(&back, &p).unwrap();
-        assert_eq!(v2.header.version, header::VERSION);
+        // Not migrated yet (attributes and symlinks may be unbound).
+        assert_eq!(v2.header.version, header::VERSION_2);
+        assert!(v2.keys.unbound_ok());
         assert_eq!(v2.header.active, 1);
         assert_eq!(name_of(&v2, 0), name0);
         let name1 = name_of(&v2, 1);
@@ -661,7 +694,11 @@ mod tests {
         assert!(v2.retire_generations(1, &kek, &wrong).is_err());
         assert_eq!(v2.header.generations.len(), 2);
         assert_eq!(v2.retire_generations(1, &kek, &proof).unwrap(), vec![0]);
+        assert!(!v2.keys.unbound_ok());
         let v3 = Volume::open(&back, &p).unwrap();
+        // The rekey's end stores format version 3: migrated.
+        assert_eq!(v3.header.version, header::VERSION);
+        assert!(!v3.keys.unbound_ok());
         assert_eq!(v3.header.generations.len(), 1);
         assert!(v3.dek_of(0).is_none());
         assert!(v3.keys.generations.get(0).is_none());

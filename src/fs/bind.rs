@@ -1,0 +1,201 @@
+//! Binding of extended-attribute values and symlink targets to their owner
+//! (docs/FORMAT.md 8).
+//!
+//! * An encrypted attribute value is bound to its inode's owner id: the
+//!   file id of a regular file (a file without a header gets one before its
+//!   first attribute, as before its first write), the directory id of a
+//!   directory on an encrypted-names volume, zeros otherwise.
+//! * A symlink target is bound to the link's directory id and plaintext
+//!   name, noted on the inode at every lookup by name. So a rename re-creates
+//!   the link: the target is encrypted for the new place into a new backing
+//!   symlink under a reserved temporary name in the destination directory
+//!   (owner and times copied), that is renamed onto the destination with the
+//!   caller's flags, and the old name is unlinked last. A crash in between
+//!   leaves the old name, or both names, each with a target that reads; a
+//!   leftover temporary is ignored and `kmfs check --repair` removes it. The
+//!   kernel keeps seeing one inode: its node id is moved to the new backing
+//!   inode ([`super::inode::InodeTable::rebind`]). `RENAME_EXCHANGE` with a
+//!   symlink on either side whose place changes is refused (EINVAL): it
+//!   cannot be done atomically. A hard link to a symlink is refused (EPERM):
+//!   a second name cannot carry the same binding.
+//! * While the volume header is older than format version 3, unbound
+//!   values and targets are read too (a rekey binds them); bound ones are
+//!   always written.
+
+use std::ffi::{CStr, OsStr};
+use std::os::fd::AsFd;
+use std::os::unix::ffi::OsStrExt;
+
+use fuser::{Errno, FileType};
+
+use super::inode::{Inode, LinkPlace};
+use super::names::BackingName;
+use super::{KmfsFs, R};
+use crate::crypto::xattr::{NO_OWNER, OWNER_LEN};
+use crate::sys;
+use crate::volume::layout::FileHeader;
+
+impl KmfsFs {
+    /// Logs once at mount if the volume still accepts unbound attribute
+    /// values and symlink targets.
+    pub(super) fn warn_if_unbound(&self) {
+        if self.vol.keys.unbound_ok() {
+            log::warn!(
+                "op=mount volume={} error=\"volume format version is older than 3: extended-attribute values and symlink targets may not be bound to their files yet, so a value copied between backing files is still accepted; run kmfs rekey to bind them (docs/FORMAT.md 8)\"",
+                self.vol.id_hex()
+            );
+        }
+    }
+
+    /// The owner id the encrypted attributes of `inode` are bound to. For a
+    /// regular file without a complete header: with `create` (setxattr, the
+    /// inode's I/O lock held for writing) the header is written now; else
+    /// `None` (no bound value can belong to it).
+    pub(super) fn xattr_owner(&self, inode: &Inode, create: bool) -> R<Option<[u8; OWNER_LEN]>> {
+        match inode.kind {
+            FileType::RegularFile => {
+                if let Some(h) = inode.cached_header() {
+                    return Ok(Some(h.file_id));
+                }
+                if create {
+                    let file = sys::reopen(inode.fd(), libc::O_RDWR).map_err(Errno::from)?;
+                    return Ok(Some(self.ensure_header(inode, &file, "setxattr")?.file_id));
+                }
+                let file = sys::reopen(inode.fd(), libc::O_RDONLY).map_err(Errno::from)?;
+                match FileHeader::read_from(&file) {
+                    Ok(Some(h)) => {
+                        inode.cache_header(h.clone());
+                        Ok(Some(h.file_id))
+                    }
+                    Ok(None) => Ok(None),
+                    Err(e) => {
+                        log::error!(
+                            "op=getxattr path={} error=\"damaged file header: {e}\"",
+                            sys::fd_path(inode.fd())
+                        );
+                        Ok(None)
+                    }
+                }
+            }
+            FileType::Directory if !self.names.plaintext() => {
+                Ok(Some(self.names.dir_key(inode)?.0))
+            }
+            _ => Ok(Some(NO_OWNER)),
+        }
+    }
+
+    /// Notes where a looked-up symlink is (its target is bound to it).
+    pub(super) fn note_link(&self, inode: &Inode, parent: &Inode, name: &OsStr) {
+        if inode.kind == FileType::Symlink
+            && let Ok(place) = self.names.link_place(parent, name.as_bytes())
+        {
+            inode.set_link_place(place);
+        }
+    }
+
+    /// The plaintext target of symlink `inode`; EIO (logged) if it does not
+    /// authenticate at its place.
+    pub(super) fn read_target(&self, inode: &Inode) -> R<Vec<u8>> {
+        let stored = sys::readlink_fd(inode.fd()).map_err(Errno::from)?;
+        let Some(place) = inode.link_place() else {
+            log::error!(
+                "op=readlink path={} error=\"symlink reached without a lookup by name\" result=eio",
+                sys::fd_path(inode.fd())
+            );
+            return Err(Errno::EIO);
+        };
+        self.names.decrypt_target(&place, &stored).map_err(|e| {
+            log::error!(
+                "op=readlink path={} error=\"{e}\" result=eio",
+                sys::fd_path(inode.fd())
+            );
+            Errno::EIO
+        })
+    }
+
+    /// Whether renaming an entry of type `mode` from `(p, name)` to
+    /// `(np, newname)` changes what it is bound to (only symlinks are bound
+    /// to their place).
+    pub(super) fn rebinds(
+        &self,
+        mode: u32,
+        p: &Inode,
+        name: &OsStr,
+        np: &Inode,
+        newname: &OsStr,
+    ) -> bool {
+        mode & libc::S_IFMT == libc::S_IFLNK
+            && !(self.names.plaintext() && name == newname)
+            && !(p.ino == np.ino && name == newname)
+    }
+
+    /// Renames symlink `ob` of `p` (plaintext `name`) to `nb` of `np`
+    /// (plaintext `newname`) by re-creating it bound to its new place (see
+    /// the module docs). `flags` is 0 or `RENAME_NOREPLACE`;
+    /// `target_existed` says whether `nb` existed (its sidecar then stays on
+    /// failure). The names locks of both directories are held.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn rename_symlink(
+        &self,
+        p: &Inode,
+        ob: &BackingName,
+        name: &OsStr,
+        np: &Inode,
+        nb: &BackingName,
+        newname: &OsStr,
+        flags: u32,
+        target_existed: bool,
+    ) -> R<()> {
+        let lfd = sys::open_path(p.fd(), &ob.name).map_err(Errno::from)?;
+        let st = sys::fstat(lfd.as_fd()).map_err(Errno::from)?;
+        let stored = sys::readlink_fd(lfd.as_fd()).map_err(Errno::from)?;
+        let old_place = self.names.link_place(p, name.as_bytes())?;
+        let target = self
+            .names
+            .decrypt_target(&old_place, &stored)
+            .map_err(|e| {
+                log::error!(
+                    "op=rename path={} error=\"{e}\" result=eio",
+                    sys::fd_path(lfd.as_fd())
+                );
+                Errno::EIO
+            })?;
+        let new_place: LinkPlace = self.names.link_place(np, newname.as_bytes())?;
+        // Encrypted and created under one hold of the active generation, so
+        // a rekey's final sweep (after a barrier) sees it.
+        let tmp = self.vol.keys.generations.with_active(|_, k| {
+            let new = self.names.encrypt_target(k, &new_place, &target)?;
+            crate::rekey::metadata::symlink_like(np.fd(), &new, &st)
+                .map_err(|e| self.fail("rename", np, e))
+        })?;
+        let cleanup = |tmp: &CStr| {
+            let _ = sys::unlinkat(np.fd(), tmp, 0);
+        };
+        if let Err(e) = self.names.write_sidecar(np, nb) {
+            cleanup(&tmp);
+            return Err(self.fail("rename", np, e));
+        }
+        if let Err(e) = sys::renameat2(np.fd(), &tmp, np.fd(), &nb.name, flags) {
+            cleanup(&tmp);
+            if !target_existed {
+                self.names.remove_sidecar(np, nb);
+            }
+            return Err(Errno::from(e));
+        }
+        // The new name is in place: the old one goes.
+        match sys::unlinkat(p.fd(), &ob.name, 0) {
+            Ok(()) => self.names.remove_sidecar(p, ob),
+            Err(e) => log::warn!(
+                "op=rename path={} error=\"old name of a re-created symlink not removed: {e}\"",
+                sys::fd_path(p.fd())
+            ),
+        }
+        if let Ok(fd) = sys::open_path(np.fd(), &nb.name)
+            && let Ok(nst) = sys::fstat(fd.as_fd())
+        {
+            self.inodes
+                .rebind((st.st_dev, st.st_ino), fd, &nst, new_place);
+        }
+        Ok(())
+    }
+}
