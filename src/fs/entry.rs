@@ -250,8 +250,8 @@ impl KmfsFs {
         if exchange {
             // A symlink is bound to its place: it cannot be exchanged
             // atomically into another one (see `bind`).
-            let tst = sys::fstatat(np.fd(), &nb.name, libc::AT_SYMLINK_NOFOLLOW)
-                .map_err(Errno::from)?;
+            let tst =
+                sys::fstatat(np.fd(), &nb.name, libc::AT_SYMLINK_NOFOLLOW).map_err(Errno::from)?;
             if self.rebinds(src.st_mode, &p, name, &np, newname)
                 || self.rebinds(tst.st_mode, &np, newname, &p, name)
             {
