@@ -507,3 +507,34 @@ fn make_version_2_forms_only(vol: &Volume, attrs: &[(&str, &str, &[u8])], links:
         std::os::unix::fs::symlink(t, &b).unwrap();
     }
 }
+
+/// The same migration by an online rekey of the mounted volume: reads go on
+/// during and after it, the header becomes version 3 while mounted, and the
+/// running daemon rejects unbound forms from then on.
+#[test]
+fn an_online_rekey_migrates_a_mounted_version_2_volume() {
+    let m = Volume::create(false).mount();
+    fs::write(m.p("f"), b"data").unwrap();
+    fs::create_dir(m.p("d")).unwrap();
+    std::os::unix::fs::symlink("/abs/t", m.p("d/l")).unwrap();
+    let vol = m.unmount();
+    make_version_2(&vol, &[("f", "user.a", b"one")], &[("d/l", "/abs/t")]);
+    let m = vol.mount();
+    assert_eq!(getx(&m.p("f"), "user.a").unwrap(), b"one");
+    assert_eq!(
+        fs::read_link(m.p("d/l")).unwrap().to_string_lossy(),
+        "/abs/t"
+    );
+    let o = kmfs_cmd(&[&"rekey", &"--cpu", &"100", &"--wait", &m.mnt()]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(header_version(m.vol()), 3);
+    assert_eq!(getx(&m.p("f"), "user.a").unwrap(), b"one");
+    assert_eq!(
+        fs::read_link(m.p("d/l")).unwrap().to_string_lossy(),
+        "/abs/t"
+    );
+    assert_eq!(fs::read(m.p("f")).unwrap(), b"data");
+    // Planted behind the running daemon's back: rejected at once.
+    make_version_2_forms_only(m.vol(), &[("f", "user.a", b"planted")], &[]);
+    assert_eq!(getx(&m.p("f"), "user.a"), Err(libc::EIO));
+}

@@ -105,6 +105,17 @@ impl KmfsFs {
             return Err(Errno::EIO);
         };
         self.names.decrypt_target(&place, &stored).map_err(|e| {
+            // A symlink a rekey has re-created since the kernel looked it
+            // up: this backing inode is gone, and its old (unbound) target
+            // may no longer be accepted. ESTALE makes readlink(2) look the
+            // name up again (LOOKUP_REVAL), which finds the new one.
+            if sys::fstat(inode.fd()).is_ok_and(|st| st.st_nlink == 0) {
+                log::debug!(
+                    "op=readlink path={} result=estale",
+                    sys::fd_path(inode.fd())
+                );
+                return Errno::ESTALE;
+            }
             log::error!(
                 "op=readlink path={} error=\"{e}\" result=eio",
                 sys::fd_path(inode.fd())
