@@ -80,7 +80,7 @@ pub fn start_anchors(interval: Duration) {
 /// [`start_anchors`].
 pub(super) static ANCHOR_INTERVAL: AtomicU64 = AtomicU64::new(DEFAULT_ANCHOR_INTERVAL_S);
 
-/// [`start_anchors`] with the interval from the config [`init`] was given.
+/// [`start_anchors`] with the interval from the config [`init`](super::init) was given.
 pub fn start_configured_anchors() {
     start_anchors(Duration::from_secs(ANCHOR_INTERVAL.load(Ordering::Relaxed)));
 }
