@@ -43,7 +43,8 @@ use std::sync::{Arc, Mutex, OnceLock, RwLock};
 
 use time::OffsetDateTime;
 
-use crate::logging::{AUDIT_TARGET, quote_value};
+use crate::logging::fields::{AUDIT_TARGET, kv, quote_value};
+use crate::logging::file::open_private_append;
 
 /// One audited operation. Fields that do not apply stay empty / `None`.
 #[derive(Clone, Debug, Default)]
@@ -314,7 +315,7 @@ impl AuditCsv {
     }
 
     fn open_file(path: &Path) -> io::Result<File> {
-        let file = crate::logging::open_private_append(path, false)?;
+        let file = open_private_append(path, false)?;
         // Two daemons may share one audit file: lock while deciding on the
         // header so it is written once.
         let lock = nix::fcntl::Flock::lock(file.try_clone()?, nix::fcntl::FlockArg::LockExclusive)
@@ -434,7 +435,7 @@ pub fn record(rec: &AuditRecord) {
         static REPORTED: AtomicBool = AtomicBool::new(false);
         log::error!(
             "{}",
-            crate::logging::kv(&[
+            kv(&[
                 ("op", "audit_write"),
                 ("path", &sink.path().display().to_string()),
                 ("result", "fail"),
