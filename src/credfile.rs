@@ -271,4 +271,33 @@ mod tests {
         let e = check_private(d.path(), "key file").unwrap_err();
         assert!(matches!(e, CredFileError::NotRegular { .. }));
     }
+
+    #[test]
+    fn a_ca_certificate_others_can_write_is_refused() {
+        let d = tempfile::tempdir().unwrap();
+        let p = file_with_mode(d.path(), 0o644);
+        check_trusted(&p, "CA certificate").unwrap();
+        for mode in [0o664, 0o646, 0o666] {
+            let p = file_with_mode(d.path(), mode);
+            let e = check_trusted(&p, "CA certificate").unwrap_err().to_string();
+            assert!(
+                e.contains("CA certificate") && e.contains("chmod go-w"),
+                "{e}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_backing_directory_others_can_enter_is_refused() {
+        let d = tempfile::tempdir().unwrap();
+        let b = d.path().join("back");
+        std::fs::create_dir(&b).unwrap();
+        std::fs::set_permissions(&b, std::fs::Permissions::from_mode(0o700)).unwrap();
+        check_backing_dir(&b).unwrap();
+        for mode in [0o750, 0o705, 0o755] {
+            std::fs::set_permissions(&b, std::fs::Permissions::from_mode(mode)).unwrap();
+            let e = check_backing_dir(&b).unwrap_err().to_string();
+            assert!(e.contains("chmod 700"), "{e}");
+        }
+    }
 }

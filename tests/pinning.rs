@@ -10,6 +10,8 @@
 mod cli;
 #[path = "support/mount.rs"]
 mod mount;
+#[path = "support/softhsm.rs"]
+mod softhsm;
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -223,4 +225,47 @@ fn offline_commands_holding_keys_cannot_dump_core_and_say_when_memory_is_not_loc
         1,
         "the mlock failure must be said exactly once: {out}"
     );
+}
+
+/// `kmfs rekey --rotate-kek` (real SoftHSM2 token): the KEK is rotated to a
+/// new version before the new DEK generation, so a header copy taken
+/// before needs the old KEK version; the old header backup still names it.
+#[test]
+fn rekey_with_rotate_kek_moves_the_volume_to_a_new_kek_version() {
+    if !softhsm::available() {
+        return;
+    }
+    let hsm = softhsm::Hsm::shared();
+    let t = tempfile::tempdir().unwrap();
+    let etc = private_dir(t.path().join("etc"));
+    let cfg = etc.join("vol.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "provider = \"pkcs11\"\n[log]\nsyslog = false\naudit_file = \"{}\"\n{}",
+            etc.join("audit.csv").display(),
+            hsm.toml_section("pin-rekey-rotate")
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&cfg, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let back = backing(t.path(), "back");
+    let o = kmfs(&[&"init", &"--create-kek", &"--config", &cfg, &back]);
+    assert!(o.status.success(), "{}", text(&o));
+    let dump = |b: &Path| -> serde_json::Value {
+        serde_json::from_slice(&kmfs(&[&"header", &"dump", &"--json", &b]).stdout).unwrap()
+    };
+    let before = dump(&back);
+    let o = kmfs(&[&"rekey", &"--rotate-kek", &"--config", &cfg, &back]);
+    assert!(o.status.success(), "{}", text(&o));
+    let after = dump(&back);
+    assert_eq!(before["kek"]["version"], 1, "{before}");
+    assert_eq!(after["kek"]["version"], 2, "{after}");
+    assert_eq!(after["kek"]["name"], "pin-rekey-rotate");
+    assert_eq!(after["active_generation"], 1, "{after}");
+    assert_eq!(after["generations"].as_array().unwrap().len(), 1, "{after}");
+    // Without the flag a rekey keeps the KEK version.
+    let o = kmfs(&[&"rekey", &"--config", &cfg, &back]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(dump(&back)["kek"]["version"], 2);
 }
