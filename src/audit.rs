@@ -45,6 +45,7 @@ use time::OffsetDateTime;
 
 use crate::logging::fields::{AUDIT_TARGET, kv, quote_value};
 use crate::logging::file::open_private_append;
+use crate::sync::{MutexExt, RwLockExt};
 
 /// One audited operation. Fields that do not apply stay empty / `None`.
 #[derive(Clone, Debug, Default)]
@@ -356,7 +357,7 @@ impl AuditCsv {
     /// [`append`](Self::append) with a given time (tests).
     pub fn append_at(&self, rec: &AuditRecord, user: &str, now: OffsetDateTime) -> io::Result<()> {
         let row = csv_row(rec, &self.volume, user, now);
-        let mut f = self.file.lock().unwrap_or_else(|e| e.into_inner());
+        let mut f = self.file.locked();
         if self.rotated(&f) {
             *f = Self::open_file(&self.path)?;
         }
@@ -372,7 +373,7 @@ static SINK: RwLock<Option<Arc<AuditCsv>>> = RwLock::new(None);
 /// Installs (or with `None` removes) the process-wide CSV sink used by
 /// [`record`]. [`crate::logging::init`] calls this.
 pub fn install_sink(sink: Option<AuditCsv>) {
-    *SINK.write().unwrap_or_else(|e| e.into_inner()) = sink.map(Arc::new);
+    *SINK.write_locked() = sink.map(Arc::new);
 }
 
 /// Records one operation in the audit trail and the log.
@@ -400,7 +401,7 @@ fn count_server(rec: &AuditRecord) {
         return;
     }
     let failed = rec.result != "ok";
-    let mut m = SERVER_COUNTERS.lock().unwrap_or_else(|e| e.into_inner());
+    let mut m = SERVER_COUNTERS.locked();
     let c = m.entry(rec.server.clone()).or_default();
     if rec.op == "connect" {
         c.connects += 1;
@@ -413,10 +414,7 @@ fn count_server(rec: &AuditRecord) {
 
 /// The key-server counters so far, by server name.
 pub fn server_counters() -> std::collections::BTreeMap<String, ServerCounters> {
-    SERVER_COUNTERS
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .clone()
+    SERVER_COUNTERS.locked().clone()
 }
 
 pub fn record(rec: &AuditRecord) {
@@ -428,7 +426,7 @@ pub fn record(rec: &AuditRecord) {
     } else {
         log::warn!(target: AUDIT_TARGET, "{line}");
     }
-    let sink = SINK.read().unwrap_or_else(|e| e.into_inner()).clone();
+    let sink = SINK.read_locked().clone();
     if let Some(sink) = sink
         && let Err(e) = sink.append(rec, &user)
     {

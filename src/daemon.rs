@@ -18,6 +18,7 @@ use crate::kms::keyfile::KeyfileProvider;
 use crate::rekey::state::RekeyState;
 use crate::rekey::{self, FileGate, Rekey, RekeyHost, generations};
 use crate::rotation::{self, RotateRequest};
+use crate::sync::{MutexExt, RwLockExt};
 use crate::volume::{Volume, now_secs};
 
 /// The volume and its key provider, shared by the control handler and the
@@ -30,14 +31,11 @@ struct Owner {
 
 impl Owner {
     fn volume(&self) -> std::sync::MutexGuard<'_, Volume> {
-        self.volume.lock().unwrap_or_else(|p| p.into_inner())
+        self.volume.locked()
     }
 
     fn provider(&self) -> Arc<dyn KeyProvider> {
-        self.provider
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        self.provider.read_locked().clone()
     }
 }
 
@@ -87,7 +85,7 @@ impl VolumeControl {
     }
 
     fn running(&self) -> std::sync::MutexGuard<'_, Option<Running>> {
-        self.rekey.lock().unwrap_or_else(|p| p.into_inner())
+        self.rekey.locked()
     }
 
     /// Connects the filesystem, and resumes a rekey the state file says is
@@ -206,11 +204,7 @@ impl ControlHandler for VolumeControl {
                 let r = rotation::rotate(&mut vol, &p, req, true);
                 if r.is_ok() {
                     // Later wraps (a rekey) must use the key file the header now names.
-                    *self
-                        .owner
-                        .provider
-                        .write()
-                        .unwrap_or_else(|p| p.into_inner()) = Arc::new(p);
+                    *self.owner.provider.write_locked() = Arc::new(p);
                 }
                 r
             }

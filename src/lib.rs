@@ -19,5 +19,6 @@ pub mod kms;
 pub mod logging;
 pub mod rekey;
 pub mod rotation;
+pub mod sync;
 pub mod sys;
 pub mod volume;

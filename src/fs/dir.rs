@@ -18,6 +18,7 @@ use super::handle::{DirEntry, OpenDir};
 use super::inode::Inode;
 use super::{KmfsFs, R, read_lock};
 use crate::crypto::names::DIR_ID_LEN;
+use crate::sync::MutexExt;
 use crate::sys;
 use crate::volume::dirid;
 
@@ -44,9 +45,9 @@ impl KmfsFs {
         let d = self.dirs.get(fh.0).ok_or(Errno::EBADF)?;
         if offset == 0 {
             let fresh = self.snapshot(&d.inode)?;
-            *d.entries.lock().unwrap_or_else(|p| p.into_inner()) = fresh;
+            *d.entries.locked() = fresh;
         }
-        let entries = d.entries.lock().unwrap_or_else(|p| p.into_inner());
+        let entries = d.entries.locked();
         let mut i = offset;
         loop {
             let full = match i {
@@ -291,9 +292,9 @@ impl KmfsFs {
         let d = self.dirs.get(fh.0).ok_or(Errno::EBADF)?;
         if offset == 0 {
             let fresh = self.snapshot(&d.inode)?;
-            *d.entries.lock().unwrap_or_else(|p| p.into_inner()) = fresh;
+            *d.entries.locked() = fresh;
         }
-        let entries = d.entries.lock().unwrap_or_else(|p| p.into_inner());
+        let entries = d.entries.locked();
         let dattr = self.stat_attr(&d.inode)?;
         let ttl = self.opts.ttl;
         let mut i = offset;

@@ -15,6 +15,7 @@ use super::handle::OpenFile;
 use super::inode::Inode;
 use super::names::BackingName;
 use super::{KmfsFs, R, read_lock};
+use crate::sync::RwLockExt;
 use crate::sys;
 use crate::volume::dirid;
 
@@ -131,7 +132,7 @@ impl KmfsFs {
             }
         };
         {
-            let _g = inode.io.write().unwrap_or_else(|p| p.into_inner());
+            let _g = inode.io.write_locked();
             if let Err(e) = self.ensure_header(&inode, &file, "create") {
                 self.inodes.forget(inode.ino, 1);
                 return Err(e);
@@ -174,7 +175,7 @@ impl KmfsFs {
         newname: &OsStr,
     ) -> R<(Arc<Inode>, FileAttr)> {
         self.ro()?;
-        let _moves = self.moves.read().unwrap_or_else(|p| p.into_inner());
+        let _moves = self.moves.read_locked();
         let inode = self.inode(ino)?;
         if inode.kind == FileType::Symlink {
             // Its target is bound to its one name (see `bind`).
@@ -209,7 +210,7 @@ impl KmfsFs {
         if flags.contains(RenameFlags::RENAME_WHITEOUT) {
             return Err(Errno::EINVAL);
         }
-        let _moves = self.moves.read().unwrap_or_else(|p| p.into_inner());
+        let _moves = self.moves.read_locked();
         let p = self.inode(parent)?;
         let np = self.inode(newparent)?;
         let _n1 = read_lock(&p.names);

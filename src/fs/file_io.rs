@@ -13,6 +13,7 @@ use super::handle::OpenFile;
 use super::inode::Inode;
 use super::{KmfsFs, R};
 use crate::crypto::content::Units;
+use crate::sync::RwLockExt;
 use crate::sys;
 use crate::volume::GenKeys;
 use crate::volume::content::BackingFile;
@@ -146,7 +147,7 @@ impl KmfsFs {
             }
             None => &sys::reopen(inode.fd(), libc::O_RDWR).map_err(Errno::from)?,
         };
-        let _g = inode.io.write().unwrap_or_else(|p| p.into_inner());
+        let _g = inode.io.write_locked();
         let size = Self::file_size(file)?;
         if new_size == size {
             return Ok(());
@@ -183,7 +184,7 @@ impl KmfsFs {
             Some(h) => h,
             None => return reply(Err(Errno::EBADF)),
         };
-        let _g = h.inode.io.read().unwrap_or_else(|p| p.into_inner());
+        let _g = h.inode.io.read_locked();
         let fsize = match Self::file_size(&h.file) {
             Ok(s) => s,
             Err(e) => return reply(Err(e)),
@@ -238,7 +239,7 @@ impl KmfsFs {
     fn write_data(&self, fh: FileHandle, offset: u64, data: &[u8]) -> R<u32> {
         self.ro()?;
         let h = self.files.get(fh.0).ok_or(Errno::EBADF)?;
-        let _g = h.inode.io.write().unwrap_or_else(|p| p.into_inner());
+        let _g = h.inode.io.write_locked();
         let crypt = self.crypt_for_write(&h.inode, &h.file, "write")?;
         let size = Self::file_size(&h.file)?;
         // With the writeback cache the kernel resolves O_APPEND itself and
@@ -272,7 +273,7 @@ impl KmfsFs {
         }
         let h = self.files.get(fh.0).ok_or(Errno::EBADF)?;
         let end = offset.checked_add(length).ok_or(Errno::EFBIG)?;
-        let _g = h.inode.io.write().unwrap_or_else(|p| p.into_inner());
+        let _g = h.inode.io.write_locked();
         let crypt = self.crypt_for_write(&h.inode, &h.file, "fallocate")?;
         let size = Self::file_size(&h.file)?;
         if mode & libc::FALLOC_FL_KEEP_SIZE == 0 && end > size {
@@ -311,7 +312,7 @@ impl KmfsFs {
             return Err(Errno::ENOSYS);
         }
         let h = self.files.get(fh.0).ok_or(Errno::EBADF)?;
-        let _g = h.inode.io.read().unwrap_or_else(|p| p.into_inner());
+        let _g = h.inode.io.read_locked();
         let size = Self::file_size(&h.file)?;
         if offset < 0 {
             return Err(Errno::EINVAL);

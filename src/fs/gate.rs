@@ -15,6 +15,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use super::inode::{Inode, InodeTable};
 use crate::crypto::names::DIR_ID_LEN;
 use crate::rekey::{FileGate, Frontier};
+use crate::sync::{MutexExt, RwLockExt};
 use crate::sys;
 use crate::volume::layout::FileHeader;
 
@@ -43,15 +44,11 @@ impl Splits {
         if self.count.load(Ordering::Relaxed) == 0 {
             return None;
         }
-        self.map
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(file_id)
-            .copied()
+        self.map.locked().get(file_id).copied()
     }
 
     pub fn set(&self, file_id: &[u8; 16], f: Option<Frontier>) {
-        let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        let mut map = self.map.locked();
         match f {
             Some(f) => {
                 map.insert(*file_id, f);
@@ -92,7 +89,7 @@ impl FileGate for FsGate {
     ) -> io::Result<()> {
         let inode = self.entry(path, md)?;
         let r = {
-            let _g = inode.io.write().unwrap_or_else(|p| p.into_inner());
+            let _g = inode.io.write_locked();
             let r = work();
             if let Ok(Some(h)) = &r {
                 inode.cache_header(h.clone());
@@ -111,7 +108,7 @@ impl FileGate for FsGate {
     ) -> io::Result<()> {
         let inode = self.entry(path, md)?;
         let r = {
-            let _g = inode.names.write().unwrap_or_else(|p| p.into_inner());
+            let _g = inode.names.write_locked();
             let r = work();
             if let Ok(Some(k)) = &r {
                 inode.cache_dir_key(*k);
@@ -123,7 +120,7 @@ impl FileGate for FsGate {
     }
 
     fn moves_frozen(&self, f: &mut dyn FnMut()) {
-        let _g = self.moves.write().unwrap_or_else(|p| p.into_inner());
+        let _g = self.moves.write_locked();
         f()
     }
 

@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use super::inode::Inode;
+use crate::sync::MutexExt;
 
 /// An open regular file: the backing file opened read-write (reads need it
 /// for read-modify-write anyway) or read-only on a read-only mount.
@@ -77,7 +78,7 @@ impl<T> Default for Handles<T> {
 
 impl<T> Handles<T> {
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Arc<T>>> {
-        self.map.lock().unwrap_or_else(|p| p.into_inner())
+        self.map.locked()
     }
 
     pub fn insert(&self, v: T) -> u64 {

@@ -18,6 +18,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use fuser::FileType;
 
 use crate::crypto::names::DIR_ID_LEN;
+use crate::sync::MutexExt;
 use crate::volume::layout::FileHeader;
 
 pub const ROOT: u64 = 1;
@@ -57,32 +58,29 @@ impl Inode {
 
     /// The cached directory id and names generation.
     pub fn cached_dir_key(&self) -> Option<([u8; DIR_ID_LEN], u16)> {
-        *self.dir_key.lock().unwrap_or_else(|p| p.into_inner())
+        *self.dir_key.locked()
     }
 
     pub fn cache_dir_key(&self, k: ([u8; DIR_ID_LEN], u16)) {
-        *self.dir_key.lock().unwrap_or_else(|p| p.into_inner()) = Some(k);
+        *self.dir_key.locked() = Some(k);
     }
 
     /// The cached per-file header, if read or written before.
     pub fn cached_header(&self) -> Option<FileHeader> {
-        self.header
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        self.header.locked().clone()
     }
 
     pub fn cache_header(&self, h: FileHeader) {
-        *self.header.lock().unwrap_or_else(|p| p.into_inner()) = Some(h);
+        *self.header.locked() = Some(h);
     }
 
     /// The symlink's place, as last looked up.
     pub fn link_place(&self) -> Option<LinkPlace> {
-        self.link.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        self.link.locked().clone()
     }
 
     pub fn set_link_place(&self, place: LinkPlace) {
-        *self.link.lock().unwrap_or_else(|p| p.into_inner()) = Some(place);
+        *self.link.locked() = Some(place);
     }
 
     fn new(ino: u64, fd: OwnedFd, kind: FileType) -> Inode {
@@ -155,7 +153,7 @@ impl InodeTable {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Tables> {
-        self.t.lock().unwrap_or_else(|p| p.into_inner())
+        self.t.locked()
     }
 
     pub fn get(&self, ino: u64) -> Option<Arc<Inode>> {

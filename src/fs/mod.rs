@@ -66,6 +66,7 @@ use fuser::{
 };
 
 use crate::crypto::xattr::XattrCipher;
+use crate::sync::RwLockExt;
 use crate::sys;
 use crate::volume::VolumeView;
 use crate::volume::dirid;
@@ -169,7 +170,7 @@ fn send<P: ErrorReply, T>(reply: P, r: R<T>, ok: impl FnOnce(P, T)) {
 }
 
 fn read_lock(l: &std::sync::RwLock<()>) -> std::sync::RwLockReadGuard<'_, ()> {
-    l.read().unwrap_or_else(|p| p.into_inner())
+    l.read_locked()
 }
 
 fn is_crypto_error(e: &io::Error) -> bool {

@@ -13,6 +13,7 @@
 use std::os::fd::BorrowedFd;
 use std::sync::RwLock;
 
+use crate::sync::RwLockExt;
 use crate::sys;
 
 pub const ROOT_ATTR: &std::ffi::CStr = c"trusted.kmfs.root";
@@ -83,7 +84,7 @@ impl Root {
 
     /// The attributes to show, if kept apart from the backing root.
     pub fn get(&self) -> Option<RootAttrs> {
-        *self.attrs.read().unwrap_or_else(|p| p.into_inner())
+        *self.attrs.read_locked()
     }
 
     /// Applies a chmod/chown of the mount root: `Ok(true)` if kept apart
@@ -95,7 +96,7 @@ impl Root {
         uid: Option<u32>,
         gid: Option<u32>,
     ) -> std::io::Result<bool> {
-        let mut g = self.attrs.write().unwrap_or_else(|p| p.into_inner());
+        let mut g = self.attrs.write_locked();
         let Some(cur) = *g else {
             return Ok(false);
         };

@@ -11,6 +11,7 @@ use fuser::{Errno, INodeNo, ReplyXattr};
 
 use super::{KmfsFs, R};
 use crate::crypto::xattr::{self, Mapped, XattrCipher, XattrError};
+use crate::sync::{MutexExt, RwLockExt};
 use crate::sys;
 use crate::volume::GenKeys;
 
@@ -56,7 +57,7 @@ impl KmfsFs {
 
     /// The attribute cipher of generation `g` (keys `k`), made once.
     pub(super) fn xattr_cipher_for(&self, g: u16, k: &GenKeys) -> Arc<XattrCipher> {
-        let mut cache = self.xattrs.lock().unwrap_or_else(|p| p.into_inner());
+        let mut cache = self.xattrs.locked();
         if let Some((_, c)) = cache.iter().find(|(x, _)| *x == g) {
             return c.clone();
         }
@@ -74,7 +75,7 @@ impl KmfsFs {
 
     pub(super) fn do_getxattr(&self, ino: INodeNo, name: &OsStr) -> R<Vec<u8>> {
         let inode = self.inode(ino)?;
-        let _g = inode.io.read().unwrap_or_else(|p| p.into_inner());
+        let _g = inode.io.read_locked();
         let mut missing = Errno::ENODATA;
         let unbound_ok = self.vol.keys.unbound_ok();
         let mut owner = None;
@@ -116,7 +117,7 @@ impl KmfsFs {
 
     pub(super) fn do_listxattr(&self, ino: INodeNo) -> R<Vec<u8>> {
         let inode = self.inode(ino)?;
-        let _g = inode.io.read().unwrap_or_else(|p| p.into_inner());
+        let _g = inode.io.read_locked();
         let ciphers = self.xattr_ciphers();
         let unbound_ok = self.vol.keys.unbound_ok();
         let owner = self.xattr_owner(&inode, false)?;
@@ -168,7 +169,7 @@ impl KmfsFs {
     ) -> R<()> {
         self.ro()?;
         let inode = self.inode(ino)?;
-        let _g = inode.io.write().unwrap_or_else(|p| p.into_inner());
+        let _g = inode.io.write_locked();
         let ciphers = self.xattr_ciphers();
         // Bound to the inode's owner id (a file without a header gets one
         // now, see `bind`); not for the clear ACL names.
@@ -235,7 +236,7 @@ impl KmfsFs {
     pub(super) fn do_removexattr(&self, ino: INodeNo, name: &OsStr) -> R<()> {
         self.ro()?;
         let inode = self.inode(ino)?;
-        let _g = inode.io.write().unwrap_or_else(|p| p.into_inner());
+        let _g = inode.io.write_locked();
         let mut result = Err(Errno::ENODATA);
         for (_, c) in self.xattr_ciphers() {
             let n = match Self::xattr_name(&c, name)? {

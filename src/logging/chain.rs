@@ -63,6 +63,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
+use crate::sync::MutexExt;
 use sha2::{Digest, Sha256};
 use time::OffsetDateTime;
 
@@ -334,7 +335,7 @@ impl ChainWriter {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+        self.state.locked()
     }
 
     /// Numbers, timestamps, chains and writes one message. `body` is the part

@@ -77,6 +77,7 @@ pub use repeat::REPEAT_WINDOW;
 pub use verify::{VerifyError, VerifyReport, verify_file};
 
 use self::syslog::{SyslogSink, parse_facility};
+use crate::sync::MutexExt;
 use fields::format_body;
 use repeat::Repeats;
 
@@ -193,8 +194,7 @@ impl Logger {
         if level <= Level::Warn && target != AUDIT_TARGET {
             let (emit, counts) = self
                 .repeats
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
+                .locked()
                 .check(level, target, msg, Instant::now());
             for (l, m) in counts {
                 self.write_record(l, "kmfs::logging", &m);
@@ -209,11 +209,7 @@ impl Logger {
     /// Logs the count lines of folded warnings whose window is over (all of
     /// them if `all`, at unmount).
     pub fn flush_repeats(&self, all: bool) {
-        let counts = self
-            .repeats
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .expire(Instant::now(), all);
+        let counts = self.repeats.locked().expire(Instant::now(), all);
         for (l, m) in counts {
             self.write_record(l, "kmfs::logging", &m);
         }
@@ -229,7 +225,7 @@ impl Logger {
             return;
         }
         if level == Level::Warn {
-            let mut seen = self.stderr_seen.lock().unwrap_or_else(|e| e.into_inner());
+            let mut seen = self.stderr_seen.locked();
             if seen.contains(msg) {
                 return;
             }

@@ -9,6 +9,7 @@ use log::Level;
 use syslog::{Facility, Formatter3164, Formatter5424, LoggerBackend};
 
 use super::config::{LoggingError, SyslogFormat};
+use crate::sync::MutexExt;
 
 pub(super) fn parse_facility(name: &str) -> Result<Facility, LoggingError> {
     Facility::from_str(name).map_err(|()| LoggingError::BadFacility(name.to_string()))
@@ -104,7 +105,7 @@ impl SyslogSink {
     }
 
     pub(super) fn send(&self, level: Level, line: &str) {
-        let mut conn = self.conn.lock().unwrap_or_else(|e| e.into_inner());
+        let mut conn = self.conn.locked();
         if let Some(c) = conn.as_mut()
             && Self::send_once(c, level, line).is_ok()
         {

@@ -9,6 +9,7 @@ use super::Throttle;
 use super::state::RekeyState;
 use crate::audit::{self, AuditRecord, Outcome};
 use crate::kms::KeyProvider;
+use crate::sync::MutexExt;
 use crate::volume::header::{self, VolumeHeader};
 use crate::volume::{Volume, now_secs};
 
@@ -96,7 +97,7 @@ pub fn retire(
     provider: &dyn KeyProvider,
     keep: u16,
 ) -> Result<Vec<u16>, String> {
-    let lock = || volume.lock().unwrap_or_else(|p| p.into_inner());
+    let lock = || volume.locked();
     let fail = |e: &dyn std::fmt::Display| {
         audit_step(&lock(), "rekey_retire", keep, Err(&e.to_string()));
         format!(

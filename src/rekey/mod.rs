@@ -42,6 +42,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 use crate::crypto::names::DIR_ID_LEN;
+use crate::sync::MutexExt;
 use crate::volume::layout::FileHeader;
 use crate::volume::{GenKeys, VolumeKeys, dirid, internal};
 use file::Step;
@@ -254,7 +255,7 @@ fn io_msg(what: &str, e: &io::Error) -> RekeyError {
 
 /// Waits `d`, or less if woken (stop, pause, resume, throttle change).
 fn nap(shared: &Shared, d: Duration) {
-    let g = shared.status.lock().unwrap_or_else(|p| p.into_inner());
+    let g = shared.status.locked();
     let _ = shared.wake.wait_timeout(g, d);
 }
 
@@ -327,7 +328,7 @@ impl Rekey {
     }
 
     fn status_mut(&self) -> std::sync::MutexGuard<'_, Status> {
-        self.shared.status.lock().unwrap_or_else(|p| p.into_inner())
+        self.shared.status.locked()
     }
 
     pub fn status(&self) -> Status {

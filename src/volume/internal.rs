@@ -18,6 +18,7 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 
+use crate::sync::MutexExt;
 use crate::sys;
 
 /// Upper bounds on the size of each kind of internal file.
@@ -104,7 +105,7 @@ fn report(dir: BorrowedFd<'_>, name: &CStr, e: &io::Error) {
     let path = format!("{}/{}", sys::fd_path(dir), name.to_string_lossy());
     let what = e.to_string();
     {
-        let mut seen = SEEN.lock().unwrap_or_else(|p| p.into_inner());
+        let mut seen = SEEN.locked();
         let seen = seen.get_or_insert_with(HashSet::new);
         if seen.len() > 10_000 || !seen.insert(format!("{path}\0{what}")) {
             return;

@@ -20,6 +20,7 @@ use crate::crypto::content::ContentCipher;
 use crate::crypto::keys::Secret;
 use crate::crypto::names::NameCipher;
 use crate::kms::{KekRef, KeyProvider, KmsError, generate_dek};
+use crate::sync::RwLockExt;
 use header::{HeaderError, VolumeHeader};
 
 #[derive(Debug, thiserror::Error)]
@@ -173,11 +174,11 @@ impl GenInner {
 
 impl Generations {
     fn read(&self) -> std::sync::RwLockReadGuard<'_, GenInner> {
-        self.inner.read().unwrap_or_else(|p| p.into_inner())
+        self.inner.read_locked()
     }
 
     fn write(&self) -> std::sync::RwLockWriteGuard<'_, GenInner> {
-        self.inner.write().unwrap_or_else(|p| p.into_inner())
+        self.inner.write_locked()
     }
 
     /// The generation new things are written with.

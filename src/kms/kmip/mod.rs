@@ -78,6 +78,7 @@ pub use self::config::{KmipConfig, KmipMode, KmipServerConfig};
 use self::messages::{GCM_TAG_LEN, Operation, enums, reason};
 use super::{KekRef, KeyProvider, KmsError, blob};
 use crate::crypto::keys::Secret;
+use crate::sync::MutexExt;
 
 /// The KMIP key provider.
 pub struct KmipProvider {
@@ -152,12 +153,7 @@ impl KeyProvider for KmipProvider {
     }
 
     fn current_kek(&self) -> Result<KekRef, KmsError> {
-        if let Some(k) = self
-            .current
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
-        {
+        if let Some(k) = self.current.locked().clone() {
             return Ok(k);
         }
         let key = self.audit_key();
@@ -485,7 +481,7 @@ impl KeyProvider for KmipProvider {
                 }
             }
         })?;
-        *self.current.lock().unwrap_or_else(|e| e.into_inner()) = Some(kek.clone());
+        *self.current.locked() = Some(kek.clone());
         Ok(kek)
     }
 
@@ -512,7 +508,7 @@ impl KeyProvider for KmipProvider {
                     Ok(res?)
                 })
             })?;
-        let mut cur = self.current.lock().unwrap_or_else(|e| e.into_inner());
+        let mut cur = self.current.locked();
         if cur.as_ref().is_some_and(|c| c.uid == kek.uid) {
             *cur = None;
         }

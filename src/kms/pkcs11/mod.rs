@@ -112,6 +112,7 @@ use super::blob::{self, IV_LEN, TAG_LEN, VERSION as BLOB_VERSION};
 use super::{KekRef, KeyProvider, KmsError};
 use crate::audit::{self, AuditRecord, Outcome};
 use crate::crypto::keys::Secret;
+use crate::sync::MutexExt;
 
 const KIND: &str = "pkcs11";
 /// AES-256.
@@ -168,7 +169,7 @@ impl Pkcs11Provider {
         };
         // Log in now so a wrong PIN or a missing token shows up at start.
         let s = p.open_session()?;
-        *p.session.lock().unwrap_or_else(|e| e.into_inner()) = Some(s);
+        *p.session.locked() = Some(s);
         Ok(p)
     }
 

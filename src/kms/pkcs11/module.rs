@@ -12,6 +12,7 @@ use cryptoki::slot::Slot;
 use super::Pkcs11Config;
 use super::error::ck_text;
 use crate::kms::KmsError;
+use crate::sync::MutexExt;
 
 /// Loads and initialises `path` once per process; later calls share it.
 pub(super) fn load_module(path: &Path) -> Result<Module, KmsError> {
@@ -37,7 +38,7 @@ pub(super) fn load_module(path: &Path) -> Result<Module, KmsError> {
     }
     let canon = std::fs::canonicalize(path)
         .map_err(|e| KmsError::Config(format!("cannot load PKCS#11 module {shown}: {e}")))?;
-    let mut loaded = MODULES.lock().unwrap_or_else(|e| e.into_inner());
+    let mut loaded = MODULES.locked();
     if let Some((_, m)) = loaded.iter().find(|(p, _)| *p == canon) {
         return Ok(m.clone());
     }

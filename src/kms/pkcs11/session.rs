@@ -11,6 +11,7 @@ use cryptoki::types::RawAuthPin;
 use super::Pkcs11Provider;
 use super::error::{OpResult, ck_text, is_session_lost, rv_of};
 use crate::kms::KmsError;
+use crate::sync::{MutexExt, RwLockExt};
 
 /// Taken shared by every provider operation and exclusively by those that
 /// create or modify token objects (see `with_session_exclusive`).
@@ -92,13 +93,13 @@ impl Pkcs11Provider {
         let mut attempt = 0;
         loop {
             let r = {
-                let _shared = OBJECTS_CHANGE.read().unwrap_or_else(|e| e.into_inner());
+                let _shared = OBJECTS_CHANGE.read_locked();
                 self.with_session_inner(&mut f)
             };
             match r {
                 Err(KmsError::KeyNotFound(_)) if attempt < 2 => {
                     attempt += 1;
-                    *self.session.lock().unwrap_or_else(|e| e.into_inner()) = None;
+                    *self.session.locked() = None;
                     std::thread::sleep(std::time::Duration::from_millis(150));
                 }
                 r => return r,
@@ -116,7 +117,7 @@ impl Pkcs11Provider {
         &self,
         f: impl FnMut(&Session) -> OpResult<T>,
     ) -> Result<T, KmsError> {
-        let _exclusive = OBJECTS_CHANGE.write().unwrap_or_else(|e| e.into_inner());
+        let _exclusive = OBJECTS_CHANGE.write_locked();
         self.with_session_inner(f)
     }
 
@@ -124,7 +125,7 @@ impl Pkcs11Provider {
         &self,
         mut f: impl FnMut(&Session) -> OpResult<T>,
     ) -> Result<T, KmsError> {
-        let mut guard = self.session.lock().unwrap_or_else(|e| e.into_inner());
+        let mut guard = self.session.locked();
         for attempt in 0..2 {
             // A session that was closed or logged out behind our back (another
             // part of the process called C_Logout, the token was re-inserted)
