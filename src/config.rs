@@ -247,15 +247,7 @@ impl VolumeConfig {
 
 /// A volume id written as 32 hex digits.
 pub fn parse_volume_id(s: &str) -> Option<[u8; 16]> {
-    let s = s.trim();
-    if s.len() != 32 || !s.bytes().all(|b| b.is_ascii_hexdigit()) {
-        return None;
-    }
-    let mut id = [0u8; 16];
-    for (i, b) in id.iter_mut().enumerate() {
-        *b = u8::from_str_radix(&s[2 * i..2 * i + 2], 16).ok()?;
-    }
-    Some(id)
+    crate::hex::decode(s.trim())?.try_into().ok()
 }
 
 #[cfg(test)]

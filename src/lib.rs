@@ -15,6 +15,7 @@ pub mod crypto;
 pub mod daemon;
 pub mod exitcode;
 pub mod fs;
+pub mod hex;
 pub mod kms;
 pub mod logging;
 pub mod rekey;

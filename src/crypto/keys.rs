@@ -325,7 +325,5 @@ mod tests {
         assert_eq!(hex(okm.as_bytes()), want);
     }
 
-    fn hex(b: &[u8]) -> String {
-        b.iter().map(|x| format!("{x:02x}")).collect()
-    }
+    use crate::hex::encode as hex;
 }

@@ -79,16 +79,7 @@ pub const ZERO_HASH: [u8; 32] = [0; 32];
 const HASH_SUFFIX: &str = " hash=";
 const CHAIN_START: &str = "event=chain_start";
 
-/// Lowercase hex of `bytes`.
-pub fn hex(bytes: &[u8]) -> String {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    let mut s = String::with_capacity(bytes.len() * 2);
-    for &b in bytes {
-        s.push(DIGITS[usize::from(b >> 4)] as char);
-        s.push(DIGITS[usize::from(b & 0x0f)] as char);
-    }
-    s
-}
+pub use crate::hex::encode as hex;
 
 /// Parses exactly 64 lowercase hex digits.
 pub fn parse_hash(s: &str) -> Option<[u8; 32]> {

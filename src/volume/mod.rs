@@ -631,9 +631,7 @@ impl Volume {
 }
 
 /// Lowercase hex of non-secret bytes (ids).
-pub fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
-}
+pub use crate::hex::encode as hex;
 
 #[cfg(test)]
 mod tests {

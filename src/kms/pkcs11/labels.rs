@@ -18,19 +18,7 @@ pub(super) struct FoundKey {
     pub(super) id: Vec<u8>,
 }
 
-pub(super) fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
-}
-
-pub(super) fn unhex(s: &str) -> Option<Vec<u8>> {
-    if !s.len().is_multiple_of(2) {
-        return None;
-    }
-    (0..s.len())
-        .step_by(2)
-        .map(|i| s.get(i..i + 2).and_then(|h| u8::from_str_radix(h, 16).ok()))
-        .collect()
-}
+pub(super) use crate::hex::{decode as unhex, encode as hex};
 
 /// The token object label of version `version` of KEK `name`.
 pub fn version_label(name: &str, version: u32) -> String {
