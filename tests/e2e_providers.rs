@@ -237,7 +237,8 @@ fn keyfile_cycle_at_debug_level_leaks_no_kek() {
         ("log file", std::fs::read(d.etc.join("vol.log")).unwrap()),
         (
             "audit trail",
-            std::fs::read(d.etc.join("audit.csv")).unwrap_or_default(),
+            // A missing trail must fail, not scan as empty.
+            std::fs::read(d.etc.join("audit.csv")).expect("the audit trail exists"),
         ),
     ];
     scan(&hay, "KEK", &kek);
