@@ -350,3 +350,92 @@ pub fn remove_file_if_exists(p: &std::path::Path) -> io::Result<()> {
         _ => Ok(()),
     }
 }
+
+/// The most a file handle may hold (MAX_HANDLE_SZ in linux/exportfs.h).
+const MAX_HANDLE_SZ: usize = 128;
+
+/// `struct file_handle` with room for the largest handle.
+#[repr(C)]
+struct HandleBuf {
+    handle_bytes: libc::c_uint,
+    handle_type: libc::c_int,
+    f_handle: [u8; MAX_HANDLE_SZ],
+}
+
+/// A backing filesystem's file handle (`name_to_handle_at`): a stable
+/// reference to an inode, valid across renames and process restarts, that
+/// `open_by_handle_at` turns back into a descriptor without holding one open.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FileHandle {
+    kind: libc::c_int,
+    bytes: Box<[u8]>,
+}
+
+impl FileHandle {
+    /// The handle's opaque bytes and type, as the filesystem made them.
+    pub fn bytes(&self) -> &[u8] {
+        &self.bytes
+    }
+
+    /// Memory the handle takes beyond its own struct.
+    pub fn heap_size(&self) -> usize {
+        self.bytes.len()
+    }
+}
+
+/// The file handle of the inode behind `fd` (which may be an `O_PATH`
+/// descriptor), and the id of the mount it was found on.
+pub fn name_to_handle(fd: BorrowedFd<'_>) -> io::Result<(FileHandle, libc::c_int)> {
+    let mut buf = HandleBuf {
+        handle_bytes: MAX_HANDLE_SZ as libc::c_uint,
+        handle_type: 0,
+        f_handle: [0; MAX_HANDLE_SZ],
+    };
+    let mut mount_id: libc::c_int = 0;
+    // SAFETY: `buf` is a file_handle with room for `handle_bytes` bytes after
+    // its header; `mount_id` is writable; the empty path with AT_EMPTY_PATH
+    // names `fd` itself.
+    cvt(unsafe {
+        libc::name_to_handle_at(
+            fd.as_raw_fd(),
+            empty().as_ptr(),
+            (&raw mut buf).cast::<libc::file_handle>(),
+            &mut mount_id,
+            libc::AT_EMPTY_PATH,
+        )
+    })?;
+    let n = (buf.handle_bytes as usize).min(MAX_HANDLE_SZ);
+    Ok((
+        FileHandle {
+            kind: buf.handle_type,
+            bytes: buf.f_handle[..n].into(),
+        },
+        mount_id,
+    ))
+}
+
+/// Opens the inode a file handle names, on the filesystem of `mount_fd`.
+/// Needs CAP_DAC_READ_SEARCH; fails with ESTALE once the inode is gone.
+pub fn open_by_handle(
+    mount_fd: BorrowedFd<'_>,
+    h: &FileHandle,
+    flags: libc::c_int,
+) -> io::Result<OwnedFd> {
+    let mut buf = HandleBuf {
+        handle_bytes: h.bytes.len() as libc::c_uint,
+        handle_type: h.kind,
+        f_handle: [0; MAX_HANDLE_SZ],
+    };
+    buf.f_handle[..h.bytes.len()].copy_from_slice(&h.bytes);
+    // SAFETY: `buf` is a valid file_handle whose `handle_bytes` bytes follow
+    // its header; open_by_handle_at returns a new descriptor we own.
+    let fd = cvt(unsafe {
+        libc::open_by_handle_at(
+            mount_fd.as_raw_fd(),
+            (&raw mut buf).cast::<libc::file_handle>(),
+            flags | libc::O_CLOEXEC,
+        )
+    })?;
+    // SAFETY: fd was just returned by open_by_handle_at and is owned by nobody else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}

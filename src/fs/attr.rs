@@ -2,6 +2,7 @@
 //! the set-id rules (ownership and mode of new entries, clearing set-id bits
 //! and capabilities under FUSE_HANDLE_KILLPRIV_V2) and time conversion.
 
+use std::os::fd::AsFd;
 use std::os::fd::BorrowedFd;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -53,15 +54,16 @@ impl KmfsFs {
     }
 
     pub(super) fn stat_attr(&self, inode: &Inode) -> R<FileAttr> {
-        let st = sys::fstat(inode.fd()).map_err(Errno::from)?;
+        let st = sys::fstat(inode.fd()?.as_fd()).map_err(Errno::from)?;
         Ok(self.attr(inode, &st))
     }
 
     /// Mode for a new entry: the caller's umask applies unless the backing
     /// parent has a default ACL (then the backing filesystem applies the ACL).
     pub(super) fn create_mode(&self, parent: &Inode, mode: u32, umask: u32) -> u32 {
-        let has_default_acl =
-            sys::getxattr(parent.fd(), c"system.posix_acl_default").is_ok_and(|v| !v.is_empty());
+        let has_default_acl = parent.fd().is_ok_and(|fd| {
+            sys::getxattr(fd.as_fd(), c"system.posix_acl_default").is_ok_and(|v| !v.is_empty())
+        });
         if has_default_acl {
             mode & 0o7777
         } else {
@@ -72,7 +74,7 @@ impl KmfsFs {
     /// Gives a new entry to the caller (uid, and gid unless the directory is
     /// set-group-id), keeping set-id bits the chown would clear.
     pub(super) fn set_owner(&self, parent: &Inode, fd: BorrowedFd<'_>, req: &Request, mode: u32) {
-        let pst = sys::fstat(parent.fd()).ok();
+        let pst = parent.fd().ok().and_then(|fd| sys::fstat(fd.as_fd()).ok());
         let gid = match pst {
             Some(p) if p.st_mode & libc::S_ISGID != 0 => None,
             _ => Some(req.gid()),
@@ -98,8 +100,9 @@ impl KmfsFs {
         if inode.kind != FileType::RegularFile {
             return;
         }
+        let Ok(fd) = inode.fd() else { return };
         if let Some(caller) = clear_mode
-            && let Ok(st) = sys::fstat(inode.fd())
+            && let Ok(st) = sys::fstat(fd.as_fd())
         {
             // The kernel's rule (setattr_should_drop_sgid): set-gid goes with
             // group-execute, or when the caller is not in the file's group;
@@ -109,7 +112,7 @@ impl KmfsFs {
                 kill |= libc::S_ISGID;
             }
             if st.st_mode & kill != 0
-                && sys::chmod_fd(inode.fd(), st.st_mode & 0o7777 & !kill).is_ok()
+                && sys::chmod_fd(fd.as_fd(), st.st_mode & 0o7777 & !kill).is_ok()
             {
                 // A write reply carries no attributes: drop the kernel's
                 // cached mode (attributes only; no page is touched).
@@ -122,7 +125,7 @@ impl KmfsFs {
             if let Ok(Mapped::Encrypted(b)) = c.map_name(b"security.capability")
                 && let Ok(n) = sys::cstr(&b)
             {
-                let _ = sys::removexattr(inode.fd(), &n);
+                let _ = sys::removexattr(fd.as_fd(), &n);
             }
         }
     }
@@ -156,7 +159,7 @@ impl KmfsFs {
             && (mode.is_some() || uid.is_some() || gid.is_some())
             && self
                 .root
-                .set(inode.fd(), mode, uid, gid)
+                .set(inode.fd()?.as_fd(), mode, uid, gid)
                 .map_err(Errno::from)?;
         let (mode, uid, gid) = if kept_apart {
             (None, None, None)
@@ -164,7 +167,7 @@ impl KmfsFs {
             (mode, uid, gid)
         };
         if uid.is_some() || gid.is_some() {
-            sys::fchownat(inode.fd(), uid, gid).map_err(Errno::from)?;
+            sys::fchownat(inode.fd()?.as_fd(), uid, gid).map_err(Errno::from)?;
             // The backing chown cleared the set-id bits; the capability is
             // one of our encrypted attributes.
             if self.killpriv {
@@ -175,7 +178,7 @@ impl KmfsFs {
             if inode.kind == FileType::Symlink {
                 return Err(Errno::EOPNOTSUPP);
             }
-            sys::chmod_fd(inode.fd(), m & 0o7777).map_err(Errno::from)?;
+            sys::chmod_fd(inode.fd()?.as_fd(), m & 0o7777).map_err(Errno::from)?;
         }
         if let Some(s) = size {
             self.truncate(&inode, fh, s)?;
@@ -187,7 +190,7 @@ impl KmfsFs {
         }
         if atime.is_some() || mtime.is_some() {
             let t = [timespec(atime), timespec(mtime)];
-            sys::utimens_fd(inode.fd(), &t).map_err(Errno::from)?;
+            sys::utimens_fd(inode.fd()?.as_fd(), &t).map_err(Errno::from)?;
         }
         self.stat_attr(&inode)
     }

@@ -58,10 +58,11 @@ impl KmfsFs {
                     return Ok(Some(h.file_id));
                 }
                 if create {
-                    let file = sys::reopen(inode.fd(), libc::O_RDWR).map_err(Errno::from)?;
+                    let file =
+                        sys::reopen(inode.fd()?.as_fd(), libc::O_RDWR).map_err(Errno::from)?;
                     return Ok(Some(self.ensure_header(inode, &file, "setxattr")?.file_id));
                 }
-                let file = sys::reopen(inode.fd(), libc::O_RDONLY).map_err(Errno::from)?;
+                let file = sys::reopen(inode.fd()?.as_fd(), libc::O_RDONLY).map_err(Errno::from)?;
                 match FileHeader::read_from(&file) {
                     Ok(Some(h)) => {
                         inode.cache_header(h.clone());
@@ -71,7 +72,7 @@ impl KmfsFs {
                     Err(e) => {
                         log::error!(
                             "op=getxattr path={} error=\"damaged file header: {e}\"",
-                            sys::fd_path(inode.fd())
+                            inode.path_for_log()
                         );
                         Ok(None)
                     }
@@ -96,11 +97,11 @@ impl KmfsFs {
     /// The plaintext target of symlink `inode`; EIO (logged) if it does not
     /// authenticate at its place.
     pub(super) fn read_target(&self, inode: &Inode) -> R<Vec<u8>> {
-        let stored = sys::readlink_fd(inode.fd()).map_err(Errno::from)?;
+        let stored = sys::readlink_fd(inode.fd()?.as_fd()).map_err(Errno::from)?;
         let Some(place) = inode.link_place() else {
             log::error!(
                 "op=readlink path={} error=\"symlink reached without a lookup by name\" result=eio",
-                sys::fd_path(inode.fd())
+                inode.path_for_log()
             );
             return Err(Errno::EIO);
         };
@@ -109,16 +110,16 @@ impl KmfsFs {
             // up: this backing inode is gone, and its old (unbound) target
             // may no longer be accepted. ESTALE makes readlink(2) look the
             // name up again (LOOKUP_REVAL), which finds the new one.
-            if sys::fstat(inode.fd()).is_ok_and(|st| st.st_nlink == 0) {
-                log::debug!(
-                    "op=readlink path={} result=estale",
-                    sys::fd_path(inode.fd())
-                );
+            if inode
+                .fd()
+                .is_ok_and(|fd| sys::fstat(fd.as_fd()).is_ok_and(|st| st.st_nlink == 0))
+            {
+                log::debug!("op=readlink path={} result=estale", inode.path_for_log());
                 return Errno::ESTALE;
             }
             log::error!(
                 "op=readlink path={} error=\"{e}\" result=eio",
-                sys::fd_path(inode.fd())
+                inode.path_for_log()
             );
             Errno::EIO
         })
@@ -157,7 +158,9 @@ impl KmfsFs {
         flags: u32,
         target_existed: bool,
     ) -> R<()> {
-        let lfd = sys::open_path(p.fd(), &ob.name).map_err(Errno::from)?;
+        let pfd = p.fd()?;
+        let npfd = np.fd()?;
+        let lfd = sys::open_path(pfd.as_fd(), &ob.name).map_err(Errno::from)?;
         let st = sys::fstat(lfd.as_fd()).map_err(Errno::from)?;
         let stored = sys::readlink_fd(lfd.as_fd()).map_err(Errno::from)?;
         let old_place = self.names.link_place(p, name.as_bytes())?;
@@ -176,17 +179,17 @@ impl KmfsFs {
         // a rekey's final sweep (after a barrier) sees it.
         let tmp = self.vol.keys.generations.with_active(|_, k| {
             let new = self.names.encrypt_target(k, &new_place, &target)?;
-            crate::rekey::metadata::symlink_like(np.fd(), &new, &st)
+            crate::rekey::metadata::symlink_like(npfd.as_fd(), &new, &st)
                 .map_err(|e| self.fail("rename", np, e))
         })?;
         let cleanup = |tmp: &CStr| {
-            let _ = sys::unlinkat(np.fd(), tmp, 0);
+            let _ = sys::unlinkat(npfd.as_fd(), tmp, 0);
         };
         if let Err(e) = self.names.write_sidecar(np, nb) {
             cleanup(&tmp);
             return Err(self.fail("rename", np, e));
         }
-        if let Err(e) = sys::renameat2(np.fd(), &tmp, np.fd(), &nb.name, flags) {
+        if let Err(e) = sys::renameat2(npfd.as_fd(), &tmp, npfd.as_fd(), &nb.name, flags) {
             cleanup(&tmp);
             if !target_existed {
                 self.names.remove_sidecar(np, nb);
@@ -194,14 +197,14 @@ impl KmfsFs {
             return Err(Errno::from(e));
         }
         // The new name is in place: the old one goes.
-        match sys::unlinkat(p.fd(), &ob.name, 0) {
+        match sys::unlinkat(pfd.as_fd(), &ob.name, 0) {
             Ok(()) => self.names.remove_sidecar(p, ob),
             Err(e) => log::warn!(
                 "op=rename path={} error=\"old name of a re-created symlink not removed: {e}\"",
-                sys::fd_path(p.fd())
+                p.path_for_log()
             ),
         }
-        if let Ok(fd) = sys::open_path(np.fd(), &nb.name)
+        if let Ok(fd) = sys::open_path(npfd.as_fd(), &nb.name)
             && let Ok(nst) = sys::fstat(fd.as_fd())
         {
             self.inodes

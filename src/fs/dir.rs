@@ -68,7 +68,7 @@ impl KmfsFs {
 
     pub(super) fn do_fsyncdir(&self, ino: INodeNo) -> R<()> {
         let inode = self.inode(ino)?;
-        sys::reopen(inode.fd(), libc::O_RDONLY | libc::O_DIRECTORY)
+        sys::reopen(inode.fd()?.as_fd(), libc::O_RDONLY | libc::O_DIRECTORY)
             .and_then(|f| f.sync_all())
             .map_err(Errno::from)
     }
@@ -79,7 +79,7 @@ impl KmfsFs {
         parent: &Inode,
         backing: &CStr,
     ) -> R<(Arc<Inode>, FileAttr)> {
-        let fd = sys::open_path(parent.fd(), backing).map_err(Errno::from)?;
+        let fd = sys::open_path(parent.fd()?.as_fd(), backing).map_err(Errno::from)?;
         let st = sys::fstat(fd.as_fd()).map_err(Errno::from)?;
         let inode = self.inodes.lookup(fd, &st);
         let attr = self.attr(&inode, &st);
@@ -113,11 +113,12 @@ impl KmfsFs {
     ) -> R<(Arc<Inode>, FileAttr)> {
         self.ro()?;
         let parent = self.inode(parent)?;
+        let pfd = parent.fd()?;
         let _n = read_lock(&parent.names);
         let b = self.names.encode(&parent, name)?;
         let perm = self.create_mode(&parent, mode, umask);
         if self.names.plaintext() {
-            sys::mkdirat(parent.fd(), &b.name, perm).map_err(Errno::from)?;
+            sys::mkdirat(pfd.as_fd(), &b.name, perm).map_err(Errno::from)?;
             return self.finish_new(&parent, &b, req, perm);
         }
         // Made under a reserved temporary name with its id, then renamed into
@@ -126,15 +127,15 @@ impl KmfsFs {
         getrandom::fill(&mut rnd).map_err(|_| Errno::EIO)?;
         let tmp = sys::cstr(format!("kmfs.tmp.{}", crate::volume::hex(&rnd)).as_bytes())
             .map_err(Errno::from)?;
-        sys::mkdirat(parent.fd(), &tmp, perm).map_err(Errno::from)?;
+        sys::mkdirat(pfd.as_fd(), &tmp, perm).map_err(Errno::from)?;
         let cleanup = |fd: Option<&OwnedFd>| {
             if let Some(fd) = fd {
                 let _ = sys::unlinkat(fd.as_fd(), c"kmfs.dirid", 0);
                 let _ = sys::unlinkat(fd.as_fd(), c"kmfs.dirid.tmp", 0);
             }
-            let _ = sys::unlinkat(parent.fd(), &tmp, libc::AT_REMOVEDIR);
+            let _ = sys::unlinkat(pfd.as_fd(), &tmp, libc::AT_REMOVEDIR);
         };
-        let tfd = match sys::open_path(parent.fd(), &tmp) {
+        let tfd = match sys::open_path(pfd.as_fd(), &tmp) {
             Ok(f) => f,
             Err(e) => {
                 cleanup(None);
@@ -157,17 +158,17 @@ impl KmfsFs {
         self.set_owner(&parent, tfd.as_fd(), req, perm);
         let placed = self.with_sidecar(&parent, &b, || {
             match sys::renameat2(
-                parent.fd(),
+                pfd.as_fd(),
                 &tmp,
-                parent.fd(),
+                pfd.as_fd(),
                 &b.name,
                 libc::RENAME_NOREPLACE,
             ) {
                 Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
                     // Backing filesystem without RENAME_NOREPLACE.
-                    match sys::fstatat(parent.fd(), &b.name, libc::AT_SYMLINK_NOFOLLOW) {
+                    match sys::fstatat(pfd.as_fd(), &b.name, libc::AT_SYMLINK_NOFOLLOW) {
                         Ok(_) => Err(io::Error::from_raw_os_error(libc::EEXIST)),
-                        Err(_) => sys::renameat2(parent.fd(), &tmp, parent.fd(), &b.name, 0),
+                        Err(_) => sys::renameat2(pfd.as_fd(), &tmp, pfd.as_fd(), &b.name, 0),
                     }
                 }
                 r => r,
@@ -227,9 +228,10 @@ impl KmfsFs {
     pub(super) fn do_rmdir(&self, parent: INodeNo, name: &OsStr) -> R<()> {
         self.ro()?;
         let parent = self.inode(parent)?;
+        let pfd = parent.fd()?;
         let _n = read_lock(&parent.names);
         let b = self.names.encode(&parent, name)?;
-        let cfd = sys::open_path(parent.fd(), &b.name).map_err(Errno::from)?;
+        let cfd = sys::open_path(pfd.as_fd(), &b.name).map_err(Errno::from)?;
         let st = sys::fstat(cfd.as_fd()).map_err(Errno::from)?;
         if st.st_mode & libc::S_IFMT != libc::S_IFDIR {
             return Err(Errno::ENOTDIR);
@@ -241,7 +243,7 @@ impl KmfsFs {
         let child = self.inodes.by_backing(st.st_dev, st.st_ino);
         let _c = child.as_ref().map(|c| read_lock(&c.names));
         let id = self.strip_empty_dir(cfd.as_fd())?;
-        if let Err(e) = sys::unlinkat(parent.fd(), &b.name, libc::AT_REMOVEDIR) {
+        if let Err(e) = sys::unlinkat(pfd.as_fd(), &b.name, libc::AT_REMOVEDIR) {
             self.restore_dirid(cfd.as_fd(), id);
             return Err(Errno::from(e));
         }
@@ -254,7 +256,7 @@ impl KmfsFs {
             let _n = read_lock(&dir.names);
             self.names.list(dir)?
         };
-        let dev = sys::fstat(dir.fd()).map_err(Errno::from)?.st_dev;
+        let dev = sys::fstat(dir.fd()?.as_fd()).map_err(Errno::from)?.st_dev;
         Ok(list
             .into_iter()
             .map(|e| DirEntry {

@@ -33,7 +33,7 @@ impl KmfsFs {
         req: &Request,
         mode: u32,
     ) -> R<(Arc<Inode>, FileAttr)> {
-        let fd = sys::open_path(parent.fd(), &b.name).map_err(Errno::from)?;
+        let fd = sys::open_path(parent.fd()?.as_fd(), &b.name).map_err(Errno::from)?;
         self.set_owner(parent, fd.as_fd(), req, mode);
         let st = sys::fstat(fd.as_fd()).map_err(Errno::from)?;
         let inode = self.inodes.lookup(fd, &st);
@@ -74,20 +74,21 @@ impl KmfsFs {
     ) -> R<(Arc<Inode>, FileAttr)> {
         self.ro()?;
         let parent = self.inode(parent)?;
+        let pfd = parent.fd()?;
         let b = self.names.encode(&parent, name)?;
         let perm = self.create_mode(&parent, mode, umask);
         let fmt = mode & libc::S_IFMT;
         self.with_sidecar(&parent, &b, || {
             if fmt == libc::S_IFREG || fmt == 0 {
                 sys::openat(
-                    parent.fd(),
+                    pfd.as_fd(),
                     &b.name,
                     libc::O_CREAT | libc::O_EXCL | libc::O_WRONLY | libc::O_NOFOLLOW,
                     perm,
                 )
                 .map(drop)
             } else {
-                sys::mknodat(parent.fd(), &b.name, fmt | perm, rdev as u64)
+                sys::mknodat(pfd.as_fd(), &b.name, fmt | perm, rdev as u64)
             }
         })?;
         self.finish_new(&parent, &b, req, perm)
@@ -104,12 +105,13 @@ impl KmfsFs {
     ) -> R<(FileAttr, u64)> {
         self.ro()?;
         let parent = self.inode(parent)?;
+        let pfd = parent.fd()?;
         let _n = read_lock(&parent.names);
         let b = self.names.encode(&parent, name)?;
         let perm = self.create_mode(&parent, mode, umask);
         let made = self.with_sidecar(&parent, &b, || {
             sys::openat(
-                parent.fd(),
+                pfd.as_fd(),
                 &b.name,
                 libc::O_CREAT | libc::O_EXCL | libc::O_RDWR | libc::O_NOFOLLOW,
                 perm,
@@ -152,6 +154,7 @@ impl KmfsFs {
     ) -> R<(Arc<Inode>, FileAttr)> {
         self.ro()?;
         let parent = self.inode(parent)?;
+        let pfd = parent.fd()?;
         let _n = read_lock(&parent.names);
         let b = self.names.encode(&parent, link_name)?;
         let place = self.names.link_place(&parent, link_name.as_bytes())?;
@@ -161,7 +164,7 @@ impl KmfsFs {
             let t = self
                 .names
                 .encrypt_target(k, &place, target.as_os_str().as_bytes())?;
-            self.with_sidecar(&parent, &b, || sys::symlinkat(&t, parent.fd(), &b.name))
+            self.with_sidecar(&parent, &b, || sys::symlinkat(&t, pfd.as_fd(), &b.name))
         })?;
         let (inode, attr) = self.finish_new(&parent, &b, req, 0o777)?;
         inode.set_link_place(place);
@@ -182,18 +185,21 @@ impl KmfsFs {
             return Err(Errno::EPERM);
         }
         let np = self.inode(newparent)?;
+        let ifd = inode.fd()?;
+        let npfd = np.fd()?;
         let _n = read_lock(&np.names);
         let b = self.names.encode(&np, newname)?;
-        self.with_sidecar(&np, &b, || sys::link_fd(inode.fd(), np.fd(), &b.name))?;
+        self.with_sidecar(&np, &b, || sys::link_fd(ifd.as_fd(), npfd.as_fd(), &b.name))?;
         self.lookup_backing(&np, &b.name)
     }
 
     pub(super) fn do_unlink(&self, parent: INodeNo, name: &OsStr) -> R<()> {
         self.ro()?;
         let parent = self.inode(parent)?;
+        let pfd = parent.fd()?;
         let _n = read_lock(&parent.names);
         let b = self.names.encode(&parent, name)?;
-        sys::unlinkat(parent.fd(), &b.name, 0).map_err(Errno::from)?;
+        sys::unlinkat(pfd.as_fd(), &b.name, 0).map_err(Errno::from)?;
         self.names.remove_sidecar(&parent, &b);
         Ok(())
     }
@@ -213,16 +219,18 @@ impl KmfsFs {
         let _moves = self.moves.read_locked();
         let p = self.inode(parent)?;
         let np = self.inode(newparent)?;
+        let npfd = np.fd()?;
         let _n1 = read_lock(&p.names);
         let _n2 = (np.ino != p.ino).then(|| read_lock(&np.names));
         let ob = self.names.encode(&p, name)?;
         let nb = self.names.encode(&np, newname)?;
         let exchange = flags.contains(RenameFlags::RENAME_EXCHANGE);
         let noreplace = flags.contains(RenameFlags::RENAME_NOREPLACE);
-        let src = sys::fstatat(p.fd(), &ob.name, libc::AT_SYMLINK_NOFOLLOW).map_err(Errno::from)?;
+        let src = sys::fstatat(p.fd()?.as_fd(), &ob.name, libc::AT_SYMLINK_NOFOLLOW)
+            .map_err(Errno::from)?;
         let mut stripped: Option<(std::os::fd::OwnedFd, Option<dirid::DirKey>)> = None;
         let target_existed;
-        match sys::fstatat(np.fd(), &nb.name, libc::AT_SYMLINK_NOFOLLOW) {
+        match sys::fstatat(npfd.as_fd(), &nb.name, libc::AT_SYMLINK_NOFOLLOW) {
             Ok(tst) => {
                 target_existed = true;
                 if (tst.st_dev, tst.st_ino) == (src.st_dev, src.st_ino) && !exchange {
@@ -235,7 +243,7 @@ impl KmfsFs {
                 let both_dirs = tst.st_mode & libc::S_IFMT == libc::S_IFDIR
                     && src.st_mode & libc::S_IFMT == libc::S_IFDIR;
                 if both_dirs && !exchange && !noreplace {
-                    let tfd = sys::open_path(np.fd(), &nb.name).map_err(Errno::from)?;
+                    let tfd = sys::open_path(npfd.as_fd(), &nb.name).map_err(Errno::from)?;
                     let id = self.strip_empty_dir(tfd.as_fd())?;
                     stripped = Some((tfd, id));
                 }
@@ -251,8 +259,8 @@ impl KmfsFs {
         if exchange {
             // A symlink is bound to its place: it cannot be exchanged
             // atomically into another one (see `bind`).
-            let tst =
-                sys::fstatat(np.fd(), &nb.name, libc::AT_SYMLINK_NOFOLLOW).map_err(Errno::from)?;
+            let tst = sys::fstatat(npfd.as_fd(), &nb.name, libc::AT_SYMLINK_NOFOLLOW)
+                .map_err(Errno::from)?;
             if self.rebinds(src.st_mode, &p, name, &np, newname)
                 || self.rebinds(tst.st_mode, &np, newname, &p, name)
             {
@@ -267,7 +275,13 @@ impl KmfsFs {
                 .write_sidecar(&np, &nb)
                 .map_err(|e| self.fail("rename", &np, e))?;
         }
-        let r = sys::renameat2(p.fd(), &ob.name, np.fd(), &nb.name, flags.bits());
+        let r = sys::renameat2(
+            p.fd()?.as_fd(),
+            &ob.name,
+            npfd.as_fd(),
+            &nb.name,
+            flags.bits(),
+        );
         if let Err(e) = r {
             if let Some((tfd, id)) = stripped {
                 self.restore_dirid(tfd.as_fd(), id);

@@ -3,6 +3,7 @@
 //! written on the first write).
 
 use std::fs::File;
+use std::os::fd::AsFd;
 use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 
@@ -39,12 +40,12 @@ impl KmfsFs {
             if want_write {
                 return Err(Errno::EROFS);
             }
-            return sys::reopen(inode.fd(), libc::O_RDONLY).map_err(Errno::from);
+            return sys::reopen(inode.fd()?.as_fd(), libc::O_RDONLY).map_err(Errno::from);
         }
-        match sys::reopen(inode.fd(), libc::O_RDWR) {
+        match sys::reopen(inode.fd()?.as_fd(), libc::O_RDWR) {
             Ok(f) => Ok(f),
             Err(e) if !want_write => {
-                sys::reopen(inode.fd(), libc::O_RDONLY).map_err(|_| Errno::from(e))
+                sys::reopen(inode.fd()?.as_fd(), libc::O_RDONLY).map_err(|_| Errno::from(e))
             }
             Err(e) => Err(Errno::from(e)),
         }
@@ -65,7 +66,7 @@ impl KmfsFs {
             Err(e) => {
                 log::error!(
                     "op={op} path={} error=\"damaged file header: {e}\" result=eio",
-                    sys::fd_path(inode.fd())
+                    inode.path_for_log()
                 );
                 Err(Errno::EIO)
             }
@@ -97,7 +98,7 @@ impl KmfsFs {
             self.vol.keys.generations.get(g).ok_or_else(|| {
                 log::error!(
                     "op={op} path={} error=\"file uses key generation {g}, which the volume header does not hold\" result=eio",
-                    sys::fd_path(inode.fd()),
+                    inode.path_for_log(),
                 );
                 Errno::EIO
             })
@@ -145,7 +146,7 @@ impl KmfsFs {
                 held = h;
                 &held.file
             }
-            None => &sys::reopen(inode.fd(), libc::O_RDWR).map_err(Errno::from)?,
+            None => &sys::reopen(inode.fd()?.as_fd(), libc::O_RDWR).map_err(Errno::from)?,
         };
         let _g = inode.io.write_locked();
         let size = Self::file_size(file)?;

@@ -1,32 +1,70 @@
 //! The inode table: FUSE node ids ↔ backing inodes.
 //!
-//! Every inode the kernel knows is held open as an `O_PATH` descriptor, so it
-//! stays reachable across renames, and hard links (same backing device and
-//! inode number) share one entry. The FUSE node id is the backing inode
-//! number, so `stat` shows stable inode numbers across remounts (tar and rsync
-//! rely on them for hard-link detection); the backing root is node 1, and a
-//! backing inode that would clash (inode number 1, or another device below the
-//! backing directory) gets a synthetic id from the top of the range. While an
-//! entry exists, its descriptor pins the backing inode, so the backing
-//! filesystem cannot reuse that number for another file.
+//! The FUSE node id is the backing inode number, so `stat` shows stable
+//! inode numbers across remounts (tar and rsync rely on them for hard-link
+//! detection); the backing root is node 1, and a backing inode that would
+//! clash (inode number 1, or another device below the backing directory)
+//! gets a synthetic id from the top of the range. Hard links (same backing
+//! device and inode number) share one entry.
+//!
+//! An entry reaches its backing inode by one of two kinds of reference
+//! (docs/ARCHITECTURE.md, "The inode table"):
+//!
+//! * a **file handle** (`name_to_handle_at`) — the normal case. The entry
+//!   keeps an `O_PATH` descriptor only while it is among the most recently
+//!   used ones ([`FdCache`], sized from the daemon's descriptor limit); an
+//!   evicted entry is reopened with `open_by_handle_at`. So the number of
+//!   inodes the kernel may cache is bounded by memory, not by the
+//!   open-file limit. A handle names one inode for its whole life (the
+//!   filesystem's generation number is in it), so a reused inode number is
+//!   recognised as a new file.
+//! * a **pinned descriptor** — the backing root, and every inode when the
+//!   backing filesystem gives no handles (or the daemon may not open them:
+//!   CAP_DAC_READ_SEARCH). Then each cached inode holds one descriptor, as
+//!   before, and the log says so once.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
-use std::sync::atomic::AtomicUsize;
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock, Weak};
 
-use fuser::FileType;
+use fuser::{Errno, FileType};
 
 use crate::crypto::names::DIR_ID_LEN;
 use crate::sync::MutexExt;
+use crate::sys::{self, FileHandle};
 use crate::volume::layout::FileHeader;
 
 pub const ROOT: u64 = 1;
 const SYNTHETIC_BASE: u64 = 1 << 62;
 
+/// How an entry reaches its backing inode.
+enum Reference {
+    /// Its descriptor is held for as long as the entry lives.
+    Pinned,
+    /// Reopened by file handle when its descriptor was evicted.
+    Handle(FileHandle),
+}
+
+/// A descriptor of an inode's backing inode, valid while this value lives
+/// (the inode table may evict its own copy meanwhile).
+pub struct NodeFd(Arc<OwnedFd>);
+
+impl AsFd for NodeFd {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.0.as_fd()
+    }
+}
+
 pub struct Inode {
     pub ino: u64,
-    fd: OwnedFd,
+    reference: Reference,
+    /// The open `O_PATH` descriptor, if the entry has one now.
+    fd: Mutex<Option<Arc<OwnedFd>>>,
+    /// Used since the cache last looked (second-chance eviction).
+    used: AtomicBool,
+    cache: Arc<FdCache>,
+    me: Weak<Inode>,
     pub kind: FileType,
     /// Directory id and the key generation of the names in it
     /// (encrypted-names mode), read on first use; a rekey changes the
@@ -52,8 +90,51 @@ pub struct Inode {
 pub type LinkPlace = ([u8; DIR_ID_LEN], Vec<u8>);
 
 impl Inode {
-    pub fn fd(&self) -> BorrowedFd<'_> {
-        self.fd.as_fd()
+    /// A descriptor of the backing inode: the entry's own while it has one,
+    /// otherwise reopened by file handle (ESTALE once the inode is gone).
+    pub fn fd(&self) -> Result<NodeFd, Errno> {
+        self.used.store(true, Ordering::Relaxed);
+        if let Some(fd) = &*self.fd.locked() {
+            return Ok(NodeFd(fd.clone()));
+        }
+        let Reference::Handle(h) = &self.reference else {
+            // A pinned entry never loses its descriptor.
+            return Err(Errno::ESTALE);
+        };
+        let fd = Arc::new(self.cache.reopen(h)?);
+        self.install(fd.clone());
+        Ok(NodeFd(fd))
+    }
+
+    /// [`Inode::fd`] for code that speaks `io::Error`.
+    pub fn fd_io(&self) -> std::io::Result<NodeFd> {
+        self.fd()
+            .map_err(|e| std::io::Error::from_raw_os_error(e.code()))
+    }
+
+    /// The backing path, for log messages.
+    pub fn path_for_log(&self) -> String {
+        match self.fd() {
+            Ok(fd) => sys::fd_path(fd.as_fd()),
+            Err(_) => format!("inode:{}", self.ino),
+        }
+    }
+
+    /// Gives an evicted entry a descriptor again (from a reopen, or a lookup
+    /// that found the same inode by name).
+    fn install(&self, fd: Arc<OwnedFd>) {
+        {
+            let mut slot = self.fd.locked();
+            if slot.is_some() {
+                return;
+            }
+            *slot = Some(fd);
+        }
+        self.cache.admit(self.me.clone());
+    }
+
+    fn is_evicted(&self) -> bool {
+        self.fd.locked().is_none()
     }
 
     /// The cached directory id and names generation.
@@ -83,10 +164,21 @@ impl Inode {
         *self.link.locked() = Some(place);
     }
 
-    fn new(ino: u64, fd: OwnedFd, kind: FileType) -> Inode {
-        Inode {
+    fn new(
+        ino: u64,
+        fd: OwnedFd,
+        reference: Reference,
+        kind: FileType,
+        cache: &Arc<FdCache>,
+    ) -> Arc<Inode> {
+        let handled = matches!(reference, Reference::Handle(_));
+        let inode = Arc::new_cyclic(|me| Inode {
             ino,
-            fd,
+            reference,
+            fd: Mutex::new(Some(Arc::new(fd))),
+            used: AtomicBool::new(true),
+            cache: cache.clone(),
+            me: me.clone(),
             kind,
             dir_key: Mutex::new(None),
             names: RwLock::new(()),
@@ -94,8 +186,185 @@ impl Inode {
             io: RwLock::new(()),
             writers: AtomicUsize::new(0),
             link: Mutex::new(None),
+        });
+        if handled {
+            cache.admit(Arc::downgrade(&inode));
+        }
+        inode
+    }
+}
+
+/// The bounded set of open descriptors of handle-referenced inodes: at most
+/// `capacity` stay open; beyond that the least recently used are closed
+/// (second chance: an entry used since the last pass stays one more round).
+pub struct FdCache {
+    /// A descriptor on the backing filesystem, for `open_by_handle_at`.
+    mount_fd: Option<OwnedFd>,
+    mount_id: Option<libc::c_int>,
+    capacity: usize,
+    /// The limit the capacity was sized from, for messages.
+    limit: u64,
+    open: Mutex<VecDeque<Weak<Inode>>>,
+}
+
+/// What the daemon keeps for itself out of its descriptor limit: open
+/// files, directory handles, the FUSE device, logs, sockets.
+const RESERVED_FDS: u64 = 256;
+const MIN_CACHED_FDS: usize = 16;
+/// Beyond this many, keeping descriptors buys nothing measurable: a reopen
+/// by handle is one system call.
+const MAX_CACHED_FDS: usize = 1 << 16;
+
+impl FdCache {
+    /// A cache sized from the descriptor limit the process has now: half of
+    /// what is left after a reserve, the other half for open files.
+    fn new(root: &OwnedFd) -> FdCache {
+        let limit = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+            .map(|(soft, _)| soft)
+            .unwrap_or(1024);
+        let capacity = (limit.saturating_sub(RESERVED_FDS) / 2)
+            .clamp(MIN_CACHED_FDS as u64, MAX_CACHED_FDS as u64) as usize;
+        // open_by_handle_at wants a real descriptor on the filesystem, not
+        // an O_PATH one.
+        let (mount_fd, mount_id) =
+            match sys::reopen(root.as_fd(), libc::O_RDONLY | libc::O_DIRECTORY) {
+                Ok(f) => {
+                    let fd = OwnedFd::from(f);
+                    let id = handles_usable(&fd);
+                    (Some(fd), id)
+                }
+                Err(e) => {
+                    log_no_handles(&format!("open of the backing root: {e}"));
+                    (None, None)
+                }
+            };
+        FdCache {
+            mount_fd,
+            mount_id,
+            capacity,
+            limit,
+            open: Mutex::new(VecDeque::new()),
         }
     }
+
+    /// The descriptor limit the cache was sized from, and its capacity.
+    pub fn sizing(&self) -> (u64, usize) {
+        (self.limit, self.capacity)
+    }
+
+    /// The file handle to keep for the inode behind `fd`, or `None` where
+    /// it must be pinned (no handles here, or another filesystem).
+    fn handle_for(&self, fd: BorrowedFd<'_>) -> Option<FileHandle> {
+        let id = self.mount_id?;
+        match sys::name_to_handle(fd) {
+            Ok((h, m)) if m == id => Some(h),
+            Ok(_) => {
+                note_once(
+                    &PINNED_OTHER_MOUNT,
+                    "a directory below the backing root is another mount; its inodes keep one open descriptor each",
+                );
+                None
+            }
+            Err(_) => None,
+        }
+    }
+
+    fn reopen(&self, h: &FileHandle) -> Result<OwnedFd, Errno> {
+        let flags = libc::O_PATH | libc::O_NOFOLLOW;
+        let Some(mount_fd) = &self.mount_fd else {
+            return Err(Errno::ESTALE);
+        };
+        match sys::open_by_handle(mount_fd.as_fd(), h, flags) {
+            Ok(fd) => Ok(fd),
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)) => {
+                // Make room among our own descriptors and try once more.
+                self.shrink(self.capacity / 2);
+                sys::open_by_handle(mount_fd.as_fd(), h, flags).map_err(Errno::from)
+            }
+            Err(e) => Err(Errno::from(e)),
+        }
+    }
+
+    /// Notes a newly opened descriptor; evicts beyond the capacity.
+    fn admit(&self, inode: Weak<Inode>) {
+        let mut q = self.open.locked();
+        q.push_back(inode);
+        if q.len() > self.capacity {
+            evict(&mut q, self.capacity);
+        }
+    }
+
+    /// Closes descriptors until at most `keep` stay open.
+    fn shrink(&self, keep: usize) {
+        evict(&mut self.open.locked(), keep);
+    }
+
+    /// How many handle-referenced entries hold a descriptor now.
+    pub fn open_count(&self) -> usize {
+        self.open.locked().len()
+    }
+}
+
+fn evict(q: &mut VecDeque<Weak<Inode>>, keep: usize) {
+    // Each entry gets at most one second chance per call.
+    let mut spared = 0;
+    while q.len() > keep {
+        let Some(w) = q.pop_front() else { break };
+        let Some(inode) = w.upgrade() else { continue };
+        if spared < q.len() && inode.used.swap(false, Ordering::Relaxed) {
+            spared += 1;
+            q.push_back(w);
+            continue;
+        }
+        inode.fd.locked().take();
+    }
+}
+
+/// Whether this process can use file handles on the backing filesystem:
+/// the root's mount id if `name_to_handle_at` and `open_by_handle_at` work.
+fn handles_usable(mount_fd: &OwnedFd) -> Option<libc::c_int> {
+    let why = match sys::name_to_handle(mount_fd.as_fd()) {
+        Ok((h, id)) => match sys::open_by_handle(mount_fd.as_fd(), &h, libc::O_PATH) {
+            Ok(_) => return Some(id),
+            Err(e) => format!("open_by_handle_at: {e}"),
+        },
+        Err(e) => format!("name_to_handle_at: {e}"),
+    };
+    log_no_handles(&why);
+    None
+}
+
+fn log_no_handles(why: &str) {
+    log::warn!(
+        "op=inode_table refs=descriptors reason=\"{why}\" note=\"no file handles on the backing filesystem: every inode the kernel caches keeps one open descriptor, so the open-file limit bounds how many files can be in use\""
+    );
+}
+
+static PINNED_OTHER_MOUNT: AtomicBool = AtomicBool::new(false);
+static FD_EXHAUSTED: AtomicBool = AtomicBool::new(false);
+
+fn note_once(flag: &AtomicBool, msg: &str) {
+    if !flag.swap(true, Ordering::Relaxed) {
+        log::warn!("op=inode_table note=\"{msg}\"");
+    }
+}
+
+/// Called when a request failed with EMFILE or ENFILE: logs the cause once,
+/// with the limit the daemon has.
+pub fn note_fd_exhaustion(e: Errno) {
+    if FD_EXHAUSTED.swap(true, Ordering::Relaxed) {
+        return;
+    }
+    let limit = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+        .map(|(soft, _)| soft.to_string())
+        .unwrap_or_else(|_| "unknown".into());
+    let e = std::io::Error::from_raw_os_error(e.code());
+    let open = std::fs::read_dir("/proc/self/fd")
+        .map(|d| d.count())
+        .unwrap_or(0);
+    log::error!(
+        "op=fd_limit error=\"{e}\" open_descriptors={open} limit={limit} note=\"the daemon ran out of file descriptors; requests fail with this error until files are closed; raise LimitNOFILE in the unit (or ulimit -n) for this many open files\""
+    );
 }
 
 pub fn kind_of(mode: u32) -> FileType {
@@ -125,12 +394,20 @@ struct Tables {
 
 pub struct InodeTable {
     t: Mutex<Tables>,
+    cache: Arc<FdCache>,
 }
 
 impl InodeTable {
     pub fn new(root_fd: OwnedFd, st: &libc::stat) -> InodeTable {
         let key = (st.st_dev, st.st_ino);
-        let root = Arc::new(Inode::new(ROOT, root_fd, FileType::Directory));
+        let cache = Arc::new(FdCache::new(&root_fd));
+        let root = Inode::new(
+            ROOT,
+            root_fd,
+            Reference::Pinned,
+            FileType::Directory,
+            &cache,
+        );
         let mut by_ino = HashMap::new();
         by_ino.insert(
             ROOT,
@@ -149,11 +426,17 @@ impl InodeTable {
                 next_synthetic: SYNTHETIC_BASE,
                 root_dev: st.st_dev,
             }),
+            cache,
         }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Tables> {
         self.t.locked()
+    }
+
+    /// The descriptor cache (for status and tests).
+    pub fn fd_cache(&self) -> &FdCache {
+        &self.cache
     }
 
     pub fn get(&self, ino: u64) -> Option<Arc<Inode>> {
@@ -186,38 +469,80 @@ impl InodeTable {
         }
     }
 
+    /// How an inode found by name is to be referenced.
+    fn reference_for(&self, fd: &OwnedFd) -> Reference {
+        match self.cache.handle_for(fd.as_fd()) {
+            Some(h) => Reference::Handle(h),
+            None => Reference::Pinned,
+        }
+    }
+
     /// Registers one kernel reference (a lookup) to the backing inode behind
     /// `fd`, whose stat is `st`. Returns the shared entry.
     pub fn lookup(&self, fd: OwnedFd, st: &libc::stat) -> Arc<Inode> {
         let key = (st.st_dev, st.st_ino);
-        let mut t = self.lock();
-        if let Some(&ino) = t.by_key.get(&key)
-            && let Some(e) = t.by_ino.get_mut(&ino)
-        {
-            e.nlookup += 1;
-            return e.inode.clone();
+        // The handle is taken outside the table lock (a system call).
+        let mut reference = None;
+        loop {
+            let mut t = self.lock();
+            let known = t.by_key.get(&key).copied();
+            if let Some(ino) = known
+                && let Some(e) = t.by_ino.get_mut(&ino)
+            {
+                if !e.inode.is_evicted() {
+                    // Its open descriptor pins the backing inode: the same file.
+                    e.nlookup += 1;
+                    return e.inode.clone();
+                }
+                match (&e.inode.reference, &reference) {
+                    (Reference::Handle(old), Some(Reference::Handle(new))) if old == new => {
+                        e.nlookup += 1;
+                        let inode = e.inode.clone();
+                        drop(t);
+                        inode.install(Arc::new(fd));
+                        return inode;
+                    }
+                    (_, Some(_)) => {
+                        // The inode number now belongs to another file: the
+                        // old entry stays (under its node id) until the
+                        // kernel forgets it; the new file gets its own.
+                        t.by_key.remove(&key);
+                    }
+                    (_, None) => {
+                        drop(t);
+                        reference = Some(self.reference_for(&fd));
+                        continue;
+                    }
+                }
+            }
+            if reference.is_none() {
+                drop(t);
+                reference = Some(self.reference_for(&fd));
+                continue;
+            }
+            let ino = if st.st_dev == t.root_dev
+                && st.st_ino != ROOT
+                && st.st_ino < SYNTHETIC_BASE
+                && !t.by_ino.contains_key(&st.st_ino)
+            {
+                st.st_ino
+            } else {
+                t.next_synthetic += 1;
+                t.next_synthetic
+            };
+            let reference = reference.take().expect("set above");
+            let inode = Inode::new(ino, fd, reference, kind_of(st.st_mode), &self.cache);
+            t.by_ino.insert(
+                ino,
+                Entry {
+                    inode: inode.clone(),
+                    nlookup: 1,
+                    key,
+                },
+            );
+            t.by_key.insert(key, ino);
+            return inode;
         }
-        let ino = if st.st_dev == t.root_dev
-            && st.st_ino != ROOT
-            && st.st_ino < SYNTHETIC_BASE
-            && !t.by_ino.contains_key(&st.st_ino)
-        {
-            st.st_ino
-        } else {
-            t.next_synthetic += 1;
-            t.next_synthetic
-        };
-        let inode = Arc::new(Inode::new(ino, fd, kind_of(st.st_mode)));
-        t.by_ino.insert(
-            ino,
-            Entry {
-                inode: inode.clone(),
-                nlookup: 1,
-                key,
-            },
-        );
-        t.by_key.insert(key, ino);
-        inode
     }
 
     /// Points the entry of backing inode `old` (a symlink re-created under
@@ -226,6 +551,7 @@ impl InodeTable {
     /// id and references. Returns whether the kernel held an entry.
     pub fn rebind(&self, old: (u64, u64), fd: OwnedFd, st: &libc::stat, place: LinkPlace) -> bool {
         let key = (st.st_dev, st.st_ino);
+        let reference = self.reference_for(&fd);
         let mut t = self.lock();
         let Some(&ino) = t.by_key.get(&old) else {
             return false;
@@ -236,9 +562,9 @@ impl InodeTable {
         let Some(e) = t.by_ino.get_mut(&ino) else {
             return false;
         };
-        let inode = Inode::new(ino, fd, kind_of(st.st_mode));
+        let inode = Inode::new(ino, fd, reference, kind_of(st.st_mode), &self.cache);
         inode.set_link_place(place);
-        e.inode = Arc::new(inode);
+        e.inode = inode;
         e.key = key;
         t.by_key.remove(&old);
         t.by_key.insert(key, ino);
@@ -289,10 +615,10 @@ mod tests {
         let rst = sys::fstat(root.as_fd()).unwrap();
         let t = InodeTable::new(OwnedFd::from(root), &rst);
         let r = t.root();
-        let fa = sys::open_path(r.fd(), c"a").unwrap();
+        let fa = sys::open_path(r.fd().unwrap().as_fd(), c"a").unwrap();
         let sa = sys::fstat(fa.as_fd()).unwrap();
         let a = t.lookup(fa, &sa);
-        let fb = sys::open_path(r.fd(), c"b").unwrap();
+        let fb = sys::open_path(r.fd().unwrap().as_fd(), c"b").unwrap();
         let sb = sys::fstat(fb.as_fd()).unwrap();
         let b = t.lookup(fb, &sb);
         assert_eq!(a.ino, b.ino);

@@ -165,7 +165,12 @@ error_reply!(
 fn send<P: ErrorReply, T>(reply: P, r: R<T>, ok: impl FnOnce(P, T)) {
     match r {
         Ok(v) => ok(reply, v),
-        Err(e) => reply.error(e),
+        Err(e) => {
+            if e == Errno::EMFILE || e == Errno::ENFILE {
+                inode::note_fd_exhaustion(e);
+            }
+            reply.error(e)
+        }
     }
 }
 
@@ -238,7 +243,7 @@ impl KmfsFs {
         if is_crypto_error(&e) {
             log::error!(
                 "op={op} path={} error=\"{e}\" result=eio",
-                sys::fd_path(inode.fd())
+                inode.path_for_log()
             );
             Errno::EIO
         } else {

@@ -13,6 +13,7 @@
 
 use std::ffi::{CString, OsStr, OsString};
 use std::io;
+use std::os::fd::AsFd;
 use std::os::fd::AsRawFd;
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::Path;
@@ -74,7 +75,7 @@ impl Names {
         if let Some(k) = dir.cached_dir_key() {
             return Ok(k);
         }
-        match dirid::read_at(dir.fd()) {
+        match dirid::read_at(dir.fd()?.as_fd()) {
             Ok(k) => {
                 dir.cache_dir_key(k);
                 Ok(k)
@@ -82,7 +83,7 @@ impl Names {
             Err(e) => {
                 log::error!(
                     "op=dirid path={} error=\"{}\" result=eio",
-                    sys::fd_path(dir.fd()),
+                    dir.path_for_log(),
                     e
                 );
                 Err(Errno::EIO)
@@ -130,7 +131,7 @@ impl Names {
         self.vol.keys.generations.get(g).ok_or_else(|| {
             log::error!(
                 "op=names path={} error=\"names use key generation {g}, which the volume header does not hold\" result=eio",
-                sys::fd_path(dir.fd())
+                dir.path_for_log()
             );
             Errno::EIO
         })
@@ -141,18 +142,19 @@ impl Names {
         let Some((side, full)) = &b.long else {
             return Ok(());
         };
-        internal::write_sidecar(dir.fd(), side, full)
+        internal::write_sidecar(dir.fd_io()?.as_fd(), side, full)
     }
 
     /// Removes the sidecar of a long name that no longer exists.
     pub fn remove_sidecar(&self, dir: &Inode, b: &BackingName) {
         if let Some((side, _)) = &b.long
-            && let Err(e) = sys::unlinkat(dir.fd(), side, 0)
+            && let Ok(fd) = dir.fd()
+            && let Err(e) = sys::unlinkat(fd.as_fd(), side, 0)
             && e.raw_os_error() != Some(libc::ENOENT)
         {
             log::warn!(
                 "op=remove_sidecar path={}/{} error=\"{e}\"",
-                sys::fd_path(dir.fd()),
+                dir.path_for_log(),
                 side.to_string_lossy()
             );
         }
@@ -174,12 +176,12 @@ impl Names {
             return Some(OsString::from_vec(backing.to_vec()));
         }
         let full = if is_long(backing) {
-            match internal::read_sidecar(dir.fd(), backing) {
+            match internal::read_sidecar(dir.fd().ok()?.as_fd(), backing) {
                 Ok(full) => full,
                 Err(e) => {
                     log::error!(
                         "op=readdir path={}/{} error=\"{e}\" result=skip",
-                        sys::fd_path(dir.fd()),
+                        dir.path_for_log(),
                         String::from_utf8_lossy(backing)
                     );
                     return None;
@@ -196,7 +198,7 @@ impl Names {
                 if !(dir.ino == super::inode::ROOT && backing == b"lost+found") {
                     log::error!(
                         "op=readdir path={}/{} error=\"name does not decrypt\"",
-                        sys::fd_path(dir.fd()),
+                        dir.path_for_log(),
                         String::from_utf8_lossy(backing)
                     );
                 }
@@ -213,7 +215,7 @@ impl Names {
             let (id, g) = self.dir_key(dir)?;
             (id, Some(self.keys(dir, g)?))
         };
-        let p = sys::proc_path(dir.fd().as_raw_fd());
+        let p = sys::proc_path(dir.fd()?.as_fd().as_raw_fd());
         let rd =
             std::fs::read_dir(Path::new(OsStr::from_bytes(p.as_bytes()))).map_err(Errno::from)?;
         let mut out = Vec::new();

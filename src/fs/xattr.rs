@@ -4,6 +4,7 @@
 //! generation too: reads try every generation, writes replace the older copy.
 
 use std::ffi::OsStr;
+use std::os::fd::AsFd;
 use std::os::unix::ffi::OsStrExt;
 use std::sync::Arc;
 
@@ -83,19 +84,23 @@ impl KmfsFs {
         for (_, c) in self.xattr_ciphers() {
             let b = match Self::xattr_name(&c, name)? {
                 Mapped::Clear(n) => {
-                    return sys::getxattr(inode.fd(), &sys::cstr(&n).map_err(Errno::from)?)
-                        .map_err(Errno::from);
+                    return sys::getxattr(
+                        inode.fd()?.as_fd(),
+                        &sys::cstr(&n).map_err(Errno::from)?,
+                    )
+                    .map_err(Errno::from);
                 }
                 Mapped::Encrypted(b) => b,
             };
-            let blob = match sys::getxattr(inode.fd(), &sys::cstr(&b).map_err(Errno::from)?) {
-                Ok(v) => v,
-                Err(e) if e.raw_os_error() == Some(libc::ENODATA) => continue,
-                Err(e) => {
-                    missing = Errno::from(e);
-                    continue;
-                }
-            };
+            let blob =
+                match sys::getxattr(inode.fd()?.as_fd(), &sys::cstr(&b).map_err(Errno::from)?) {
+                    Ok(v) => v,
+                    Err(e) if e.raw_os_error() == Some(libc::ENODATA) => continue,
+                    Err(e) => {
+                        missing = Errno::from(e);
+                        continue;
+                    }
+                };
             // Bound to the inode's owner id (see `bind`).
             if owner.is_none() {
                 owner = Some(self.xattr_owner(&inode, false)?);
@@ -105,7 +110,7 @@ impl KmfsFs {
                 _ => {
                     log::error!(
                         "op=getxattr path={} attr={} error=\"value does not authenticate\" result=eio",
-                        sys::fd_path(inode.fd()),
+                        inode.path_for_log(),
                         String::from_utf8_lossy(&b)
                     );
                     Err(Errno::EIO)
@@ -122,7 +127,7 @@ impl KmfsFs {
         let unbound_ok = self.vol.keys.unbound_ok();
         let owner = self.xattr_owner(&inode, false)?;
         let mut seen: Vec<Vec<u8>> = Vec::new();
-        let raw = match sys::listxattr(inode.fd()) {
+        let raw = match sys::listxattr(inode.fd()?.as_fd()) {
             Ok(r) => r,
             Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => Vec::new(),
             Err(e) => return Err(Errno::from(e)),
@@ -134,7 +139,7 @@ impl KmfsFs {
                 out.push(0);
             } else if n.starts_with(xattr::BACKING_PREFIX) {
                 let Ok(c) = sys::cstr(n) else { continue };
-                let Ok(blob) = sys::getxattr(inode.fd(), &c) else {
+                let Ok(blob) = sys::getxattr(inode.fd()?.as_fd(), &c) else {
                     continue;
                 };
                 match ciphers
@@ -151,7 +156,7 @@ impl KmfsFs {
                     }
                     None => log::error!(
                         "op=listxattr path={} attr={} error=\"value does not authenticate\"",
-                        sys::fd_path(inode.fd()),
+                        inode.path_for_log(),
                         String::from_utf8_lossy(n)
                     ),
                 }
@@ -184,7 +189,7 @@ impl KmfsFs {
             let active = self.xattr_cipher_for(g, k);
             match Self::xattr_name(&active, name)? {
                 Mapped::Clear(n) => sys::setxattr(
-                    inode.fd(),
+                    inode.fd()?.as_fd(),
                     &sys::cstr(&n).map_err(Errno::from)?,
                     value,
                     flags,
@@ -201,7 +206,7 @@ impl KmfsFs {
                         }
                         if let Ok(Mapped::Encrypted(o)) = c.map_name(name.as_bytes())
                             && let Ok(oc) = sys::cstr(&o)
-                            && sys::getxattr(inode.fd(), &oc).is_ok()
+                            && sys::getxattr(inode.fd()?.as_fd(), &oc).is_ok()
                         {
                             older.push(oc);
                         }
@@ -218,14 +223,14 @@ impl KmfsFs {
                         .seal(&b, name.as_bytes(), value, &owner)
                         .map_err(Errno::from)?;
                     sys::setxattr(
-                        inode.fd(),
+                        inode.fd()?.as_fd(),
                         &sys::cstr(&b).map_err(Errno::from)?,
                         &blob,
                         flags,
                     )
                     .map_err(Errno::from)?;
                     for o in older {
-                        let _ = sys::removexattr(inode.fd(), &o);
+                        let _ = sys::removexattr(inode.fd()?.as_fd(), &o);
                     }
                     Ok(())
                 }
@@ -242,7 +247,7 @@ impl KmfsFs {
             let n = match Self::xattr_name(&c, name)? {
                 Mapped::Clear(n) | Mapped::Encrypted(n) => n,
             };
-            match sys::removexattr(inode.fd(), &sys::cstr(&n).map_err(Errno::from)?) {
+            match sys::removexattr(inode.fd()?.as_fd(), &sys::cstr(&n).map_err(Errno::from)?) {
                 Ok(()) => result = Ok(()),
                 Err(e) if e.raw_os_error() == Some(libc::ENODATA) => {}
                 Err(e) => return Err(Errno::from(e)),

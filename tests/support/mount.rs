@@ -78,6 +78,13 @@ impl Volume {
     }
 
     pub fn mount_with(self, opts: &[&str]) -> Mounted {
+        self.mount_via(&[], opts)
+    }
+
+    /// Mounts in the foreground with the daemon started through `wrapper`
+    /// (a command that execs its arguments, e.g. `prlimit --nofile=N:N`),
+    /// so the child's pid is the daemon's.
+    pub fn mount_via(self, wrapper: &[&str], opts: &[&str]) -> Mounted {
         let log = self.dir.path().join(format!(
             "daemon-{}.log",
             std::time::SystemTime::now()
@@ -86,7 +93,15 @@ impl Volume {
                 .as_nanos()
         ));
         let logf = std::fs::File::create(&log).unwrap();
-        let child = Command::new(KMFS)
+        let mut cmd = match wrapper.split_first() {
+            Some((w, rest)) => {
+                let mut c = Command::new(w);
+                c.args(rest).arg(KMFS);
+                c
+            }
+            None => Command::new(KMFS),
+        };
+        let child = cmd
             .arg("mount")
             .arg("--keyfile")
             .arg(&self.key)
@@ -137,6 +152,11 @@ impl Mounted {
     /// A path inside the mount.
     pub fn p(&self, rel: &str) -> PathBuf {
         self.mnt().join(rel)
+    }
+
+    /// The daemon's pid (the foreground `kmfs mount` child).
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("mounted in the foreground").id()
     }
 
     pub fn daemon_log(&self) -> String {
