@@ -67,10 +67,9 @@ fn dir(mnt: &Path, d: usize) -> PathBuf {
     mnt.join(format!("d{d:03}"))
 }
 
-#[test]
-fn hundred_thousand_files_under_a_2048_descriptor_limit() {
-    let vol = Volume::create(false);
-    let m = vol.mount_via(
+/// The daemon started under the low limit, unable to raise it.
+fn mount_limited(vol: Volume) -> mount::Mounted {
+    vol.mount_via(
         &[
             "prlimit",
             &format!("--nofile={LIMIT}:{LIMIT}"),
@@ -81,7 +80,13 @@ fn hundred_thousand_files_under_a_2048_descriptor_limit() {
             "-sys_resource",
         ],
         &[],
-    );
+    )
+}
+
+#[test]
+fn hundred_thousand_files_under_a_2048_descriptor_limit() {
+    let vol = Volume::create(false);
+    let m = mount_limited(vol);
     let pid = m.pid();
     let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
     let line = limits
@@ -210,5 +215,52 @@ fn hundred_thousand_files_under_a_2048_descriptor_limit() {
         !log.contains("op=fd_limit"),
         "the daemon ran out of descriptors:\n{log}"
     );
+    m.unmount();
+}
+
+/// Files held open are real descriptors: when the application holds more
+/// than the daemon can have, the next open fails with a clear EMFILE (the
+/// cached descriptors are given up first), the daemon logs the cause once
+/// with its limit, and opens work again once files are closed.
+#[test]
+fn running_out_of_descriptors_is_a_clear_error_logged_once() {
+    let m = mount_limited(Volume::create(false));
+    let d = m.p("held");
+    std::fs::create_dir(&d).unwrap();
+    const FILES: usize = 2 * LIMIT;
+    for i in 0..FILES {
+        std::fs::write(d.join(format!("f{i}")), b"x").unwrap();
+    }
+    let mut held = Vec::new();
+    let err = loop {
+        assert!(
+            held.len() < FILES,
+            "{FILES} files held open on a daemon limited to {LIMIT}"
+        );
+        match std::fs::File::open(d.join(format!("f{}", held.len()))) {
+            Ok(f) => held.push(f),
+            Err(e) => break e,
+        }
+    };
+    assert_eq!(err.raw_os_error(), Some(libc::EMFILE), "{err}");
+    // More than the limit minus the whole descriptor cache: the cache gave
+    // up descriptors for open files.
+    let cache = (LIMIT - 256) / 2;
+    assert!(
+        held.len() > LIMIT - cache,
+        "only {} files could be opened (limit {LIMIT}, cache {cache})",
+        held.len()
+    );
+    eprintln!("{} files held open before EMFILE", held.len());
+    // A second failure is not logged again.
+    assert!(std::fs::File::open(d.join("f0")).is_err());
+    held.clear();
+    for i in 0..100 {
+        std::fs::read(d.join(format!("f{i}"))).unwrap();
+    }
+    let log = m.daemon_log();
+    let lines: Vec<_> = log.lines().filter(|l| l.contains("op=fd_limit")).collect();
+    assert_eq!(lines.len(), 1, "one op=fd_limit line expected:\n{log}");
+    assert!(lines[0].contains("limit=2048"), "{}", lines[0]);
     m.unmount();
 }

@@ -456,24 +456,18 @@ fn serve_inner(plan: &Plan, notify: &mut Option<Notify>) -> Result<(), CliError>
     r.map_err(|e| mount_err(format!("FUSE session ended with an error: {e}")))
 }
 
-/// Every inode the kernel holds is an open O_PATH descriptor: allow as many
-/// descriptors as the hard limit permits.
-/// The daemon holds one O_PATH descriptor per inode the kernel caches, so it
-/// wants as many descriptors as it may have: as root, up to the kernel's
-/// per-process maximum (fs.nr_open); otherwise up to the hard limit.
+/// Files clients hold open are one descriptor each, and the inode table's
+/// descriptor cache is sized from the limit (fs/inode.rs): the daemon raises
+/// its soft limit to the hard limit it was given (`LimitNOFILE=` in the
+/// unit, `ulimit -Hn` in a shell), and no further — the hard limit is the
+/// operator's decision.
 fn raise_fd_limit() {
     use nix::sys::resource::{Resource, getrlimit, setrlimit};
-    let Ok((_, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
-        return;
-    };
-    let nr_open = std::fs::read_to_string("/proc/sys/fs/nr_open")
-        .ok()
-        .and_then(|s| s.trim().parse::<u64>().ok())
-        .unwrap_or(hard);
-    if nr_open > hard && setrlimit(Resource::RLIMIT_NOFILE, nr_open, nr_open).is_ok() {
-        return;
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE)
+        && soft < hard
+    {
+        let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
     }
-    let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
 }
 
 fn fuse_config(plan: &Plan, allow_other: bool, read_only: bool) -> fuser::Config {

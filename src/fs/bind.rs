@@ -58,11 +58,10 @@ impl KmfsFs {
                     return Ok(Some(h.file_id));
                 }
                 if create {
-                    let file =
-                        sys::reopen(inode.fd()?.as_fd(), libc::O_RDWR).map_err(Errno::from)?;
+                    let file = inode.reopen(libc::O_RDWR).map_err(Errno::from)?;
                     return Ok(Some(self.ensure_header(inode, &file, "setxattr")?.file_id));
                 }
-                let file = sys::reopen(inode.fd()?.as_fd(), libc::O_RDONLY).map_err(Errno::from)?;
+                let file = inode.reopen(libc::O_RDONLY).map_err(Errno::from)?;
                 match FileHeader::read_from(&file) {
                     Ok(Some(h)) => {
                         inode.cache_header(h.clone());
@@ -160,7 +159,7 @@ impl KmfsFs {
     ) -> R<()> {
         let pfd = p.fd()?;
         let npfd = np.fd()?;
-        let lfd = sys::open_path(pfd.as_fd(), &ob.name).map_err(Errno::from)?;
+        let lfd = p.open_child(&ob.name).map_err(Errno::from)?;
         let st = sys::fstat(lfd.as_fd()).map_err(Errno::from)?;
         let stored = sys::readlink_fd(lfd.as_fd()).map_err(Errno::from)?;
         let old_place = self.names.link_place(p, name.as_bytes())?;
@@ -204,7 +203,7 @@ impl KmfsFs {
                 p.path_for_log()
             ),
         }
-        if let Ok(fd) = sys::open_path(npfd.as_fd(), &nb.name)
+        if let Ok(fd) = np.open_child(&nb.name)
             && let Ok(nst) = sys::fstat(fd.as_fd())
         {
             self.inodes

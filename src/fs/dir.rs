@@ -68,7 +68,8 @@ impl KmfsFs {
 
     pub(super) fn do_fsyncdir(&self, ino: INodeNo) -> R<()> {
         let inode = self.inode(ino)?;
-        sys::reopen(inode.fd()?.as_fd(), libc::O_RDONLY | libc::O_DIRECTORY)
+        inode
+            .reopen(libc::O_RDONLY | libc::O_DIRECTORY)
             .and_then(|f| f.sync_all())
             .map_err(Errno::from)
     }
@@ -79,7 +80,7 @@ impl KmfsFs {
         parent: &Inode,
         backing: &CStr,
     ) -> R<(Arc<Inode>, FileAttr)> {
-        let fd = sys::open_path(parent.fd()?.as_fd(), backing).map_err(Errno::from)?;
+        let fd = parent.open_child(backing).map_err(Errno::from)?;
         let st = sys::fstat(fd.as_fd()).map_err(Errno::from)?;
         let inode = self.inodes.lookup(fd, &st);
         let attr = self.attr(&inode, &st);
@@ -135,7 +136,7 @@ impl KmfsFs {
             }
             let _ = sys::unlinkat(pfd.as_fd(), &tmp, libc::AT_REMOVEDIR);
         };
-        let tfd = match sys::open_path(pfd.as_fd(), &tmp) {
+        let tfd = match parent.open_child(&tmp) {
             Ok(f) => f,
             Err(e) => {
                 cleanup(None);
@@ -231,7 +232,7 @@ impl KmfsFs {
         let pfd = parent.fd()?;
         let _n = read_lock(&parent.names);
         let b = self.names.encode(&parent, name)?;
-        let cfd = sys::open_path(pfd.as_fd(), &b.name).map_err(Errno::from)?;
+        let cfd = parent.open_child(&b.name).map_err(Errno::from)?;
         let st = sys::fstat(cfd.as_fd()).map_err(Errno::from)?;
         if st.st_mode & libc::S_IFMT != libc::S_IFDIR {
             return Err(Errno::ENOTDIR);

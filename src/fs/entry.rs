@@ -33,7 +33,7 @@ impl KmfsFs {
         req: &Request,
         mode: u32,
     ) -> R<(Arc<Inode>, FileAttr)> {
-        let fd = sys::open_path(parent.fd()?.as_fd(), &b.name).map_err(Errno::from)?;
+        let fd = parent.open_child(&b.name).map_err(Errno::from)?;
         self.set_owner(parent, fd.as_fd(), req, mode);
         let st = sys::fstat(fd.as_fd()).map_err(Errno::from)?;
         let inode = self.inodes.lookup(fd, &st);
@@ -243,7 +243,7 @@ impl KmfsFs {
                 let both_dirs = tst.st_mode & libc::S_IFMT == libc::S_IFDIR
                     && src.st_mode & libc::S_IFMT == libc::S_IFDIR;
                 if both_dirs && !exchange && !noreplace {
-                    let tfd = sys::open_path(npfd.as_fd(), &nb.name).map_err(Errno::from)?;
+                    let tfd = np.open_child(&nb.name).map_err(Errno::from)?;
                     let id = self.strip_empty_dir(tfd.as_fd())?;
                     stripped = Some((tfd, id));
                 }

@@ -3,7 +3,6 @@
 //! written on the first write).
 
 use std::fs::File;
-use std::os::fd::AsFd;
 use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 
@@ -40,13 +39,11 @@ impl KmfsFs {
             if want_write {
                 return Err(Errno::EROFS);
             }
-            return sys::reopen(inode.fd()?.as_fd(), libc::O_RDONLY).map_err(Errno::from);
+            return inode.reopen(libc::O_RDONLY).map_err(Errno::from);
         }
-        match sys::reopen(inode.fd()?.as_fd(), libc::O_RDWR) {
+        match inode.reopen(libc::O_RDWR) {
             Ok(f) => Ok(f),
-            Err(e) if !want_write => {
-                sys::reopen(inode.fd()?.as_fd(), libc::O_RDONLY).map_err(|_| Errno::from(e))
-            }
+            Err(e) if !want_write => inode.reopen(libc::O_RDONLY).map_err(|_| Errno::from(e)),
             Err(e) => Err(Errno::from(e)),
         }
     }
@@ -146,7 +143,7 @@ impl KmfsFs {
                 held = h;
                 &held.file
             }
-            None => &sys::reopen(inode.fd()?.as_fd(), libc::O_RDWR).map_err(Errno::from)?,
+            None => &inode.reopen(libc::O_RDWR).map_err(Errno::from)?,
         };
         let _g = inode.io.write_locked();
         let size = Self::file_size(file)?;

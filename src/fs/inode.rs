@@ -112,6 +112,21 @@ impl Inode {
             .map_err(|e| std::io::Error::from_raw_os_error(e.code()))
     }
 
+    /// Opens the backing inode for I/O (`flags` as for open(2)). When the
+    /// daemon is out of descriptors, closes half of the cached ones and
+    /// tries once more.
+    pub fn reopen(&self, flags: libc::c_int) -> std::io::Result<std::fs::File> {
+        self.cache
+            .making_room(|| sys::reopen(self.fd_io()?.as_fd(), flags))
+    }
+
+    /// Opens the entry `name` of this directory as an `O_PATH` descriptor
+    /// (not following a symlink), making room as [`Inode::reopen`] does.
+    pub fn open_child(&self, name: &std::ffi::CStr) -> std::io::Result<OwnedFd> {
+        self.cache
+            .making_room(|| sys::open_path(self.fd_io()?.as_fd(), name))
+    }
+
     /// The backing path, for log messages.
     pub fn path_for_log(&self) -> String {
         match self.fd() {
@@ -285,6 +300,18 @@ impl FdCache {
         }
     }
 
+    /// Runs `open`; if the process is out of descriptors, closes half of the
+    /// cached ones and runs it once more.
+    fn making_room<T>(&self, open: impl Fn() -> std::io::Result<T>) -> std::io::Result<T> {
+        match open() {
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)) => {
+                self.shrink(self.capacity / 2);
+                open()
+            }
+            r => r,
+        }
+    }
+
     /// Notes a newly opened descriptor; evicts beyond the capacity.
     fn admit(&self, inode: Weak<Inode>) {
         let mut q = self.open.locked();
@@ -359,11 +386,8 @@ pub fn note_fd_exhaustion(e: Errno) {
         .map(|(soft, _)| soft.to_string())
         .unwrap_or_else(|_| "unknown".into());
     let e = std::io::Error::from_raw_os_error(e.code());
-    let open = std::fs::read_dir("/proc/self/fd")
-        .map(|d| d.count())
-        .unwrap_or(0);
     log::error!(
-        "op=fd_limit error=\"{e}\" open_descriptors={open} limit={limit} note=\"the daemon ran out of file descriptors; requests fail with this error until files are closed; raise LimitNOFILE in the unit (or ulimit -n) for this many open files\""
+        "op=fd_limit error=\"{e}\" limit={limit} note=\"the daemon ran out of file descriptors; requests fail with this error until files are closed; raise LimitNOFILE in the unit (or ulimit -n) for this many open files\""
     );
 }
 
