@@ -39,26 +39,8 @@ BACKINGS=${BACKINGS:-tmpfs disk}
 FSES=${FSES:-native passthrough_ll bindfs gocryptfs kmfs}
 DISK_DIR=${DISK_DIR:-/var/tmp/kmfs-bench}
 TMPFS_DIR=${TMPFS_DIR:-/run/kmfs-bench-tmpfs}
-PLL_SRC=${PASSTHROUGH_LL_SRC:-/usr/share/doc/libfuse3-dev/examples/passthrough_ll.c}
-KMFS_OPTS=${KMFS_OPTS:-}
 
-[ "$(id -u)" -eq 0 ] || { echo "run as root" >&2; exit 1; }
-for t in fio gocryptfs bindfs gcc pkg-config python3 fusermount3; do
-  command -v "$t" >/dev/null || { echo "missing $t (scripts/install-deps.sh)" >&2; exit 1; }
-done
-if [ -z "${KMFS:-}" ]; then
-  cargo build --release --locked >/dev/null 2>&1
-  KMFS=${CARGO_TARGET_DIR:-$ROOT/target}/release/kmfs
-fi
-KMFS=$(readlink -f "$KMFS")
-
-CACHE=$DISK_DIR/cache
-mkdir -p "$CACHE"
-# passthrough_ll, compiled at bench time (never committed).
-PLL=$CACHE/passthrough_ll
-if [ ! -x "$PLL" ] || [ "$PLL_SRC" -nt "$PLL" ]; then
-  gcc -O2 -o "$PLL" "$PLL_SRC" $(pkg-config fuse3 --cflags --libs)
-fi
+. benches/common.sh
 
 # The deterministic small-file tree: 12,600 files in 840 directories, sizes
 # log-uniform 64 B .. 45 KiB, contents from the same seeded generator.
@@ -89,47 +71,6 @@ fi
 NFILES=$(tar -tf "$TAR" | grep -vc '/$')
 TREE_MB=$(du -m --apparent-size "$TAR" | cut -f1)
 
-drop() { sync; echo 3 >/proc/sys/vm/drop_caches; }
-now() { date +%s.%N; }
-secs() { awk -v a="$1" -v b="$2" 'BEGIN{printf "%.3f", b-a}'; }
-
-umount_all() {
-  for m in "$DISK_DIR"/mnt-* "$TMPFS_DIR"/mnt-*; do
-    [ -d "$m" ] || continue
-    mountpoint -q "$m" 2>/dev/null && { fusermount3 -u "$m" 2>/dev/null || umount -l "$m"; }
-  done
-  if mountpoint -q "$TMPFS_DIR" 2>/dev/null; then umount "$TMPFS_DIR" || umount -l "$TMPFS_DIR"; fi
-  return 0
-}
-trap umount_all EXIT
-umount_all
-
-# mount_fs FS BASE -> prints the directory the workloads use.
-mount_fs() {
-  local fs=$1 base=$2 b="$2/back-$1" m="$2/mnt-$1"
-  rm -rf "$b"; mkdir -p "$b" "$m"
-  case $fs in
-    native) echo "$b"; return ;;
-    passthrough_ll) "$PLL" -o source="$b" "$m" ;;
-    bindfs) bindfs "$b" "$m" ;;
-    gocryptfs)
-      gocryptfs -q -init -passfile "$base/keys/pass" "$b" >/dev/null
-      gocryptfs -q -passfile "$base/keys/pass" "$b" "$m" 2>/dev/null ;;
-    kmfs)
-      "$KMFS" init --keyfile "$base/keys/k" "$b" >/dev/null 2>&1
-      # shellcheck disable=SC2086
-      "$KMFS" mount --keyfile "$base/keys/k" $KMFS_OPTS "$b" "$m" 2>/dev/null ;;
-  esac
-  echo "$m"
-}
-
-daemon_pid() { # mountpoint -> pid of the FUSE daemon serving it
-  local m=$1 p
-  for p in $(pgrep -f -- "$m"); do
-    [ "$p" != "$$" ] && grep -qa -- "$m" "/proc/$p/cmdline" && { echo "$p"; return; }
-  done
-}
-hwm() { local p; p=$(daemon_pid "$1"); [ -n "$p" ] && awk '/VmHWM/{printf "%.0f", $2/1024}' "/proc/$p/status" || echo -; }
 
 fio_seq() { # dir rw -> MiB/s as fio accounts it (end_fsync included)
   fio --name=s --directory="$1" --filename=big --rw="$2" --bs=1M --size="${SEQ_MB}M" \
@@ -163,7 +104,6 @@ run_one() { # backing fs dir run
   rm -f "$d/rand"
 }
 
-median() { printf '%s\n' "$@" | sort -g | awk '{a[NR]=$1} END{print (NR%2) ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2}'; }
 
 echo "kmfs fs_bench: $(date -u +%Y-%m-%dT%H:%MZ), $(nproc) cores, $(lscpu | sed -n 's/^Model name: *//p'), kernel $(uname -r)"
 echo "seq ${SEQ_MB} MiB; tree ${NFILES} files / ${TREE_MB} MiB tar; random 4 KiB x ${RAND_SECS} s; medians of ${RUNS}"
@@ -204,11 +144,6 @@ for bk in $BACKINGS; do
   [ "$bk" = disk ] && rm -rf "$base"
 done
 
-ratio() { # kmfs peer higher_is_better -> ">1 = kmfs better"
-  awk -v k="$1" -v p="$2" -v hb="$3" 'BEGIN{
-    if (k == "" || p == "" || k+0 <= 0 || p+0 <= 0) { print "-"; exit }
-    printf "%.2f", hb ? k/p : p/k }'
-}
 has() { [[ " $FSES " == *" $1 "* ]]; }
 echo
 echo "Ratios are kmfs relative to the peer, >1 = kmfs better (throughput ratio, or peer time / kmfs time)."
