@@ -1,0 +1,64 @@
+//! Harnesses shared by all integration tests: the `kmfs` binary ([`cli`]),
+//! FUSE mounts ([`mount`], [`fault`]), key servers ([`pykmip`], [`softhsm`]),
+//! deterministic randomness ([`rng`]), and the rules for running in one
+//! process ([`exclusive`], [`in_own_process`], [`skip`]).
+
+pub mod cli;
+pub mod fault;
+pub mod mount;
+pub mod pykmip;
+pub mod rekey;
+pub mod rng;
+pub mod softhsm;
+
+use std::process::Command;
+use std::sync::{Mutex, MutexGuard};
+
+/// Serialises the tests that change or observe machine-wide state: the
+/// installed Debian package and `/usr/local/bin/kmfs` (ops_package),
+/// `mount -t fuse.kmfs` through mount(8) and fstab (deploy). They run one at
+/// a time; all other tests stay parallel.
+pub fn exclusive() -> MutexGuard<'static, ()> {
+    static SERIAL: Mutex<()> = Mutex::new(());
+    // A failed exclusive test poisons the lock; the next one still runs.
+    SERIAL.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Reports a test that cannot run here (a missing outside component) as
+/// skipped: one `SKIPPED: <test>: <why>` line on stderr. Callers decide
+/// first whether skipping is allowed (`KMFS_REQUIRE_ALL=1` makes it a
+/// failure; see [`pykmip::available`], [`softhsm::available`]).
+pub fn skip(why: &str) {
+    let t = std::thread::current();
+    eprintln!("SKIPPED: {}: {why}", t.name().unwrap_or("?"));
+}
+
+const CHILD_ENV: &str = "KMFS_IT_CHILD";
+
+/// For a test that needs the whole process to itself (it installs the
+/// process-wide `log` logger, which another test of this binary also
+/// installs): in the test harness, runs this test binary again with only
+/// the test `name` (its full path, e.g. `logging::init_installs_...`) and
+/// asserts it passed, returning `false`; in that child returns `true`, and
+/// the caller runs the test body.
+pub fn in_own_process(name: &str) -> bool {
+    if std::env::var_os(CHILD_ENV).is_some_and(|v| v == name) {
+        return true;
+    }
+    let out = Command::new(std::env::current_exe().unwrap())
+        .args([name, "--exact", "--test-threads=1", "--nocapture"])
+        .env(CHILD_ENV, name)
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{name} in its own process:\n{text}");
+    assert!(
+        text.contains("1 passed"),
+        "{name} did not run in its own process:\n{text}"
+    );
+    false
+}
