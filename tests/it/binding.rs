@@ -16,7 +16,6 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
-
 use kmfs::crypto::xattr::{BACKING_PREFIX, Mapped, XattrCipher};
 use kmfs::kms::keyfile::KeyfileProvider;
 use kmfs::volume::{self, Volume as Vol, dirid};
@@ -70,8 +69,6 @@ fn backing_of(v: &Vol, rel: &str) -> PathBuf {
 fn errno_of(r: std::io::Result<impl Sized>) -> i32 {
     r.err().and_then(|e| e.raw_os_error()).unwrap_or(0)
 }
-
-
 
 /// A file capability (VFS_CAP_REVISION_2, effective, CAP_NET_ADMIN): what
 /// the kernel accepts as `security.capability`.

@@ -40,7 +40,6 @@ impl Env {
     }
 }
 
-
 fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }

@@ -12,7 +12,6 @@ use crate::support::pykmip;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
-
 fn write_config(dir: &Path, pki: &pykmip::Pki, servers: &[(&str, u16)]) -> PathBuf {
     let mut t = String::from("provider = \"kmip\"\n[volume]\nname = \"vol1\"\n");
     t += &format!(

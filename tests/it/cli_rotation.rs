@@ -11,11 +11,6 @@ use crate::support::softhsm;
 use std::path::Path;
 use std::process::Command;
 
-/// SoftHSM 2.6 rewrites a token's object file when a key is created; another
-/// process listing tokens at that moment sees the token without its label. The
-/// tests here run kmfs processes that create keys, so they take turns.
-static TOKEN_LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
 fn dump_json(back: &Path) -> serde_json::Value {
     serde_json::from_str(&ok(kmfs(&[&"header", &"dump", &"--json", &back]))).unwrap()
 }
@@ -25,8 +20,7 @@ fn rotate_twice_then_restore_the_oldest_backup() {
     if !softhsm::available() {
         return;
     }
-    let _turn = TOKEN_LOCK.lock().unwrap_or_else(|e| e.into_inner());
-    let hsm = softhsm::Hsm::shared();
+    let (hsm, _turn) = softhsm::Hsm::for_processes();
     let tmp = tempfile::tempdir().unwrap();
     let etc = cli::private_dir(tmp.path().join("etc"));
     let cfg = etc.join("vol.toml");
@@ -111,8 +105,7 @@ fn rotation_failure_leaves_the_volume_usable() {
     if !softhsm::available() {
         return;
     }
-    let _turn = TOKEN_LOCK.lock().unwrap_or_else(|e| e.into_inner());
-    let hsm = softhsm::Hsm::shared();
+    let (hsm, _turn) = softhsm::Hsm::for_processes();
     let tmp = tempfile::tempdir().unwrap();
     let etc = cli::private_dir(tmp.path().join("etc"));
     let cfg = etc.join("vol.toml");

@@ -117,6 +117,9 @@ fn mount_t_fuse_kmfs_fstab_and_failure_paths() {
     if !pykmip::available() {
         return;
     }
+    // mount(8) finds mount.fuse3 and `kmfs` by PATH, which the package test
+    // changes (dpkg -i, /usr/local/bin/kmfs moved aside).
+    let _serial = crate::support::exclusive();
     let tmp = tempfile::tempdir().unwrap();
     let pki = pykmip::Pki::generate(&tmp.path().join("pki"));
     let server = pykmip::PykmipServer::start(

@@ -99,7 +99,7 @@ fn pkcs11_end_to_end_with_secret_scan() {
     if !softhsm::available() {
         return;
     }
-    let hsm = softhsm::Hsm::shared();
+    let (hsm, _turn) = softhsm::Hsm::for_processes();
     let d = dirs();
     let cfg = d.etc.join("vol.toml");
     cli::write_private(

@@ -20,8 +20,8 @@
 use crate::support::cli;
 use crate::support::fault;
 use crate::support::mount;
-use crate::support::rekey::backing_generations;
 use crate::support::pykmip;
+use crate::support::rekey::backing_generations;
 
 use std::fs::File;
 use std::io::Write;

@@ -13,7 +13,6 @@ use std::path::{Path, PathBuf};
 
 use mount::{Volume, pattern};
 
-
 #[derive(Debug, PartialEq)]
 enum Node {
     File(Vec<u8>),

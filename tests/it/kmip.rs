@@ -50,7 +50,6 @@ fn lines_with(needle: &str) -> Vec<String> {
         .collect()
 }
 
-
 // ---- configuration helpers ----
 
 struct Env {
@@ -274,7 +273,11 @@ fn create_activate_wrap_unwrap_and_versions() {
         "{rng:#?}"
     );
     let all = LINES.lock().unwrap().join("\n");
-    for secret in [kmfs::hex::encode(dek.as_bytes()), kmfs::hex::encode(&blob[13..45]), kmfs::hex::encode(&blob2[13..45])] {
+    for secret in [
+        kmfs::hex::encode(dek.as_bytes()),
+        kmfs::hex::encode(&blob[13..45]),
+        kmfs::hex::encode(&blob2[13..45]),
+    ] {
         assert!(!all.contains(&secret), "key material in the log");
     }
     assert!(!blob.is_empty());

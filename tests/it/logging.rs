@@ -446,10 +446,16 @@ fn csv_syncs_every_row_and_is_thread_safe() {
     assert!(rows.iter().all(|r| r.len() == 12));
 }
 
-// ---- The process-wide logger: the only test in this binary that calls init ----
+// ---- The process-wide logger ----
 
+/// `logging::init` installs the process's `log` logger and audit sink, which
+/// other tests of this binary install too (kmip's capture, pkcs11's sink):
+/// it runs in a process of its own.
 #[test]
 fn init_installs_file_logger_and_audit_sink() {
+    if !crate::support::in_own_process("logging::init_installs_file_logger_and_audit_sink") {
+        return;
+    }
     let dir = tempfile::tempdir().unwrap();
     let log_path = dir.path().join("log/kmfs.log");
     let audit_path = dir.path().join("audit/audit.csv");
@@ -466,7 +472,7 @@ fn init_installs_file_logger_and_audit_sink() {
         Err(LoggingError::AlreadyInitialized)
     ));
 
-    // Targets outside kmfs (this test crate is `logging`) are capped at info
+    // Targets outside kmfs (this test crate is `it`) are capped at info
     // and tagged src=; the daemon's own targets start with `kmfs`.
     log::debug!(target: "other_crate", "dropped at any level");
     log::info!(

@@ -18,11 +18,6 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// SoftHSM token files are rewritten when a key is created; kmfs processes
-/// of the tests here that create keys take turns (as in cli_rotation.rs).
-static TOKEN_LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
-
 /// A temporary directory with `etc/` (0700: config, key, log, audit),
 /// `back/` and `mnt/`.
 struct Dirs {
@@ -236,8 +231,7 @@ fn three_rotations_in_one_second_keep_three_backups() {
     if !softhsm::available() {
         return;
     }
-    let _turn = TOKEN_LOCK.lock().unwrap_or_else(|e| e.into_inner());
-    let hsm = softhsm::Hsm::shared();
+    let (hsm, _turn) = softhsm::Hsm::for_processes();
     let d = Dirs::new();
     let cfg = d.etc.join("vol.toml");
     write_private(
@@ -371,8 +365,7 @@ fn refused_key_exits_13_online_and_offline() {
     if !softhsm::available() {
         return;
     }
-    let _turn = TOKEN_LOCK.lock().unwrap_or_else(|e| e.into_inner());
-    let hsm = softhsm::Hsm::shared();
+    let (hsm, _turn) = softhsm::Hsm::for_processes();
     {
         use kmfs::kms::KeyProvider;
         let p = kmfs::kms::pkcs11::Pkcs11Provider::from_config(&hsm.config(softhsm::KEK)).unwrap();

@@ -49,9 +49,7 @@ fn cargo_deb_available() -> bool {
         .output()
         .is_ok_and(|o| o.status.success());
     if !ok {
-        eprintln!(
-            "\n\n*** SKIPPING PACKAGE TEST: cargo-deb is missing (scripts/install-deps.sh installs it) ***\n"
-        );
+        crate::support::skip("cargo-deb is missing (scripts/install-deps.sh installs it)");
     }
     ok
 }
@@ -61,6 +59,9 @@ fn deb_installs_mounts_has_man_pages_and_removes_cleanly() {
     if !cargo_deb_available() {
         return;
     }
+    // Installs and removes the package and moves /usr/local/bin/kmfs aside:
+    // machine-wide.
+    let _serial = crate::support::exclusive();
     let installed = run(Command::new("dpkg-query").args(["-W", "-f=${Status}", "kmfs"]));
     if String::from_utf8_lossy(&installed.stdout).contains("install ok installed") {
         panic!("a kmfs package is already installed here; remove it before this test");

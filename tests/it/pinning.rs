@@ -232,7 +232,7 @@ fn rekey_with_rotate_kek_moves_the_volume_to_a_new_kek_version() {
     if !softhsm::available() {
         return;
     }
-    let hsm = softhsm::Hsm::shared();
+    let (hsm, _turn) = softhsm::Hsm::for_processes();
     let t = tempfile::tempdir().unwrap();
     let etc = private_dir(t.path().join("etc"));
     let cfg = etc.join("vol.toml");

@@ -59,7 +59,7 @@ fn wrap_unwrap_round_trip_in_token() {
     if !softhsm::available() {
         return;
     }
-    let hsm = Hsm::shared();
+    let (hsm, _turn) = Hsm::in_process();
     let p = provider(&hsm.config(KEK));
     let kek = p.current_kek().unwrap();
     assert_eq!(kek.provider, "pkcs11");
@@ -86,7 +86,7 @@ fn wrong_aad_and_tampered_blobs_are_wrong_key() {
     if !softhsm::available() {
         return;
     }
-    let hsm = Hsm::shared();
+    let (hsm, _turn) = Hsm::in_process();
     let p = provider(&hsm.config(KEK));
     let kek = p.current_kek().unwrap();
     let blob = p.wrap(&kek, &dek(3), b"vol-1").unwrap();
@@ -123,7 +123,7 @@ fn kek_value_cannot_be_read_and_stays_non_extractable() {
     if !softhsm::available() {
         return;
     }
-    let hsm = Hsm::shared();
+    let (hsm, _turn) = Hsm::in_process();
     // Make sure the module is initialised the way the provider does it.
     let p = provider(&hsm.config(KEK));
     let kek = p.current_kek().unwrap();
@@ -179,7 +179,7 @@ fn wrong_pin_is_access_denied_with_clear_message() {
     if !softhsm::available() {
         return;
     }
-    let hsm = Hsm::shared();
+    let (hsm, _turn) = Hsm::in_process();
     let wrong = hsm.dir.join("wrong.pin");
     crate::support::cli::write_private(&wrong, "0000-wrong\n");
     let mut c = hsm.config(KEK);
@@ -202,7 +202,7 @@ fn pin_from_systemd_credential() {
     if !softhsm::available() {
         return;
     }
-    let hsm = Hsm::shared();
+    let (hsm, _turn) = Hsm::in_process();
     let mut c = hsm.config(KEK);
     c.pin_file = None;
     c.pin_credential = Some(softhsm::PIN_CREDENTIAL.into());
@@ -225,7 +225,7 @@ fn missing_token_and_key_are_named() {
     if !softhsm::available() {
         return;
     }
-    let hsm = Hsm::shared();
+    let (hsm, _turn) = Hsm::in_process();
     let mut c = hsm.config(KEK);
     c.token_label = Some("no-such-token".into());
     let e = err(&c);
@@ -302,7 +302,7 @@ fn loose_pin_file_is_refused_naming_it() {
     if !softhsm::available() {
         return;
     }
-    let hsm = Hsm::shared();
+    let (hsm, _turn) = Hsm::in_process();
     let loose = hsm.dir.join("loose.pin");
     crate::support::cli::write_private(&loose, PIN);
     std::fs::set_permissions(&loose, std::fs::Permissions::from_mode(0o644)).unwrap();
@@ -324,7 +324,7 @@ fn rotation_creates_version_2_and_old_wraps_still_unwrap() {
     if !softhsm::available() {
         return;
     }
-    let hsm = Hsm::shared();
+    let (hsm, _turn) = Hsm::in_process();
     let name = "rot-kek";
     let p = provider(&hsm.config(name));
     assert!(matches!(p.current_kek(), Err(KmsError::KeyNotFound(_))));
@@ -410,7 +410,7 @@ fn revoke_disables_but_keeps_the_key() {
     if !softhsm::available() {
         return;
     }
-    let hsm = Hsm::shared();
+    let (hsm, _turn) = Hsm::in_process();
     let name = "rev-kek";
     let p = provider(&hsm.config(name));
     let v1 = p.create_kek(Some(name)).unwrap();
@@ -464,7 +464,7 @@ fn extract_mode_works_with_extractable_key_only() {
     if !softhsm::available() {
         return;
     }
-    let hsm = Hsm::shared();
+    let (hsm, _turn) = Hsm::in_process();
     let mut c = hsm.config(KEK_EXTRACTABLE);
     c.mode = Pkcs11Mode::Extract;
     let p = provider(&c);
@@ -510,7 +510,7 @@ fn random_bytes_come_from_the_token() {
     if !softhsm::available() {
         return;
     }
-    let hsm = Hsm::shared();
+    let (hsm, _turn) = Hsm::in_process();
     let p = provider(&hsm.config(KEK));
     let a = p.random(32).unwrap();
     let b = p.random(32).unwrap();
@@ -529,7 +529,7 @@ fn one_provider_shared_by_threads() {
     if !softhsm::available() {
         return;
     }
-    let hsm = Hsm::shared();
+    let (hsm, _turn) = Hsm::in_process();
     let p = Arc::new(provider(&hsm.config(KEK)));
     let kek = p.current_kek().unwrap();
     let handles: Vec<_> = (0..8u8)
@@ -558,7 +558,7 @@ fn volume_init_and_open_through_the_token() {
         return;
     }
     use kmfs::volume::{InitOptions, Volume};
-    let hsm = Hsm::shared();
+    let (hsm, _turn) = Hsm::in_process();
     let backing = tempfile::tempdir().unwrap();
     let p = provider(&hsm.config(KEK));
     let v = Volume::init(backing.path(), &p, &InitOptions::default()).unwrap();
@@ -603,7 +603,7 @@ fn session_logged_out_behind_our_back_is_reopened() {
     if !softhsm::available() {
         return;
     }
-    let hsm = Hsm::shared();
+    let (hsm, _turn) = Hsm::in_process();
     let mut c = hsm.config(KEK);
     c.token_label = Some(RELOGIN_TOKEN.into());
     let p = provider(&c);
@@ -624,7 +624,7 @@ fn every_hsm_operation_is_audited_without_key_material() {
         return;
     }
     use kmfs::audit::{AuditCsv, install_sink};
-    let hsm = Hsm::shared();
+    let (hsm, _turn) = Hsm::in_process();
     let csv = hsm.dir.join("audit.csv");
     // Process-wide: rows of parallel tests land here too; look at ours only.
     install_sink(Some(AuditCsv::open(&csv, "p11-test").unwrap()));
@@ -687,7 +687,7 @@ fn token_by_slot_id() {
     if !softhsm::available() {
         return;
     }
-    let hsm = Hsm::shared();
+    let (hsm, _turn) = Hsm::in_process();
     let slot = raw_session(TOKEN).get_session_info().unwrap().slot_id();
     let mut c = hsm.config(KEK);
     c.token_label = None;

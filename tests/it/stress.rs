@@ -35,7 +35,6 @@ use mount::{Volume, pattern};
 /// kernel's page cache is not counted).
 const RSS_LIMIT_KIB: u64 = 512 * 1024;
 
-
 fn secs() -> u64 {
     std::env::var("KMFS_STRESS_SECS")
         .ok()

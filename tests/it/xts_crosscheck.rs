@@ -70,7 +70,6 @@ for line in sys.stdin:
     print((e.update(data) + e.finalize()).hex())
 "#;
 
-
 /// OpenSSL (libcrypto via python3-cryptography) agrees on full and partial
 /// units. Skips with a message only if Debian's python3 lacks the module; CI
 /// installs python3-cryptography.
@@ -82,7 +81,9 @@ fn matches_openssl() {
         .args(["-c", "import cryptography"])
         .status();
     if !matches!(probe, Ok(s) if s.success()) {
-        eprintln!("SKIPPED: /usr/bin/python3 with the cryptography module is not installed");
+        crate::support::skip(
+            "/usr/bin/python3 with the cryptography module is not installed (apt-get install python3-cryptography)",
+        );
         return;
     }
     let mut cases = Vec::new();
@@ -108,7 +109,14 @@ fn matches_openssl() {
     {
         let mut stdin = child.stdin.take().unwrap();
         for (k, t, p) in &cases {
-            writeln!(stdin, "{} {} {}", encode(k), encode(&t.to_le_bytes()), encode(p)).unwrap();
+            writeln!(
+                stdin,
+                "{} {} {}",
+                encode(k),
+                encode(&t.to_le_bytes()),
+                encode(p)
+            )
+            .unwrap();
         }
     }
     let out = child.wait_with_output().unwrap();

@@ -1,6 +1,5 @@
 //! Running the real `kmfs` binary from integration tests.
 
-
 use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
