@@ -12,8 +12,8 @@ PKGS=(
   attr acl rsync                    # xattr/ACL tools used by filesystem tests
   systemd xxd python3               # systemd-analyze verify; demo output; helpers
   libacl1-dev                       # building the POSIX suite pjdfstest
-  stress-ng                         # file stressors in tests/stress.rs
-  man-db                            # `man kmfs` in the package test (tests/ops_package.rs)
+  stress-ng                         # file stressors in tests/it/stress.rs
+  man-db                            # `man kmfs` in the package test (tests/it/ops_package.rs)
 )
 
 missing=()
@@ -33,7 +33,7 @@ if ! command -v cargo >/dev/null; then
   exit 1
 fi
 
-# The Debian package (scripts/build-deb.sh, tests/ops_package.rs) is built
+# The Debian package (scripts/build-deb.sh, tests/it/ops_package.rs) is built
 # with cargo-deb.
 if ! cargo deb --version >/dev/null 2>&1; then
   echo "installing cargo-deb"

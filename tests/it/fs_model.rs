@@ -1,7 +1,7 @@
 //! Randomised operation sequences applied to a kmfs mount and to an ordinary
 //! directory (the reference model); after every few steps the two trees must be
 //! identical (names, kinds, sizes, contents). Reproducible from the printed
-//! seed: KMFS_MODEL_SEED=<n> KMFS_MODEL_OPS=<n> cargo test --test fs_model.
+//! seed: KMFS_MODEL_SEED=<n> KMFS_MODEL_OPS=<n> cargo test --test it fs_model::.
 
 use crate::support::mount;
 use crate::support::rng::Rng;

@@ -4,7 +4,7 @@
 //! `mount -t fuse.kmfs` through /usr/bin/kmfs, read `man kmfs` and
 //! `man 5 kmfs.toml` non-interactively, then `dpkg -r` leaves nothing but
 //! the configuration. The machine is put back as it was: the package purged,
-//! a /usr/local/bin/kmfs (scripts/test.sh, tests/deploy.rs) moved back.
+//! a /usr/local/bin/kmfs (scripts/test.sh, tests/it/deploy.rs) moved back.
 
 use crate::support::cli;
 use cli::{KMFS, is_mounted, text};

@@ -11,6 +11,7 @@ pub mod rekey;
 pub mod rng;
 pub mod softhsm;
 
+use std::io::Write;
 use std::process::Command;
 use std::sync::{Mutex, MutexGuard};
 
@@ -27,8 +28,8 @@ pub fn exclusive() -> MutexGuard<'static, ()> {
 /// For a test that cannot run here because an outside component is
 /// missing (`why` names it and how to install it). With `KMFS_REQUIRE_ALL=1`
 /// (set by scripts/test.sh, so CI always runs everything) this fails the
-/// test; otherwise it prints one `SKIPPED: <test>: <why>` line on stderr and
-/// the caller returns.
+/// test; otherwise it prints one `SKIPPED: <test>: <why>` line on stderr
+/// (shown even though the test passes) and the caller returns.
 pub fn skip(why: &str) {
     let t = std::thread::current();
     let test = t.name().unwrap_or("?");
@@ -36,7 +37,9 @@ pub fn skip(why: &str) {
         std::env::var_os("KMFS_REQUIRE_ALL").is_none_or(|v| v != "1"),
         "KMFS_REQUIRE_ALL=1 but {test} cannot run: {why}"
     );
-    eprintln!("SKIPPED: {test}: {why}");
+    // Straight to fd 2, not eprintln!: the harness hides what a passing
+    // test prints, and a skip must show in every run.
+    let _ = writeln!(std::io::stderr(), "SKIPPED: {test}: {why}");
 }
 
 const CHILD_ENV: &str = "KMFS_IT_CHILD";
