@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use cli::{kmfs, ok, text};
 use fault::Daemon;
-use mount::{Volume, pattern};
+use mount::{Volume, drop_caches, pattern};
 
 /// Plaintext size of file `i` of the test tree: empty, tiny, around unit
 /// boundaries, a few tens of KiB, and a few files over one journal chunk.
@@ -359,11 +359,6 @@ fn sigkill_mid_rekey_resumes_at_the_next_mount_and_pause_survives_it() {
     verify(&files, &root, &root);
     verify_meta(&root, &files);
     drop(d);
-}
-
-/// Drops the page cache, so the next read of a file goes through kmfs.
-fn drop_caches() {
-    std::fs::write("/proc/sys/vm/drop_caches", "3").unwrap();
 }
 
 /// Reads `path` through the mount (cache dropped first).

@@ -34,6 +34,7 @@ mod kmip;
 mod local_user;
 mod lock;
 mod logging;
+mod many_files;
 mod ops;
 mod ops_package;
 mod pinning;

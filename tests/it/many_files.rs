@@ -10,24 +10,18 @@
 //! kernel cached held one descriptor, and creation failed with EMFILE near
 //! file 2,000.
 
-#[path = "support/mount.rs"]
-mod mount;
+use crate::support::mount;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use mount::Volume;
+use mount::{Volume, drop_caches};
 
 const LIMIT: usize = 2048;
 const DIRS: usize = 100;
 const PER_DIR: usize = 1000;
-
-fn drop_caches() {
-    // SAFETY-free: writing to a procfs file as root.
-    std::fs::write("/proc/sys/vm/drop_caches", "3").expect("drop caches (needs root)");
-}
 
 fn content(d: usize, f: usize) -> Vec<u8> {
     format!("file {d}/{f}\n").into_bytes()
