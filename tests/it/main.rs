@@ -5,7 +5,8 @@
 //! A test that changes or observes machine-wide state (the installed package,
 //! `/usr/local/bin/kmfs`, mount(8) and its helpers, ...) takes
 //! [`support::exclusive`] first; a test that needs a process-wide setting
-//! that cannot be shared (the global `log` logger) runs in a child process
+//! that cannot be shared (the global `log` logger) or uses up a process-wide
+//! resource (thousands of open descriptors) runs in a child process
 //! ([`support::in_own_process`]).
 
 mod support;

@@ -215,9 +215,16 @@ fn hundred_thousand_files_under_a_2048_descriptor_limit() {
 /// Files held open are real descriptors: when the application holds more
 /// than the daemon can have, the next open fails with a clear EMFILE (the
 /// cached descriptors are given up first), the daemon logs the cause once
-/// with its limit, and opens work again once files are closed.
+/// with its limit, and opens work again once files are closed. The test
+/// holds thousands of descriptors itself, so it runs in a process of its own
+/// (other tests of this binary open files meanwhile).
 #[test]
 fn running_out_of_descriptors_is_a_clear_error_logged_once() {
+    if !crate::support::in_own_process(
+        "many_files::running_out_of_descriptors_is_a_clear_error_logged_once",
+    ) {
+        return;
+    }
     let m = mount_limited(Volume::create(false));
     let d = m.p("held");
     std::fs::create_dir(&d).unwrap();

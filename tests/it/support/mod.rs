@@ -46,7 +46,7 @@ const CHILD_ENV: &str = "KMFS_IT_CHILD";
 
 /// For a test that needs the whole process to itself (it installs the
 /// process-wide `log` logger, which another test of this binary also
-/// installs): in the test harness, runs this test binary again with only
+/// installs, or holds thousands of descriptors): in the test harness, runs this test binary again with only
 /// the test `name` (its full path, e.g. `logging::init_installs_...`) and
 /// asserts it passed, returning `false`; in that child returns `true`, and
 /// the caller runs the test body.
