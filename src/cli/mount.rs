@@ -61,6 +61,10 @@ pub struct MountOptions {
     /// `insecure_backing`: serve a backing directory that users other than
     /// root can enter or change (refused by default, docs/SECURITY.md).
     pub insecure_backing: bool,
+    /// `lock_wait=SECONDS`: wait this long for the volume's writer lock
+    /// (a takeover after fencing, while an NFS lease still holds it) instead
+    /// of failing after a few seconds. Never breaks the lock (docs/HA.md).
+    pub lock_wait: Option<u64>,
 }
 
 /// Options mount(8)/fstab pass that concern the mount helper or the kernel's
@@ -125,12 +129,24 @@ pub fn parse_options(opts: &[String]) -> Result<MountOptions, CliError> {
             ("noatime", None) => m.noatime = true,
             ("no_writeback", None) => m.no_writeback = true,
             ("insecure_backing", None) => m.insecure_backing = true,
+            ("lock_wait", Some(v)) => {
+                m.lock_wait = Some(
+                    v.parse::<u64>()
+                        .ok()
+                        .filter(|s| *s <= 86_400)
+                        .ok_or_else(|| {
+                            usage(format!(
+                                "-o lock_wait={v}: give whole seconds, at most 86400"
+                            ))
+                        })?,
+                )
+            }
             (k, _) if k.starts_with("x-systemd.") || k.starts_with("x-") => {}
             ("comment", Some(_)) => {}
             (k, None) if TOLERATED.contains(&k) => {}
             _ => {
                 return Err(usage(format!(
-                    "unknown or malformed mount option {o:?} (known: config=FILE, keyfile=PATH, allow_other, default_permissions, ro, rw, log_level=LEVEL, fsname=NAME, subtype=NAME, nodev/dev, nosuid/suid, noexec, noatime and the usual fstab options)"
+                    "unknown or malformed mount option {o:?} (known: config=FILE, keyfile=PATH, allow_other, default_permissions, ro, rw, log_level=LEVEL, fsname=NAME, subtype=NAME, lock_wait=SECONDS, nodev/dev, nosuid/suid, noexec, noatime and the usual fstab options)"
                 )));
             }
         }
@@ -340,12 +356,18 @@ fn serve_inner(plan: &Plan, notify: &mut Option<Notify>) -> Result<(), CliError>
     // process, which is the daemon after the fork): a second mount, here or
     // on another host of shared storage, stops here — before rekey recovery
     // or anything else touches the volume.
-    let _lock = VolumeLock::acquire(&plan.backing, "mount").inspect_err(|e| {
+    // `-o lock_wait=S` waits for a holder that is being fenced; it never
+    // breaks a held lock.
+    let wait = std::time::Duration::from_secs(plan.opts.lock_wait.unwrap_or(0));
+    // A takeover (the previous writer ended without letting go) is logged
+    // by the lock, naming that writer.
+    let _lock = VolumeLock::acquire_wait(&plan.backing, "mount", wait).inspect_err(|e| {
         log::error!(
             "op=mount path={} result=error error=\"{e}\"",
             plan.backing.display()
         );
     })?;
+
     let (cfg, provider) = plan.keys.open(Some(&plan.backing))?;
     let allow_other = plan.opts.allow_other || cfg.as_ref().is_some_and(|c| c.mount.allow_other);
     let read_only = plan.opts.read_only || cfg.as_ref().is_some_and(|c| c.mount.read_only);
@@ -581,5 +603,9 @@ mod tests {
         assert!(p("config=").is_err());
         assert!(p("ro=1").is_err());
         assert_eq!(p("subtype=").unwrap().subtype, Some(String::new()));
+        assert_eq!(p("lock_wait=120").unwrap().lock_wait, Some(120));
+        assert!(p("lock_wait=").is_err());
+        assert!(p("lock_wait=-1").is_err());
+        assert!(p("lock_wait=1e9").is_err());
     }
 }

@@ -13,11 +13,21 @@
 //! also excludes a writer on another host of shared storage.
 //!
 //! The holder writes one line into the file, `host=… pid=… since=…
-//! command=…`, so a refused writer can name it. The record is only read while
-//! the lock is held by someone else; a stale record left by a dead holder is
-//! harmless (the lock itself is gone) and is overwritten by the next holder.
+//! command=…`, so a refused writer can name it, and empties it again when it
+//! lets go cleanly. A record found by the next holder therefore means its
+//! predecessor ended without letting go (a crash, `kill -9`, a fenced host):
+//! harmless — the lock itself is gone — but logged as a takeover naming the
+//! predecessor, and overwritten.
 //! Read-only commands never take the lock; [`holder`] tells them, without
 //! taking it, whether a writer is active.
+//!
+//! kmfs never breaks a lock that is held (docs/HA.md). When the named holder
+//! is gone but the lock is not free — its descriptor lives on in another
+//! process on this host, or another host died while its NFS lease still
+//! holds the lock on the server — the refusal says so and what releases it
+//! (stopping that process; fencing that host, then the lease expiry), and
+//! [`VolumeLock::acquire_wait`] (`kmfs mount -o lock_wait=SECONDS`) waits
+//! for it instead of failing after [`GRACE`].
 
 use std::ffi::CStr;
 use std::fs::File;
@@ -42,8 +52,13 @@ const MAX_SHOWN: usize = 256;
 #[derive(Debug, thiserror::Error)]
 pub enum LockError {
     /// Another process (here or on another host) holds the lock.
-    #[error("volume {} is in use by another writer ({holder}); {}", path.display(), advice(holder))]
-    Held { path: PathBuf, holder: String },
+    #[error("volume {} is in use by another writer ({holder}); {advice}", path.display())]
+    Held {
+        path: PathBuf,
+        holder: String,
+        /// What releases the lock (see [`advice`]).
+        advice: String,
+    },
     /// `kmfs.lock` exists but is not a regular file.
     #[error(
         "lock file {} is a {what}, not a regular file; remove it (kmfs creates a new one) and try again",
@@ -58,12 +73,100 @@ pub enum LockError {
     },
 }
 
-fn advice(holder: &str) -> &'static str {
-    if holder.split(' ').any(|f| f == "command=mount") {
+/// The value of `key=` in a holder record.
+fn field<'a>(holder: &'a str, key: &str) -> Option<&'a str> {
+    holder
+        .split(' ')
+        .find_map(|f| f.strip_prefix(key)?.strip_prefix('='))
+}
+
+/// What releases a lock held by `holder` (the record), whose descriptor is
+/// `file` (an open file description of the same `kmfs.lock`).
+fn advice(holder: &str, file: &File) -> String {
+    let finish = if field(holder, "command") == Some("mount") {
         "unmount it there first"
     } else {
         "wait until that command has finished"
+    };
+    let pid = field(holder, "pid").and_then(|p| p.parse::<i32>().ok());
+    let here = field(holder, "host") == Some(hostname().as_str());
+    match (here, pid) {
+        (true, Some(pid)) if pid > 0 && !alive(pid) => {
+            let others = lock_holders(file);
+            let who = if others.is_empty() {
+                "a process that inherited its descriptor".to_string()
+            } else {
+                others.join(", ")
+            };
+            format!(
+                "that process is gone, but the lock is still held by {who}; stop that (it releases the lock) and try again — kmfs never breaks a held lock"
+            )
+        }
+        (true, _) => finish.to_string(),
+        (false, _) => format!(
+            "{finish}; if that host is down or hung, fence it (power it off) first: its lock is released when the shared storage lets go of it (NFSv4: when its lease expires), and `kmfs mount -o lock_wait=SECONDS` waits for that — kmfs never breaks another host's lock (docs/HA.md)"
+        ),
     }
+}
+
+/// Whether process `pid` exists on this host (in this pid namespace).
+fn alive(pid: i32) -> bool {
+    match nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None) {
+        Ok(()) => true,
+        Err(e) => e != Errno::ESRCH,
+    }
+}
+
+/// The local processes holding a write lock on the file `file` is open on,
+/// as `pid=N (COMM)`: found through `/proc/PID/fdinfo`, whose `lock:` lines
+/// list the locks of that descriptor's open file description. At most 8.
+fn lock_holders(file: &File) -> Vec<String> {
+    let Ok(st) = sys::fstat(file.as_fd()) else {
+        return Vec::new();
+    };
+    let dev = st.st_dev;
+    let want = format!(
+        " {:02x}:{:02x}:{} ",
+        // The kernel prints MAJOR:MINOR:INODE, major and minor in hex.
+        libc::major(dev),
+        libc::minor(dev),
+        st.st_ino
+    );
+    let mut out = Vec::new();
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return out;
+    };
+    for p in procs.flatten() {
+        let Some(pid) = p.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            continue;
+        };
+        if pid == std::process::id() {
+            continue;
+        }
+        let Ok(fds) = std::fs::read_dir(p.path().join("fdinfo")) else {
+            continue;
+        };
+        let holds = fds.flatten().any(|fd| {
+            std::fs::read_to_string(fd.path()).is_ok_and(|t| {
+                t.lines().any(|l| {
+                    l.starts_with("lock:") && l.contains(" WRITE ") && l.contains(&want)
+                })
+            })
+        });
+        if holds {
+            let comm = std::fs::read_to_string(p.path().join("comm")).unwrap_or_default();
+            let comm: String = comm
+                .trim()
+                .chars()
+                .filter(|c| c.is_ascii_graphic())
+                .collect();
+            out.push(format!("pid={pid} ({comm})"));
+            if out.len() == 8 {
+                break;
+            }
+        }
+    }
+    out
 }
 
 /// The held lock; released when dropped (or when the process ends).
@@ -73,6 +176,16 @@ pub struct VolumeLock {
     dir: File,
     path: PathBuf,
     created: bool,
+    /// The record of a predecessor that ended without letting go.
+    previous: Option<String>,
+}
+
+impl Drop for VolumeLock {
+    /// Empties the holder record before the lock goes (with the descriptor):
+    /// a clean release leaves no record behind.
+    fn drop(&mut self) {
+        let _ = self.file.set_len(0);
+    }
 }
 
 /// `kmfs.lock` opened, and the backing directory it was opened in.
@@ -96,10 +209,31 @@ impl VolumeLock {
     /// record). If another writer holds it for longer than [`GRACE`], fails
     /// with [`LockError::Held`] naming that writer, having changed nothing.
     pub fn acquire(backing: &Path, command: &str) -> Result<VolumeLock, LockError> {
-        let deadline = std::time::Instant::now() + GRACE;
+        Self::acquire_wait(backing, command, GRACE)
+    }
+
+    /// [`VolumeLock::acquire`], waiting up to `wait` (at least [`GRACE`])
+    /// for the holder to let go: for a takeover after the old holder has
+    /// been fenced, while the shared storage still holds its lock (an NFS
+    /// lease that has not expired yet). Never breaks the lock.
+    pub fn acquire_wait(
+        backing: &Path,
+        command: &str,
+        wait: std::time::Duration,
+    ) -> Result<VolumeLock, LockError> {
+        let deadline = std::time::Instant::now() + wait.max(GRACE);
+        let mut logged = false;
         loop {
             match Self::try_acquire(backing, command) {
-                Err(LockError::Held { .. }) if std::time::Instant::now() < deadline => {
+                Err(LockError::Held { holder, .. }) if std::time::Instant::now() < deadline => {
+                    if !logged && wait > GRACE {
+                        log::warn!(
+                            "op=lock path={} action=wait holder=\"{holder}\" wait_s={}",
+                            backing.display(),
+                            wait.as_secs()
+                        );
+                        logged = true;
+                    }
                     std::thread::sleep(std::time::Duration::from_millis(50));
                 }
                 r => return r,
@@ -128,9 +262,11 @@ impl VolumeLock {
             match fcntl(o.file.as_fd(), FcntlArg::F_OFD_SETLK(&fl)) {
                 Ok(_) => {}
                 Err(Errno::EAGAIN | Errno::EACCES) => {
+                    let holder = read_record(&o.file);
                     return Err(LockError::Held {
                         path: backing.to_path_buf(),
-                        holder: read_record(&o.file),
+                        advice: advice(&holder, &o.file),
+                        holder,
                     });
                 }
                 Err(e) => {
@@ -150,6 +286,17 @@ impl VolumeLock {
             }
             if attempt >= ATTEMPTS {
                 return Err(gone());
+            }
+        };
+        // A record left behind: its writer ended without letting go.
+        let previous = match read_record(&file) {
+            r if r == NOBODY => None,
+            r => {
+                log::warn!(
+                    "op=lock path={} action=takeover previous=\"{r}\" note=\"the previous writer ended without releasing the lock (crash, kill or fenced host)\"",
+                    path.display()
+                );
+                Some(r)
             }
         };
         let record = format!(
@@ -181,11 +328,18 @@ impl VolumeLock {
             dir,
             path,
             created,
+            previous,
         })
     }
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// The holder record of a predecessor that ended without releasing the
+    /// lock (crashed, killed, fenced): this acquisition was a takeover.
+    pub fn previous(&self) -> Option<&str> {
+        self.previous.as_deref()
     }
 
     /// Whether this lock created `kmfs.lock` (it did not exist before).
@@ -204,7 +358,6 @@ impl VolumeLock {
                 self.path.display()
             );
         }
-        drop(self.file);
     }
 }
 
@@ -334,6 +487,9 @@ fn check_type(mode: libc::mode_t) -> Result<(), &'static str> {
     }
 }
 
+/// What [`read_record`] gives for an empty record.
+const NOBODY: &str = "holder unknown: the lock file names nobody yet";
+
 /// The first line of the holder record (at most 4 KiB read), as printable
 /// ASCII: the file may have been written by anybody who can write the
 /// backing directory, and its text goes into messages.
@@ -362,7 +518,7 @@ fn read_record(file: &File) -> String {
         .collect();
     let shown = shown.trim();
     if shown.is_empty() {
-        "holder unknown: the lock file names nobody yet".into()
+        NOBODY.into()
     } else {
         shown.to_string()
     }
