@@ -207,7 +207,7 @@ impl Host {
     pub fn blackhole(&self, port: u16, on: bool) {
         let script = if on {
             format!(
-                "table inet kmfs_test {{ chain input {{ type filter hook input priority 0; policy accept; tcp dport {port} drop; }} }}\n"
+                "table inet kmfs_test {{\n  chain input {{\n    type filter hook input priority 0; policy accept;\n    tcp dport {port} drop\n  }}\n}}\n"
             )
         } else {
             "delete table inet kmfs_test\n".to_string()
