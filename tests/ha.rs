@@ -5,9 +5,10 @@
 //!
 //! * host A mounts and writes with fsync; host B's mount is refused with A
 //!   named (host, pid) and changes nothing in the backing tree;
-//! * A's daemon is SIGKILLed (a crashed server); B's mount succeeds as soon
-//!   as the lock is free, logs the takeover naming A, and every byte A had
-//!   fsync'd is there. The takeover time (kill → B's mount live) is printed;
+//! * A's daemon is SIGKILLed (a crashed server) in the middle of a data
+//!   re-encryption; B's mount succeeds as soon as the lock is free, logs the
+//!   takeover naming A, finishes the interrupted file and the rekey, and
+//!   every byte A had fsync'd is there. The takeover time (kill → B's mount live) is printed;
 //! * the lock is held but its named holder is gone (a descriptor that lived
 //!   on in another process; another host whose NFS lease still holds it):
 //!   the refusal says what holds it and what releases it, nothing is broken
@@ -286,7 +287,15 @@ fn a_host_b_is_refused_while_a_writes_and_takes_over_after_a_crash() {
     assert!(!is_mounted(&mnt_b));
     assert!(before == snapshot(&vol.backing), "refused mounts changed the backing tree");
 
-    // A crashes. B's mount (as systemd runs it) succeeds once the lock is free.
+    // A starts a data re-encryption (slowed down) and crashes in the middle
+    // of it; B's mount (as systemd runs it) succeeds once the lock is free,
+    // finishing the interrupted file first, and the rekey goes on there.
+    let o = kmfs_run(&run_a, &[&"rekey", &"--rate", &"2", &"--json", &vol.mnt]);
+    assert!(o.status.success(), "rekey on A: {}", text(&o));
+    let s = poll_rekey(&run_a, &vol.mnt, "a rekey under way", |s| {
+        s["files_done"].as_u64().unwrap_or(0) >= 2 && s["phase"] == "running"
+    });
+    assert!(vol.backing.join("kmfs.rekey").exists(), "{s}");
     let mut b = HostMount::start(&host_b, &vol, &mnt_b, &run_b, &[]);
     // B is waiting on the lock (its grace period) while A still runs.
     std::thread::sleep(Duration::from_millis(300));
@@ -297,6 +306,15 @@ fn a_host_b_is_refused_while_a_writes_and_takes_over_after_a_crash() {
     b.wait_live(Duration::from_secs(20));
     let takeover_waiting = killed.elapsed();
     detach(&vol.mnt);
+    // B resumed the rekey A had started, and finishes it.
+    poll_rekey(&run_b, &mnt_b, "the rekey finished on B", |s| {
+        s["phase"] == "idle" || s["phase"] == "done"
+    });
+    assert!(!vol.backing.join("kmfs.rekey").exists());
+    for (p, data) in &written {
+        let got = std::fs::read(mnt_b.join(p)).unwrap();
+        assert!(got == *data, "{p} differs on B after the rekey");
+    }
     // Again with a fresh mount command after a crash, the way a cluster
     // manager runs it: kill B, then start a daemonising mount on A.
     b.kill9();
@@ -305,15 +323,17 @@ fn a_host_b_is_refused_while_a_writes_and_takes_over_after_a_crash() {
     let o = mount_on(&host_a, &vol, &vol.mnt, &run_a, &[]);
     let takeover_fresh = killed.elapsed();
     assert!(o.status.success(), "{}", text(&o));
+    let blog = b.log_text();
     eprintln!(
-        "TAKEOVER: SIGKILL of the holder -> waiting mount on the other host live: {} ms; \
+        "TAKEOVER: SIGKILL of the holder -> waiting mount on the other host live: {} ms \
+         (interrupted rekey file finished by the new holder: {}); \
          SIGKILL -> fresh daemonising mount returned live: {} ms",
         takeover_waiting.as_millis(),
+        if blog.contains("op=rekey_recover") { "yes" } else { "none was pending" },
         takeover_fresh.as_millis()
     );
     assert!(takeover_waiting < Duration::from_secs(5));
     assert!(takeover_fresh < Duration::from_secs(5));
-    let blog = b.log_text();
     assert!(
         blog.contains("action=takeover")
             && blog.contains(&format!("previous=\"host=hostA pid={a_pid} ")),
@@ -343,6 +363,42 @@ fn a_host_b_is_refused_while_a_writes_and_takes_over_after_a_crash() {
         b"",
         "a clean release leaves the record empty"
     );
+}
+
+/// `kmfs ARGS` with the control sockets of one host (`run`).
+fn kmfs_run(run: &Path, args: &[&dyn AsRef<std::ffi::OsStr>]) -> Output {
+    let mut c = Command::new(KMFS);
+    for a in args {
+        c.arg(a);
+    }
+    let child = c
+        .env("KMFS_RUNTIME_DIR", run)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_output(child, Duration::from_secs(60))
+}
+
+/// Polls `kmfs rekey --status --json MNT` until `done` (60 s at most).
+fn poll_rekey(
+    run: &Path,
+    mnt: &Path,
+    what: &str,
+    done: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let o = kmfs_run(run, &[&"rekey", &"--status", &"--json", &mnt]);
+        assert!(o.status.success(), "{}", text(&o));
+        let s: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        if done(&s) {
+            return s;
+        }
+        assert!(Instant::now() < deadline, "no {what}: {s:#}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 /// Holds `kmfs.lock` of `backing` with an OFD write lock whose record is

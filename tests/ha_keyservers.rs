@@ -482,7 +482,17 @@ fn during_rotation(fault: Fault, after: Duration) {
         if failed_over { "failed over to site2" } else { "no failover needed" }
     );
     if o.status.success() {
-        assert_eq!(w.kek_version(), v0 + 1);
+        let v = w.kek_version();
+        // One new version — or more, when a Create reached site 1 but its
+        // answer was lost and site 2 was asked again: the lost one is an
+        // unused key version on the key manager, never one the header names.
+        assert!(v > v0, "rotation succeeded but the KEK version is {v}");
+        if v > v0 + 1 {
+            eprintln!(
+                "NOTE: a Create whose answer was cut off left {} unused KEK version(s) on the key manager",
+                v - v0 - 1
+            );
+        }
         if after.is_zero() {
             // Every operation of the rotation had to go to site 2.
             assert_audit(&rows, "site1", "site2", "wrap");
