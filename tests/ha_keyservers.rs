@@ -3,13 +3,14 @@
 //! server "host A" in a third whose volume config lists site 1 (nearest)
 //! first. Links are cut for real: `ip link set down` on site 1's link and an
 //! nft rule that drops (blackholes, no reset) every packet to site 1's KMIP
-//! port — before the mount and during a KEK rotation of the mounted volume.
+//! port — before the mount, during a KEK rotation of the mounted volume, and
+//! at the new-generation step of an online data re-encryption (rekey).
 //! Each must fail over to site 2 within the configured connect/read timeouts
 //! (or fail safe: the committed header unchanged, I/O uninterrupted); the
 //! audit trail names site 1 as failed and site 2 as the server that answered.
 //! The failover times are printed against the configured timeouts.
 //!
-//! Default run: the blackhole before mount and during a rotation. With
+//! Default run: the blackhole at each of the three moments. With
 //! `KMFS_LONG_TESTS=1` also link-down before mount, and link-down and
 //! blackhole cut at several moments while a rotation is running.
 
@@ -27,7 +28,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use cli::{KMFS, is_mounted, parse_csv, text};
-use netns::{Host, Lab};
+use netns::{Host, Lab, Proxy};
 
 const CONNECT_MS: u64 = 1000;
 const READ_MS: u64 = 2000;
@@ -188,6 +189,12 @@ struct World {
 
 impl World {
     fn new(tag: &str) -> World {
+        Self::new_via(tag, PORT)
+    }
+
+    /// Like [`World::new`], with site 1 listed at `site1_port` (a proxy in
+    /// front of its server).
+    fn new_via(tag: &str, site1_port: u16) -> World {
         let mut lab = Lab::new();
         let site1 = lab.host("site1");
         let site2 = lab.host("site2");
@@ -211,9 +218,9 @@ impl World {
         t += &format!(
             "[kmip]\nkey_name = \"{tag}-kek\"\nconnect_timeout_ms = {CONNECT_MS}\nread_timeout_ms = {READ_MS}\nretry_delay_ms = {RETRY_MS}\nfailover_cycles = 1\n"
         );
-        for s in [&site1, &site2] {
+        for (s, port) in [(&site1, site1_port), (&site2, PORT)] {
             t += &format!(
-                "[[kmip.server]]\nname = \"{}\"\nhost = \"{}\"\nport = {PORT}\nca = \"{}\"\nclient_cert = \"{}\"\nclient_key = \"{}\"\n",
+                "[[kmip.server]]\nname = \"{}\"\nhost = \"{}\"\nport = {port}\nca = \"{}\"\nclient_cert = \"{}\"\nclient_key = \"{}\"\n",
                 s.hostname,
                 s.ip,
                 pki.ca.display(),
@@ -514,6 +521,77 @@ fn during_rotation(fault: Fault, after: Duration) {
     w.unmount();
 }
 
+/// Site 1 cut just before an online data re-encryption starts: its
+/// new-generation step (a new DEK wrapped under the KEK) fails over to site
+/// 2 within the timeouts, the rekey runs to the end with I/O going on, and
+/// the volume remounts afterwards.
+fn during_rekey_start(fault: Fault) {
+    let w = World::new("rekey");
+    w.init();
+    let (o, _) = w.mount();
+    assert!(o.status.success(), "{}", text(&o));
+    for i in 0..8u8 {
+        std::fs::write(w.mnt().join(format!("f{i}")), vec![i; 100_000]).unwrap();
+    }
+    let from = w.audit_len();
+    fault.apply(&w.site1, true);
+    let t = Instant::now();
+    let o = Command::new(KMFS)
+        .args(["rekey", "--json"])
+        .arg(w.mnt())
+        .env("KMFS_RUNTIME_DIR", &w.run)
+        .output()
+        .unwrap();
+    let took = t.elapsed();
+    eprintln!(
+        "FAILOVER at a rekey's new-generation step, site1 {fault:?}: `kmfs rekey` {} after {} ms (connect timeout {CONNECT_MS} ms, read timeout {READ_MS} ms)",
+        if o.status.success() { "started" } else { "failed" },
+        took.as_millis()
+    );
+    assert!(o.status.success(), "rekey with site1 cut: {}", text(&o));
+    assert!(took < budget() * 2, "{took:?}");
+    assert_audit(&w.audit_rows(from), "site1", "site2", "wrap");
+    // The rekey runs to its end; files stay readable meanwhile.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        for i in 0..8u8 {
+            assert_eq!(
+                std::fs::read(w.mnt().join(format!("f{i}"))).unwrap(),
+                vec![i; 100_000]
+            );
+        }
+        let o = Command::new(KMFS)
+            .args(["rekey", "--status", "--json"])
+            .arg(w.mnt())
+            .env("KMFS_RUNTIME_DIR", &w.run)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", text(&o));
+        let st: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        if st["phase"] == "idle" || st["phase"] == "done" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "rekey did not finish: {st:#}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    w.unmount();
+    fault.apply(&w.site1, false);
+    let (o, _) = w.mount();
+    assert!(o.status.success(), "remount after the rekey: {}", text(&o));
+    assert_eq!(std::fs::read(w.mnt().join("f7")).unwrap(), vec![7u8; 100_000]);
+    w.unmount();
+}
+
+#[test]
+fn key_server_site_cut_at_a_rekeys_new_generation_step_fails_over() {
+    if !netns::available() || !pykmip::available() {
+        return;
+    }
+    for f in faults() {
+        during_rekey_start(f);
+    }
+}
+
 #[test]
 fn key_server_site_cut_before_mount_fails_over_within_the_timeouts() {
     if !netns::available() || !pykmip::available() {
@@ -537,4 +615,50 @@ fn key_server_site_cut_during_a_kek_rotation_fails_over_or_fails_safe() {
             }
         }
     }
+}
+
+/// A slow or silent site 1 (a proxy in its namespace that delays or
+/// swallows its answers): below the read timeout site 1 still answers; above
+/// it, or silent, the mount fails over to site 2 after about the read
+/// timeout. Long set only.
+#[test]
+fn key_server_slow_or_silent_site_fails_over_on_the_read_timeout() {
+    if !long_tests() || !netns::available() || !pykmip::available() {
+        return;
+    }
+    let w = World::new_via("slow", PORT + 1);
+    let at = |port: u16| -> std::net::SocketAddr { format!("{}:{port}", w.site1.ip).parse().unwrap() };
+    let proxy = Proxy::start(&w.site1, at(PORT + 1), at(PORT));
+    w.init();
+    use std::sync::atomic::Ordering;
+    for (what, delay, stall, fails_over) in [
+        ("delayed 200 ms", 200u64, false, false),
+        ("delayed 3000 ms", 3000, false, true),
+        ("silent after the handshake", 0, true, true),
+    ] {
+        proxy.delay_ms.store(delay, Ordering::Relaxed);
+        proxy.stall.store(stall, Ordering::Relaxed);
+        let from = w.audit_len();
+        let (o, took) = w.mount();
+        assert!(o.status.success(), "mount with site1 {what}: {}", text(&o));
+        eprintln!(
+            "FAILOVER before mount, site1 {what}: mount returned after {} ms ({}; read timeout {READ_MS} ms)",
+            took.as_millis(),
+            if fails_over { "failed over to site2" } else { "answered by site1" }
+        );
+        let rows = w.audit_rows(from);
+        if fails_over {
+            assert_audit(&rows, "site1", "site2", "unwrap");
+            assert!(took >= Duration::from_millis(READ_MS), "{took:?}");
+            assert!(took < budget(), "{took:?}");
+        } else {
+            assert!(
+                rows.iter().any(|r| r[OP] == "unwrap" && r[SERVER] == "site1" && r[RESULT] == "ok"),
+                "{rows:?}"
+            );
+            assert!(!rows.iter().any(|r| r[OP] == "failover"), "{rows:?}");
+        }
+        w.unmount();
+    }
+    drop(proxy);
 }

@@ -233,3 +233,102 @@ impl Host {
         );
     }
 }
+
+/// A userspace TCP proxy in a host's network namespace, for faults that
+/// this kernel's missing `netem` cannot make: every chunk the upstream sends
+/// back is held for `delay` before it is passed on, or, when `stall` is set,
+/// swallowed (the connection stays up, no answer ever arrives: total loss
+/// after the TCP handshake, which TCP's own retransmissions would otherwise
+/// hide). Requests are passed on unchanged. Stops on drop.
+pub struct Proxy {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    pub delay_ms: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    pub stall: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Proxy {
+    /// Listens on `listen` in `host`'s namespace, forwarding to `upstream`
+    /// (reached from that namespace).
+    pub fn start(host: &Host, listen: std::net::SocketAddr, upstream: std::net::SocketAddr) -> Proxy {
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicBool, AtomicU64};
+        let stop = Arc::new(AtomicBool::new(false));
+        let delay_ms = Arc::new(AtomicU64::new(0));
+        let stall = Arc::new(AtomicBool::new(false));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let ns = format!("/run/netns/{}", host.ns);
+        let (s, d, st) = (stop.clone(), delay_ms.clone(), stall.clone());
+        let thread = std::thread::spawn(move || {
+            let f = std::fs::File::open(&ns).unwrap();
+            // SAFETY: setns(2) with a valid namespace descriptor; it moves
+            // only this thread (and the threads it starts) into the
+            // namespace.
+            let r = unsafe {
+                libc::setns(std::os::fd::AsRawFd::as_raw_fd(&f), libc::CLONE_NEWNET)
+            };
+            assert_eq!(r, 0, "setns: {}", std::io::Error::last_os_error());
+            let l = std::net::TcpListener::bind(listen).unwrap();
+            l.set_nonblocking(true).unwrap();
+            tx.send(()).unwrap();
+            while !s.load(Ordering::Relaxed) {
+                match l.accept() {
+                    Ok((client, _)) => {
+                        client.set_nonblocking(false).unwrap();
+                        let Ok(server) = std::net::TcpStream::connect(upstream) else {
+                            continue;
+                        };
+                        let (c2, s2) = (client.try_clone().unwrap(), server.try_clone().unwrap());
+                        std::thread::spawn(move || pump(c2, s2, None, None));
+                        let (d, st) = (d.clone(), st.clone());
+                        std::thread::spawn(move || pump(server, client, Some(d), Some(st)));
+                    }
+                    Err(_) => std::thread::sleep(std::time::Duration::from_millis(10)),
+                }
+            }
+        });
+        rx.recv().unwrap();
+        Proxy {
+            stop,
+            delay_ms,
+            stall,
+            thread: Some(thread),
+        }
+    }
+}
+
+fn pump(
+    mut from: std::net::TcpStream,
+    mut to: std::net::TcpStream,
+    delay: Option<std::sync::Arc<std::sync::atomic::AtomicU64>>,
+    stall: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
+) {
+    use std::io::{Read, Write};
+    let mut buf = [0u8; 16384];
+    loop {
+        let n = match from.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        if stall.as_ref().is_some_and(|s| s.load(Ordering::Relaxed)) {
+            continue;
+        }
+        if let Some(d) = &delay {
+            std::thread::sleep(std::time::Duration::from_millis(d.load(Ordering::Relaxed)));
+        }
+        if to.write_all(&buf[..n]).is_err() {
+            break;
+        }
+    }
+    let _ = to.shutdown(std::net::Shutdown::Both);
+    let _ = from.shutdown(std::net::Shutdown::Both);
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
