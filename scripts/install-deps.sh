@@ -14,6 +14,7 @@ PKGS=(
   libacl1-dev                       # building the POSIX suite pjdfstest
   stress-ng                         # file stressors in tests/it/stress.rs
   man-db                            # `man kmfs` in the package test (tests/it/ops_package.rs)
+  iproute2 util-linux nftables      # ip netns, nsenter/unshare, nft: the HA tests (tests/it/ha*.rs)
 )
 
 missing=()
