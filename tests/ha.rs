@@ -52,7 +52,10 @@ fn snapshot(dir: &Path) -> BTreeMap<PathBuf, (u32, Vec<u8>)> {
             } else {
                 Vec::new()
             };
-            out.insert(p.strip_prefix(dir).unwrap().to_path_buf(), (md.mode(), data));
+            out.insert(
+                p.strip_prefix(dir).unwrap().to_path_buf(),
+                (md.mode(), data),
+            );
         }
     }
     out
@@ -206,7 +209,10 @@ fn wait_output(mut child: Child, limit: Duration) -> Output {
     while child.try_wait().unwrap().is_none() {
         if Instant::now() > deadline {
             let _ = child.kill();
-            panic!("still running after {limit:?}: {}", text(&child.wait_with_output().unwrap()));
+            panic!(
+                "still running after {limit:?}: {}",
+                text(&child.wait_with_output().unwrap())
+            );
         }
         std::thread::sleep(Duration::from_millis(10));
     }
@@ -285,7 +291,10 @@ fn a_host_b_is_refused_while_a_writes_and_takes_over_after_a_crash() {
     assert_eq!(st.code(), Some(LOCKED), "{}", bf.log_text());
     assert!(bf.log_text().contains("host=hostA"), "{}", bf.log_text());
     assert!(!is_mounted(&mnt_b));
-    assert!(before == snapshot(&vol.backing), "refused mounts changed the backing tree");
+    assert!(
+        before == snapshot(&vol.backing),
+        "refused mounts changed the backing tree"
+    );
 
     // A starts a data re-encryption (slowed down) and crashes in the middle
     // of it; B's mount (as systemd runs it) succeeds once the lock is free,
@@ -329,7 +338,11 @@ fn a_host_b_is_refused_while_a_writes_and_takes_over_after_a_crash() {
          (interrupted rekey file finished by the new holder: {}); \
          SIGKILL -> fresh daemonising mount returned live: {} ms",
         takeover_waiting.as_millis(),
-        if blog.contains("op=rekey_recover") { "yes" } else { "none was pending" },
+        if blog.contains("op=rekey_recover") {
+            "yes"
+        } else {
+            "none was pending"
+        },
         takeover_fresh.as_millis()
     );
     assert!(takeover_waiting < Duration::from_secs(5));
@@ -500,7 +513,10 @@ fn b_a_lock_whose_holder_is_gone_is_explained_never_stolen_and_taken_over_on_req
             && line.contains("kmfs never breaks a held lock"),
         "{line}"
     );
-    assert!(before == snapshot(&vol.backing), "the refusal changed the backing tree");
+    assert!(
+        before == snapshot(&vol.backing),
+        "the refusal changed the backing tree"
+    );
     // The operator stops that process; the next mount takes over and says so.
     sleeper.kill().unwrap();
     sleeper.wait().unwrap();
@@ -508,7 +524,8 @@ fn b_a_lock_whose_holder_is_gone_is_explained_never_stolen_and_taken_over_on_req
     m.wait_live(Duration::from_secs(20));
     let log = m.log_text();
     assert!(
-        log.contains("action=takeover") && log.contains(&format!("previous=\"host={me} pid={gone} ")),
+        log.contains("action=takeover")
+            && log.contains(&format!("previous=\"host={me} pid={gone} ")),
         "{log}"
     );
     m.unmount();
@@ -546,7 +563,10 @@ fn b_a_lock_whose_holder_is_gone_is_explained_never_stolen_and_taken_over_on_req
         "{waited:?}"
     );
     assert!(!is_mounted(&mnt_b));
-    assert!(before == snapshot(&vol.backing), "a refused mount changed the backing tree");
+    assert!(
+        before == snapshot(&vol.backing),
+        "a refused mount changed the backing tree"
+    );
     // The operator fences A (here: the lease holder goes 2 s after B starts
     // waiting); B's mount with lock_wait takes over then, not before.
     let mut m = HostMount::start(&host_b, &vol, &mnt_b, &run_b, &["-o", "lock_wait=60"]);

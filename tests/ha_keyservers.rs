@@ -281,7 +281,13 @@ impl World {
     fn init(&self) {
         std::fs::create_dir_all(self.back()).unwrap();
         std::fs::create_dir_all(self.mnt()).unwrap();
-        let o = self.kmfs(&[&"init", &"--create-kek", &"--config", &self.cfg, &self.back()]);
+        let o = self.kmfs(&[
+            &"init",
+            &"--create-kek",
+            &"--config",
+            &self.cfg,
+            &self.back(),
+        ]);
         assert!(o.status.success(), "init: {}", text(&o));
     }
 
@@ -416,7 +422,11 @@ fn before_mount(fault: Fault) {
     fault.apply(&w.site1, true);
     let from = w.audit_len();
     let (o, took) = w.mount();
-    assert!(o.status.success(), "mount with site1 cut ({fault:?}): {}", text(&o));
+    assert!(
+        o.status.success(),
+        "mount with site1 cut ({fault:?}): {}",
+        text(&o)
+    );
     std::fs::write(w.mnt().join("f"), b"unlocked through site 2").unwrap();
     eprintln!(
         "FAILOVER before mount, site1 {fault:?}: mount returned after {} ms (connect timeout {CONNECT_MS} ms, read timeout {READ_MS} ms, retry delay {RETRY_MS} ms)",
@@ -484,9 +494,17 @@ fn during_rotation(fault: Fault, after: Duration) {
     eprintln!(
         "FAILOVER during rotation, site1 {fault:?} {} ms in: rotate-kek {} after {} ms ({}; {ios} write+read rounds meanwhile; connect timeout {CONNECT_MS} ms, read timeout {READ_MS} ms)",
         after.as_millis(),
-        if o.status.success() { "succeeded" } else { "failed" },
+        if o.status.success() {
+            "succeeded"
+        } else {
+            "failed"
+        },
         took.as_millis(),
-        if failed_over { "failed over to site2" } else { "no failover needed" }
+        if failed_over {
+            "failed over to site2"
+        } else {
+            "no failover needed"
+        }
     );
     if o.status.success() {
         let v = w.kek_version();
@@ -510,13 +528,20 @@ fn during_rotation(fault: Fault, after: Duration) {
         assert_eq!(std::fs::read(&header).unwrap(), h0, "header changed");
         assert_eq!(w.kek_version(), v0);
         assert!(text(&o).contains("site"), "{}", text(&o));
-        assert!(!after.is_zero(), "with site 2 up the rotation must fail over");
+        assert!(
+            !after.is_zero(),
+            "with site 2 up the rotation must fail over"
+        );
     }
     w.unmount();
     fault.apply(&w.site1, false);
     // Whatever the header names unlocks again, nearest site first.
     let (o, _) = w.mount();
-    assert!(o.status.success(), "remount after the rotation: {}", text(&o));
+    assert!(
+        o.status.success(),
+        "remount after the rotation: {}",
+        text(&o)
+    );
     assert!(std::fs::read(w.mnt().join("io")).is_ok());
     w.unmount();
 }
@@ -545,7 +570,11 @@ fn during_rekey_start(fault: Fault) {
     let took = t.elapsed();
     eprintln!(
         "FAILOVER at a rekey's new-generation step, site1 {fault:?}: `kmfs rekey` {} after {} ms (connect timeout {CONNECT_MS} ms, read timeout {READ_MS} ms)",
-        if o.status.success() { "started" } else { "failed" },
+        if o.status.success() {
+            "started"
+        } else {
+            "failed"
+        },
         took.as_millis()
     );
     assert!(o.status.success(), "rekey with site1 cut: {}", text(&o));
@@ -578,7 +607,10 @@ fn during_rekey_start(fault: Fault) {
     fault.apply(&w.site1, false);
     let (o, _) = w.mount();
     assert!(o.status.success(), "remount after the rekey: {}", text(&o));
-    assert_eq!(std::fs::read(w.mnt().join("f7")).unwrap(), vec![7u8; 100_000]);
+    assert_eq!(
+        std::fs::read(w.mnt().join("f7")).unwrap(),
+        vec![7u8; 100_000]
+    );
     w.unmount();
 }
 
@@ -627,7 +659,8 @@ fn key_server_slow_or_silent_site_fails_over_on_the_read_timeout() {
         return;
     }
     let w = World::new_via("slow", PORT + 1);
-    let at = |port: u16| -> std::net::SocketAddr { format!("{}:{port}", w.site1.ip).parse().unwrap() };
+    let at =
+        |port: u16| -> std::net::SocketAddr { format!("{}:{port}", w.site1.ip).parse().unwrap() };
     let proxy = Proxy::start(&w.site1, at(PORT + 1), at(PORT));
     w.init();
     use std::sync::atomic::Ordering;
@@ -644,7 +677,11 @@ fn key_server_slow_or_silent_site_fails_over_on_the_read_timeout() {
         eprintln!(
             "FAILOVER before mount, site1 {what}: mount returned after {} ms ({}; read timeout {READ_MS} ms)",
             took.as_millis(),
-            if fails_over { "failed over to site2" } else { "answered by site1" }
+            if fails_over {
+                "failed over to site2"
+            } else {
+                "answered by site1"
+            }
         );
         let rows = w.audit_rows(from);
         if fails_over {
@@ -653,7 +690,8 @@ fn key_server_slow_or_silent_site_fails_over_on_the_read_timeout() {
             assert!(took < budget(), "{took:?}");
         } else {
             assert!(
-                rows.iter().any(|r| r[OP] == "unwrap" && r[SERVER] == "site1" && r[RESULT] == "ok"),
+                rows.iter()
+                    .any(|r| r[OP] == "unwrap" && r[SERVER] == "site1" && r[RESULT] == "ok"),
                 "{rows:?}"
             );
             assert!(!rows.iter().any(|r| r[OP] == "failover"), "{rows:?}");

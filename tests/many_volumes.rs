@@ -186,7 +186,10 @@ fn many_volumes_mount_report_memory_and_unmount_independently() {
         assert!(o.status.success(), "status share{i}: {}", text(&o));
     }
     // The unmounted one remounts with its own config, its file intact.
-    let o = kmfs_in(&run, &[&"mount", &"--config", &gone.cfg, &gone.back, &gone.mnt]);
+    let o = kmfs_in(
+        &run,
+        &[&"mount", &"--config", &gone.cfg, &gone.back, &gone.mnt],
+    );
     assert!(o.status.success(), "{}", text(&o));
     assert_eq!(std::fs::read(gone.mnt.join("file")).unwrap(), gone.data);
     for s in &shares {

@@ -130,16 +130,13 @@ pub fn parse_options(opts: &[String]) -> Result<MountOptions, CliError> {
             ("no_writeback", None) => m.no_writeback = true,
             ("insecure_backing", None) => m.insecure_backing = true,
             ("lock_wait", Some(v)) => {
-                m.lock_wait = Some(
-                    v.parse::<u64>()
-                        .ok()
-                        .filter(|s| *s <= 86_400)
-                        .ok_or_else(|| {
-                            usage(format!(
-                                "-o lock_wait={v}: give whole seconds, at most 86400"
-                            ))
-                        })?,
-                )
+                m.lock_wait = Some(v.parse::<u64>().ok().filter(|s| *s <= 86_400).ok_or_else(
+                    || {
+                        usage(format!(
+                            "-o lock_wait={v}: give whole seconds, at most 86400"
+                        ))
+                    },
+                )?)
             }
             (k, _) if k.starts_with("x-systemd.") || k.starts_with("x-") => {}
             ("comment", Some(_)) => {}

@@ -39,6 +39,7 @@ use std::path::{Path, PathBuf};
 use nix::errno::Errno;
 use nix::fcntl::{FcntlArg, fcntl};
 
+use crate::logging::fields::quote_value;
 use crate::sys;
 
 /// The lock file's name in the backing root (a reserved `kmfs.` name).
@@ -148,9 +149,8 @@ fn lock_holders(file: &File) -> Vec<String> {
         };
         let holds = fds.flatten().any(|fd| {
             std::fs::read_to_string(fd.path()).is_ok_and(|t| {
-                t.lines().any(|l| {
-                    l.starts_with("lock:") && l.contains(" WRITE ") && l.contains(&want)
-                })
+                t.lines()
+                    .any(|l| l.starts_with("lock:") && l.contains(" WRITE ") && l.contains(&want))
             })
         });
         if holds {
@@ -228,8 +228,9 @@ impl VolumeLock {
                 Err(LockError::Held { holder, .. }) if std::time::Instant::now() < deadline => {
                     if !logged && wait > GRACE {
                         log::warn!(
-                            "op=lock path={} action=wait holder=\"{holder}\" wait_s={}",
+                            "op=lock path={} action=wait holder={} wait_s={}",
                             backing.display(),
+                            quote_value(&holder),
                             wait.as_secs()
                         );
                         logged = true;
@@ -293,8 +294,9 @@ impl VolumeLock {
             r if r == NOBODY => None,
             r => {
                 log::warn!(
-                    "op=lock path={} action=takeover previous=\"{r}\" note=\"the previous writer ended without releasing the lock (crash, kill or fenced host)\"",
-                    path.display()
+                    "op=lock path={} action=takeover previous={} note=\"the previous writer ended without releasing the lock (crash, kill or fenced host)\"",
+                    path.display(),
+                    quote_value(&r)
                 );
                 Some(r)
             }
@@ -625,6 +627,49 @@ mod tests {
         std::fs::create_dir(&p).unwrap();
         let e = VolumeLock::acquire(d.path(), "mount").unwrap_err();
         assert!(e.to_string().contains("is a directory"), "{e}");
+    }
+
+    #[test]
+    fn a_clean_release_empties_the_record_and_a_left_record_is_a_takeover() {
+        let d = tempfile::tempdir().unwrap();
+        let first = VolumeLock::acquire(d.path(), "mount").unwrap();
+        assert!(first.previous().is_none());
+        drop(first);
+        assert_eq!(std::fs::read(d.path().join(LOCK_FILE)).unwrap(), b"");
+        let clean = VolumeLock::acquire(d.path(), "mount").unwrap();
+        assert!(clean.previous().is_none(), "a clean release is no takeover");
+        drop(clean);
+        // What a crashed holder leaves: its record, no lock.
+        let left = "host=fs1 pid=4242 since=2026-11-30T17:02:11Z command=mount";
+        std::fs::write(d.path().join(LOCK_FILE), format!("{left}\n")).unwrap();
+        let next = VolumeLock::acquire(d.path(), "mount").unwrap();
+        assert_eq!(next.previous(), Some(left));
+    }
+
+    #[test]
+    fn the_advice_says_what_releases_the_lock() {
+        let d = tempfile::tempdir().unwrap();
+        let f = File::create(d.path().join("x")).unwrap();
+        let me = format!(
+            "host={} pid={} since=x command=mount",
+            hostname(),
+            std::process::id()
+        );
+        assert_eq!(advice(&me, &f), "unmount it there first");
+        let cmd = me.replace("command=mount", "command=rekey");
+        assert_eq!(advice(&cmd, &f), "wait until that command has finished");
+        let other = "host=elsewhere.example pid=7 since=x command=mount";
+        let a = advice(other, &f);
+        assert!(
+            a.starts_with("unmount it there first; if that host is down or hung, fence it")
+                && a.contains("-o lock_wait=SECONDS")
+                && a.contains("never breaks another host's lock"),
+            "{a}"
+        );
+        assert_eq!(field(other, "host"), Some("elsewhere.example"));
+        assert_eq!(field(other, "pid"), Some("7"));
+        assert_eq!(field("hostile=1 host=", "host"), Some(""));
+        assert_eq!(field("xhost=a", "host"), None);
     }
 
     #[test]

@@ -130,8 +130,19 @@ impl Lab {
         self.namespaces.push(ns.clone());
         let port = format!("v{}", self.next_ip);
         run(&[
-            "ip", "-n", &self.switch, "link", "add", &port, "type", "veth", "peer", "name", "eth0",
-            "netns", &ns,
+            "ip",
+            "-n",
+            &self.switch,
+            "link",
+            "add",
+            &port,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            &ns,
         ]);
         run(&[
             "ip",
@@ -144,7 +155,16 @@ impl Lab {
             "br0",
             "up",
         ]);
-        run(&["ip", "-n", &ns, "addr", "add", &format!("{ip}/24"), "dev", "eth0"]);
+        run(&[
+            "ip",
+            "-n",
+            &ns,
+            "addr",
+            "add",
+            &format!("{ip}/24"),
+            "dev",
+            "eth0",
+        ]);
         run(&["ip", "-n", &ns, "link", "set", "eth0", "up"]);
         run(&["ip", "-n", &ns, "link", "set", "lo", "up"]);
         Host {
@@ -184,7 +204,13 @@ impl Host {
     pub fn command(&self, prog: impl AsRef<OsStr>) -> Command {
         let mut c = Command::new("nsenter");
         c.arg(format!("--net=/run/netns/{}", self.ns))
-            .args(["unshare", "--uts", "sh", "-c", "hostname \"$0\" && exec \"$@\""])
+            .args([
+                "unshare",
+                "--uts",
+                "sh",
+                "-c",
+                "hostname \"$0\" && exec \"$@\"",
+            ])
             .arg(&self.hostname)
             .arg(prog);
         c
@@ -250,7 +276,11 @@ pub struct Proxy {
 impl Proxy {
     /// Listens on `listen` in `host`'s namespace, forwarding to `upstream`
     /// (reached from that namespace).
-    pub fn start(host: &Host, listen: std::net::SocketAddr, upstream: std::net::SocketAddr) -> Proxy {
+    pub fn start(
+        host: &Host,
+        listen: std::net::SocketAddr,
+        upstream: std::net::SocketAddr,
+    ) -> Proxy {
         use std::sync::Arc;
         use std::sync::atomic::{AtomicBool, AtomicU64};
         let stop = Arc::new(AtomicBool::new(false));
@@ -264,9 +294,7 @@ impl Proxy {
             // SAFETY: setns(2) with a valid namespace descriptor; it moves
             // only this thread (and the threads it starts) into the
             // namespace.
-            let r = unsafe {
-                libc::setns(std::os::fd::AsRawFd::as_raw_fd(&f), libc::CLONE_NEWNET)
-            };
+            let r = unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&f), libc::CLONE_NEWNET) };
             assert_eq!(r, 0, "setns: {}", std::io::Error::last_os_error());
             let l = std::net::TcpListener::bind(listen).unwrap();
             l.set_nonblocking(true).unwrap();
