@@ -261,6 +261,12 @@ fn a_host_b_is_refused_while_a_writes_and_takes_over_after_a_crash() {
         f.sync_all().unwrap();
         written.push((p, data));
     }
+    // A big one, so that the rekey below spends seconds inside one file.
+    let big = pattern(99, 6 << 20);
+    let mut f = std::fs::File::create(vol.mnt.join("share/big")).unwrap();
+    std::io::Write::write_all(&mut f, &big).unwrap();
+    f.sync_all().unwrap();
+    written.push(("share/big".to_string(), big));
     std::fs::File::open(vol.mnt.join("share"))
         .unwrap()
         .sync_all()
@@ -305,7 +311,23 @@ fn a_host_b_is_refused_while_a_writes_and_takes_over_after_a_crash() {
         s["files_done"].as_u64().unwrap_or(0) >= 2 && s["phase"] == "running"
     });
     assert!(vol.backing.join("kmfs.rekey").exists(), "{s}");
-    let mut b = HostMount::start(&host_b, &vol, &mnt_b, &run_b, &[]);
+    // With lock_wait, as the HA drop-in (docs/HA.md) runs it: B waits for
+    // the lock however long A takes to get into a file.
+    let mut b = HostMount::start(&host_b, &vol, &mnt_b, &run_b, &["-o", "lock_wait=60"]);
+    // Kill A while its journal says a file is half re-encrypted.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mid_file = loop {
+        if let Ok(Some(r)) = kmfs::rekey::journal::Journal::pending(&vol.backing)
+            && !r.complete
+        {
+            break r.file.path;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the rekey never was inside a file"
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    };
     // B is waiting on the lock (its grace period) while A still runs.
     std::thread::sleep(Duration::from_millis(300));
     assert!(!is_mounted(&mnt_b));
@@ -334,16 +356,17 @@ fn a_host_b_is_refused_while_a_writes_and_takes_over_after_a_crash() {
     assert!(o.status.success(), "{}", text(&o));
     let blog = b.log_text();
     eprintln!(
-        "TAKEOVER: SIGKILL of the holder -> waiting mount on the other host live: {} ms \
-         (interrupted rekey file finished by the new holder: {}); \
+        "TAKEOVER: SIGKILL of the holder in the middle of re-encrypting {} -> waiting mount \
+         on the other host live (that file finished first): {} ms; \
          SIGKILL -> fresh daemonising mount returned live: {} ms",
+        mid_file.display(),
         takeover_waiting.as_millis(),
-        if blog.contains("op=rekey_recover") {
-            "yes"
-        } else {
-            "none was pending"
-        },
         takeover_fresh.as_millis()
+    );
+    assert!(
+        blog.contains("op=rekey_recover") && blog.contains("generation="),
+        "B did not finish the interrupted file {}:\n{blog}",
+        mid_file.display()
     );
     assert!(takeover_waiting < Duration::from_secs(5));
     assert!(takeover_fresh < Duration::from_secs(5));
