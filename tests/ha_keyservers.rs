@@ -10,7 +10,11 @@
 //! audit trail names site 1 as failed and site 2 as the server that answered.
 //! The failover times are printed against the configured timeouts.
 //!
-//! Default run: the blackhole at each of the three moments. With
+//! And the whole picture: host A crashes while site 1 is cut off, host B
+//! takes over the volume through site 2.
+//!
+//! Default run: the blackhole at each of the three moments and the
+//! takeover. With
 //! `KMFS_LONG_TESTS=1` also link-down before mount, and link-down and
 //! blackhole cut at several moments while a rotation is running.
 
@@ -180,6 +184,8 @@ struct World {
     site1: Host,
     site2: Host,
     host: Host,
+    /// The standby file server (host B), same config, its own sockets.
+    host_b: Host,
     cfg: PathBuf,
     audit: PathBuf,
     run: PathBuf,
@@ -199,6 +205,7 @@ impl World {
         let site1 = lab.host("site1");
         let site2 = lab.host("site2");
         let host = lab.host("hostA");
+        let host_b = lab.host("hostB");
         let tmp = tempfile::tempdir().unwrap();
         let pki = pykmip::Pki::generate(&tmp.path().join("pki"));
         let cert = site_cert(&pki, &[&site1.ip, &site2.ip]);
@@ -237,6 +244,7 @@ impl World {
             site1,
             site2,
             host,
+            host_b,
             cfg,
             audit,
             run,
@@ -246,12 +254,17 @@ impl World {
 
     /// `kmfs ARGS` on host A (its network, the test's mount namespace).
     fn kmfs(&self, args: &[&dyn AsRef<std::ffi::OsStr>]) -> Output {
-        let mut c = self.host.command(KMFS);
+        self.kmfs_on(&self.host, &self.run, args)
+    }
+
+    /// `kmfs ARGS` on `host` with control sockets in `run`.
+    fn kmfs_on(&self, host: &Host, run: &Path, args: &[&dyn AsRef<std::ffi::OsStr>]) -> Output {
+        let mut c = host.command(KMFS);
         for a in args {
             c.arg(a);
         }
         let child = c
-            .env("KMFS_RUNTIME_DIR", &self.run)
+            .env("KMFS_RUNTIME_DIR", run)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -612,6 +625,87 @@ fn during_rekey_start(fault: Fault) {
         vec![7u8; 100_000]
     );
     w.unmount();
+}
+
+/// The whole picture: host A serves the volume and crashes (SIGKILL) while
+/// the nearest key-manager site is cut off; host B, listing the same sites,
+/// takes over: its mount waits for the lock, unlocks through site 2 within
+/// the connect timeout, and every byte A had fsync'd is there.
+#[test]
+fn host_a_crashes_while_site_1_is_cut_and_host_b_takes_over_through_site_2() {
+    if !netns::available() || !pykmip::available() {
+        return;
+    }
+    let fault = faults()[0];
+    let w = World::new("takeover");
+    w.init();
+    let (o, _) = w.mount();
+    assert!(o.status.success(), "A: {}", text(&o));
+    let data: Vec<u8> = (0..2_000_000u32).map(|i| (i % 253) as u8).collect();
+    let mut f = std::fs::File::create(w.mnt().join("share.bin")).unwrap();
+    std::io::Write::write_all(&mut f, &data).unwrap();
+    f.sync_all().unwrap();
+    drop(f);
+    let o = Command::new(KMFS)
+        .args(["status", "--json"])
+        .arg(w.mnt())
+        .env("KMFS_RUNTIME_DIR", &w.run)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    let st: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let a_pid = st["pid"].as_i64().unwrap() as i32;
+    fault.apply(&w.site1, true);
+    let from = w.audit_len();
+    let run_b = cli::private_dir(w.tmp.path().join("run-b"));
+    let mnt_b = w.tmp.path().join("plain-b");
+    std::fs::create_dir(&mnt_b).unwrap();
+    // A crashes.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(a_pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let killed = Instant::now();
+    let o = w.kmfs_on(
+        &w.host_b,
+        &run_b,
+        &[
+            &"mount",
+            &"-o",
+            &"lock_wait=30",
+            &"--config",
+            &w.cfg,
+            &w.back(),
+            &mnt_b,
+        ],
+    );
+    let took = killed.elapsed();
+    let _ = Command::new("umount").arg("-l").arg(w.mnt()).status();
+    assert!(o.status.success(), "B: {}", text(&o));
+    struct Unmount(PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = Command::new("umount")
+                .arg("-l")
+                .arg(&self.0)
+                .stderr(Stdio::null())
+                .status();
+        }
+    }
+    let _b = Unmount(mnt_b.clone());
+    eprintln!(
+        "TAKEOVER with site1 {fault:?}: SIGKILL of A -> B's mount returned live after {} ms (connect timeout {CONNECT_MS} ms)",
+        took.as_millis()
+    );
+    assert!(took < budget(), "{took:?}");
+    assert_audit(&w.audit_rows(from), "site1", "site2", "unwrap");
+    assert!(std::fs::read(mnt_b.join("share.bin")).unwrap() == data);
+    let rec = std::fs::read_to_string(w.back().join("kmfs.lock")).unwrap();
+    assert!(rec.starts_with("host=hostB "), "{rec}");
+    let o = Command::new("umount").arg(&mnt_b).output().unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    fault.apply(&w.site1, false);
 }
 
 #[test]
