@@ -5,6 +5,9 @@
 //!
 //! * host A mounts and writes with fsync; host B's mount is refused with A
 //!   named (host, pid) and changes nothing in the backing tree;
+//! * A's daemon frozen (SIGSTOP, a hung server): B's mount with
+//!   `lock_wait` waits, is refused and changes nothing — no steal from a
+//!   holder that may wake up;
 //! * A's daemon is SIGKILLed (a crashed server) in the middle of a data
 //!   re-encryption; B's mount succeeds as soon as the lock is free, logs the
 //!   takeover naming A, finishes the interrupted file and the rekey, and
@@ -300,6 +303,34 @@ fn a_host_b_is_refused_while_a_writes_and_takes_over_after_a_crash() {
     assert!(
         before == snapshot(&vol.backing),
         "refused mounts changed the backing tree"
+    );
+    // A hung host is no dead host: with A's daemon frozen (SIGSTOP), B's
+    // mount waits as long as it was told to and is refused, changing
+    // nothing; the lock is never taken from a holder that may wake up.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(a.pid()),
+        nix::sys::signal::Signal::SIGSTOP,
+    )
+    .unwrap();
+    let t = Instant::now();
+    let o = mount_on(&host_b, &vol, &mnt_b, &run_b, &["-o", "lock_wait=4"]);
+    let waited = t.elapsed();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(a.pid()),
+        nix::sys::signal::Signal::SIGCONT,
+    )
+    .unwrap();
+    assert_eq!(o.status.code(), Some(LOCKED), "{}", text(&o));
+    assert!(waited >= Duration::from_secs(4), "{waited:?}");
+    assert!(last_line(&o).contains(&format!("host=hostA pid={} ", a.pid())));
+    assert!(!is_mounted(&mnt_b));
+    assert!(
+        before == snapshot(&vol.backing),
+        "a mount refused by a hung holder changed the backing tree"
+    );
+    assert_eq!(
+        std::fs::read(vol.mnt.join(&written[0].0)).unwrap(),
+        written[0].1
     );
 
     // A starts a data re-encryption (slowed down) and crashes in the middle
