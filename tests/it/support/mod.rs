@@ -6,6 +6,7 @@
 pub mod cli;
 pub mod fault;
 pub mod mount;
+pub mod netns;
 pub mod pykmip;
 pub mod rekey;
 pub mod rng;

@@ -18,12 +18,7 @@
 //! `KMFS_LONG_TESTS=1` also link-down before mount, and link-down and
 //! blackhole cut at several moments while a rotation is running.
 
-#[path = "support/cli.rs"]
-mod cli;
-#[path = "support/netns.rs"]
-mod netns;
-#[path = "support/pykmip.rs"]
-mod pykmip;
+use crate::support::{cli, netns, pykmip};
 
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
@@ -32,16 +27,14 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use cli::{KMFS, is_mounted, parse_csv, text};
-use netns::{Host, Lab, Proxy};
+use netns::{Host, Lab, Proxy, report};
 
 const CONNECT_MS: u64 = 1000;
 const READ_MS: u64 = 2000;
 const RETRY_MS: u64 = 50;
 const PORT: u16 = 5696;
 
-fn long_tests() -> bool {
-    std::env::var("KMFS_LONG_TESTS").is_ok_and(|v| !v.is_empty() && v != "0")
-}
+use crate::support::fault::long_tests;
 
 fn run_ok(cmd: &mut Command) {
     let o = cmd.output().unwrap();
@@ -49,8 +42,8 @@ fn run_ok(cmd: &mut Command) {
 }
 
 /// A server certificate from the test CA for the sites' addresses.
-fn site_cert(pki: &pykmip::Pki, ips: &[&str]) -> pykmip::CertKey {
-    let dir = &pki.dir;
+/// `dir` is the directory the PKI was generated in.
+fn site_cert(pki: &pykmip::Pki, dir: &Path, ips: &[&str]) -> pykmip::CertKey {
     let key = dir.join("sites.key");
     run_ok(
         Command::new("openssl")
@@ -208,7 +201,7 @@ impl World {
         let host_b = lab.host("hostB");
         let tmp = tempfile::tempdir().unwrap();
         let pki = pykmip::Pki::generate(&tmp.path().join("pki"));
-        let cert = site_cert(&pki, &[&site1.ip, &site2.ip]);
+        let cert = site_cert(&pki, &tmp.path().join("pki"), &[&site1.ip, &site2.ip]);
         let db = tmp.path().join("keys.sqlite");
         let servers = vec![
             SiteServer::start(&site1, &pki, &cert, &db, tmp.path()),
@@ -441,10 +434,10 @@ fn before_mount(fault: Fault) {
         text(&o)
     );
     std::fs::write(w.mnt().join("f"), b"unlocked through site 2").unwrap();
-    eprintln!(
+    report(format!(
         "FAILOVER before mount, site1 {fault:?}: mount returned after {} ms (connect timeout {CONNECT_MS} ms, read timeout {READ_MS} ms, retry delay {RETRY_MS} ms)",
         took.as_millis()
-    );
+    ));
     assert!(took < budget(), "{took:?} > {:?}", budget());
     assert_audit(&w.audit_rows(from), "site1", "site2", "unwrap");
     w.unmount();
@@ -504,7 +497,7 @@ fn during_rotation(fault: Fault, after: Duration) {
     let failed_over = rows
         .iter()
         .any(|r| r[OP] == "failover" && r[SERVER] == "site1");
-    eprintln!(
+    report(format!(
         "FAILOVER during rotation, site1 {fault:?} {} ms in: rotate-kek {} after {} ms ({}; {ios} write+read rounds meanwhile; connect timeout {CONNECT_MS} ms, read timeout {READ_MS} ms)",
         after.as_millis(),
         if o.status.success() {
@@ -518,7 +511,7 @@ fn during_rotation(fault: Fault, after: Duration) {
         } else {
             "no failover needed"
         }
-    );
+    ));
     if o.status.success() {
         let v = w.kek_version();
         // One new version — or more, when a Create reached site 1 but its
@@ -526,10 +519,10 @@ fn during_rotation(fault: Fault, after: Duration) {
         // unused key version on the key manager, never one the header names.
         assert!(v > v0, "rotation succeeded but the KEK version is {v}");
         if v > v0 + 1 {
-            eprintln!(
+            report(format!(
                 "NOTE: a Create whose answer was cut off left {} unused KEK version(s) on the key manager",
                 v - v0 - 1
-            );
+            ));
         }
         if after.is_zero() {
             // Every operation of the rotation had to go to site 2.
@@ -581,7 +574,7 @@ fn during_rekey_start(fault: Fault) {
         .output()
         .unwrap();
     let took = t.elapsed();
-    eprintln!(
+    report(format!(
         "FAILOVER at a rekey's new-generation step, site1 {fault:?}: `kmfs rekey` {} after {} ms (connect timeout {CONNECT_MS} ms, read timeout {READ_MS} ms)",
         if o.status.success() {
             "started"
@@ -589,7 +582,7 @@ fn during_rekey_start(fault: Fault) {
             "failed"
         },
         took.as_millis()
-    );
+    ));
     assert!(o.status.success(), "rekey with site1 cut: {}", text(&o));
     assert!(took < budget() * 2, "{took:?}");
     assert_audit(&w.audit_rows(from), "site1", "site2", "wrap");
@@ -694,10 +687,10 @@ fn host_a_crashes_while_site_1_is_cut_and_host_b_takes_over_through_site_2() {
         }
     }
     let _b = Unmount(mnt_b.clone());
-    eprintln!(
+    report(format!(
         "TAKEOVER with site1 {fault:?}: SIGKILL of A -> B's mount returned live after {} ms (connect timeout {CONNECT_MS} ms)",
         took.as_millis()
-    );
+    ));
     assert!(took < budget(), "{took:?}");
     assert_audit(&w.audit_rows(from), "site1", "site2", "unwrap");
     assert!(std::fs::read(mnt_b.join("share.bin")).unwrap() == data);
@@ -768,7 +761,7 @@ fn key_server_slow_or_silent_site_fails_over_on_the_read_timeout() {
         let from = w.audit_len();
         let (o, took) = w.mount();
         assert!(o.status.success(), "mount with site1 {what}: {}", text(&o));
-        eprintln!(
+        report(format!(
             "FAILOVER before mount, site1 {what}: mount returned after {} ms ({}; read timeout {READ_MS} ms)",
             took.as_millis(),
             if fails_over {
@@ -776,7 +769,7 @@ fn key_server_slow_or_silent_site_fails_over_on_the_read_timeout() {
             } else {
                 "answered by site1"
             }
-        );
+        ));
         let rows = w.audit_rows(from);
         if fails_over {
             assert_audit(&rows, "site1", "site2", "unwrap");

@@ -8,8 +8,9 @@
 //! unmounting one (`umount MNT`, the unit's ExecStop) leaves the others
 //! serving their files.
 
-#[path = "support/cli.rs"]
-mod cli;
+use crate::support::cli;
+use crate::support::fault::long_tests;
+use crate::support::netns::report;
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -17,10 +18,6 @@ use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use cli::{KMFS, is_mounted, text};
-
-fn long_tests() -> bool {
-    std::env::var("KMFS_LONG_TESTS").is_ok_and(|v| !v.is_empty() && v != "0")
-}
 
 struct Share {
     cfg: PathBuf,
@@ -130,7 +127,7 @@ fn many_volumes_mount_report_memory_and_unmount_independently() {
         ids.push(id);
     }
     let total: u64 = rss.iter().sum();
-    eprintln!(
+    report(format!(
         "MANY VOLUMES: {n} daemons mounted in {} ms; VmRSS total {} KiB ({:.1} MiB), per daemon min {} / max {} / mean {} KiB",
         mount_all.as_millis(),
         total,
@@ -138,7 +135,7 @@ fn many_volumes_mount_report_memory_and_unmount_independently() {
         rss.iter().min().unwrap(),
         rss.iter().max().unwrap(),
         total / n as u64
-    );
+    ));
     let om = kmfs_in(&run, &[&"status", &"--openmetrics"]);
     assert!(om.status.success(), "{}", text(&om));
     let om = String::from_utf8_lossy(&om.stdout).into_owned();

@@ -1,6 +1,6 @@
 //! Active/passive failover on shared storage (issue 20, docs/HA.md), with
 //! real processes on two "hosts" — network namespaces with their own links
-//! and host names (tests/support/netns.rs) — and one backing directory both
+//! and host names (tests/it/support/netns.rs) — and one backing directory both
 //! reach (the stand-in for a SAN LUN or an NFS export):
 //!
 //! * host A mounts and writes with fsync; host B's mount is refused with A
@@ -18,12 +18,7 @@
 //!   or stolen, and `-o lock_wait=SECONDS` takes over once the operator has
 //!   fenced the holder.
 
-#[path = "support/cli.rs"]
-mod cli;
-#[path = "support/mount.rs"]
-mod mount;
-#[path = "support/netns.rs"]
-mod netns;
+use crate::support::{cli, mount, netns};
 
 use std::collections::BTreeMap;
 use std::os::fd::{AsFd, AsRawFd};
@@ -32,9 +27,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use crate::support::rng::pattern;
 use cli::{is_mounted, text};
-use mount::{KMFS, Volume, pattern};
-use netns::{Host, Lab};
+use mount::{KMFS, Volume};
+use netns::{Host, Lab, report};
 
 const LOCKED: i32 = 21;
 
@@ -386,14 +382,14 @@ fn a_host_b_is_refused_while_a_writes_and_takes_over_after_a_crash() {
     let takeover_fresh = killed.elapsed();
     assert!(o.status.success(), "{}", text(&o));
     let blog = b.log_text();
-    eprintln!(
+    report(format!(
         "TAKEOVER: SIGKILL of the holder in the middle of re-encrypting {} -> waiting mount \
          on the other host live (that file finished first): {} ms; \
          SIGKILL -> fresh daemonising mount returned live: {} ms",
         mid_file.display(),
         takeover_waiting.as_millis(),
         takeover_fresh.as_millis()
-    );
+    ));
     assert!(
         blog.contains("op=rekey_recover") && blog.contains("generation="),
         "B did not finish the interrupted file {}:\n{blog}",
@@ -630,13 +626,13 @@ fn b_a_lock_whose_holder_is_gone_is_explained_never_stolen_and_taken_over_on_req
     lease.wait().unwrap();
     let fenced = Instant::now();
     m.wait_live(Duration::from_secs(20));
-    eprintln!(
+    report(format!(
         "LEASE CASE: refused after {} ms (grace); lock_wait=5 refused after {} ms; \
          fenced -> lock_wait mount live: {} ms",
         refused_after.as_millis(),
         waited.as_millis(),
         fenced.elapsed().as_millis()
-    );
+    ));
     let log = m.log_text();
     assert!(
         log.contains("action=wait")
