@@ -364,7 +364,6 @@ fn serve_inner(plan: &Plan, notify: &mut Option<Notify>) -> Result<(), CliError>
             plan.backing.display()
         );
     })?;
-
     let (cfg, provider) = plan.keys.open(Some(&plan.backing))?;
     let allow_other = plan.opts.allow_other || cfg.as_ref().is_some_and(|c| c.mount.allow_other);
     let read_only = plan.opts.read_only || cfg.as_ref().is_some_and(|c| c.mount.read_only);
