@@ -26,7 +26,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, RwLock, Weak};
+use std::sync::{Arc, Mutex, OnceLock, RwLock, Weak};
 
 use fuser::{Errno, FileType};
 
@@ -37,14 +37,6 @@ use crate::volume::layout::FileHeader;
 
 pub const ROOT: u64 = 1;
 const SYNTHETIC_BASE: u64 = 1 << 62;
-
-/// How an entry reaches its backing inode.
-enum Reference {
-    /// Its descriptor is held for as long as the entry lives.
-    Pinned,
-    /// Reopened by file handle when its descriptor was evicted.
-    Handle(FileHandle),
-}
 
 /// A descriptor of an inode's backing inode, valid while this value lives
 /// (the inode table may evict its own copy meanwhile).
@@ -58,7 +50,10 @@ impl AsFd for NodeFd {
 
 pub struct Inode {
     pub ino: u64,
-    reference: Reference,
+    /// The file handle, taken when the descriptor is first evicted (most
+    /// entries are forgotten before that); `Some(None)` pins the entry: the
+    /// root, or an inode without a usable handle.
+    handle: OnceLock<Option<FileHandle>>,
     /// The open `O_PATH` descriptor, if the entry has one now.
     fd: Mutex<Option<Arc<OwnedFd>>>,
     /// Used since the cache last looked (second-chance eviction).
@@ -97,8 +92,8 @@ impl Inode {
         if let Some(fd) = &*self.fd.locked() {
             return Ok(NodeFd(fd.clone()));
         }
-        let Reference::Handle(h) = &self.reference else {
-            // A pinned entry never loses its descriptor.
+        let Some(Some(h)) = self.handle.get() else {
+            // Only an entry with a handle loses its descriptor.
             return Err(Errno::ESTALE);
         };
         let fd = Arc::new(self.cache.reopen(h)?);
@@ -179,17 +174,22 @@ impl Inode {
         *self.link.locked() = Some(place);
     }
 
+    /// A new entry holding `fd`; `pinned` keeps it open for good (the root).
     fn new(
         ino: u64,
         fd: OwnedFd,
-        reference: Reference,
+        pinned: bool,
         kind: FileType,
         cache: &Arc<FdCache>,
     ) -> Arc<Inode> {
-        let handled = matches!(reference, Reference::Handle(_));
+        let handle = OnceLock::new();
+        if pinned || cache.mount_id.is_none() {
+            let _ = handle.set(None);
+        }
+        let evictable = handle.get().is_none();
         let inode = Arc::new_cyclic(|me| Inode {
             ino,
-            reference,
+            handle,
             fd: Mutex::new(Some(Arc::new(fd))),
             used: AtomicBool::new(true),
             cache: cache.clone(),
@@ -202,7 +202,7 @@ impl Inode {
             writers: AtomicUsize::new(0),
             link: Mutex::new(None),
         });
-        if handled {
+        if evictable {
             cache.admit(Arc::downgrade(&inode));
         }
         inode
@@ -343,7 +343,18 @@ fn evict(q: &mut VecDeque<Weak<Inode>>, keep: usize) {
             q.push_back(w);
             continue;
         }
-        inode.fd.locked().take();
+        let mut slot = inode.fd.locked();
+        let Some(fd) = slot.as_ref() else { continue };
+        // The handle, taken now that it is needed (once per entry).
+        let usable = inode
+            .handle
+            .get_or_init(|| inode.cache.handle_for(fd.as_fd()))
+            .is_some();
+        if usable {
+            slot.take();
+        }
+        // Otherwise the entry keeps its descriptor for good, outside the
+        // cache's count.
     }
 }
 
@@ -425,13 +436,7 @@ impl InodeTable {
     pub fn new(root_fd: OwnedFd, st: &libc::stat) -> InodeTable {
         let key = (st.st_dev, st.st_ino);
         let cache = Arc::new(FdCache::new(&root_fd));
-        let root = Inode::new(
-            ROOT,
-            root_fd,
-            Reference::Pinned,
-            FileType::Directory,
-            &cache,
-        );
+        let root = Inode::new(ROOT, root_fd, true, FileType::Directory, &cache);
         let mut by_ino = HashMap::new();
         by_ino.insert(
             ROOT,
@@ -493,20 +498,13 @@ impl InodeTable {
         }
     }
 
-    /// How an inode found by name is to be referenced.
-    fn reference_for(&self, fd: &OwnedFd) -> Reference {
-        match self.cache.handle_for(fd.as_fd()) {
-            Some(h) => Reference::Handle(h),
-            None => Reference::Pinned,
-        }
-    }
-
     /// Registers one kernel reference (a lookup) to the backing inode behind
     /// `fd`, whose stat is `st`. Returns the shared entry.
     pub fn lookup(&self, fd: OwnedFd, st: &libc::stat) -> Arc<Inode> {
         let key = (st.st_dev, st.st_ino);
-        // The handle is taken outside the table lock (a system call).
-        let mut reference = None;
+        // The new descriptor's handle, taken (outside the table lock: a
+        // system call) only to compare with an evicted entry's.
+        let mut found: Option<Option<FileHandle>> = None;
         loop {
             let mut t = self.lock();
             let known = t.by_key.get(&key).copied();
@@ -518,31 +516,24 @@ impl InodeTable {
                     e.nlookup += 1;
                     return e.inode.clone();
                 }
-                match (&e.inode.reference, &reference) {
-                    (Reference::Handle(old), Some(Reference::Handle(new))) if old == new => {
-                        e.nlookup += 1;
-                        let inode = e.inode.clone();
-                        drop(t);
-                        inode.install(Arc::new(fd));
-                        return inode;
-                    }
-                    (_, Some(_)) => {
-                        // The inode number now belongs to another file: the
-                        // old entry stays (under its node id) until the
-                        // kernel forgets it; the new file gets its own.
-                        t.by_key.remove(&key);
-                    }
-                    (_, None) => {
-                        drop(t);
-                        reference = Some(self.reference_for(&fd));
-                        continue;
-                    }
+                let Some(new) = &found else {
+                    drop(t);
+                    found = Some(self.cache.handle_for(fd.as_fd()));
+                    continue;
+                };
+                if let (Some(Some(old)), Some(new)) = (e.inode.handle.get(), new)
+                    && old == new
+                {
+                    e.nlookup += 1;
+                    let inode = e.inode.clone();
+                    drop(t);
+                    inode.install(Arc::new(fd));
+                    return inode;
                 }
-            }
-            if reference.is_none() {
-                drop(t);
-                reference = Some(self.reference_for(&fd));
-                continue;
+                // The inode number now belongs to another file: the old
+                // entry stays (under its node id) until the kernel forgets
+                // it; the new file gets its own.
+                t.by_key.remove(&key);
             }
             let ino = if st.st_dev == t.root_dev
                 && st.st_ino != ROOT
@@ -554,8 +545,7 @@ impl InodeTable {
                 t.next_synthetic += 1;
                 t.next_synthetic
             };
-            let reference = reference.take().expect("set above");
-            let inode = Inode::new(ino, fd, reference, kind_of(st.st_mode), &self.cache);
+            let inode = Inode::new(ino, fd, false, kind_of(st.st_mode), &self.cache);
             t.by_ino.insert(
                 ino,
                 Entry {
@@ -575,7 +565,6 @@ impl InodeTable {
     /// id and references. Returns whether the kernel held an entry.
     pub fn rebind(&self, old: (u64, u64), fd: OwnedFd, st: &libc::stat, place: LinkPlace) -> bool {
         let key = (st.st_dev, st.st_ino);
-        let reference = self.reference_for(&fd);
         let mut t = self.lock();
         let Some(&ino) = t.by_key.get(&old) else {
             return false;
@@ -586,7 +575,7 @@ impl InodeTable {
         let Some(e) = t.by_ino.get_mut(&ino) else {
             return false;
         };
-        let inode = Inode::new(ino, fd, reference, kind_of(st.st_mode), &self.cache);
+        let inode = Inode::new(ino, fd, false, kind_of(st.st_mode), &self.cache);
         inode.set_link_place(place);
         e.inode = inode;
         e.key = key;
@@ -654,5 +643,71 @@ mod tests {
         assert!(t.get(a.ino).is_none());
         t.forget(ROOT, 10);
         assert!(t.get(ROOT).is_some());
+    }
+
+    fn table(dir: &std::path::Path) -> InodeTable {
+        let root = std::fs::File::open(dir).unwrap();
+        let rst = sys::fstat(root.as_fd()).unwrap();
+        InodeTable::new(OwnedFd::from(root), &rst)
+    }
+
+    fn look(t: &InodeTable, name: &std::ffi::CStr) -> Arc<Inode> {
+        let fd = t.root().open_child(name).unwrap();
+        let st = sys::fstat(fd.as_fd()).unwrap();
+        t.lookup(fd, &st)
+    }
+
+    #[test]
+    fn evicted_entries_reopen_by_handle_and_follow_renames() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::write(d.path().join("a"), b"x").unwrap();
+        let t = table(d.path());
+        let a = look(&t, c"a");
+        assert_eq!(t.fd_cache().open_count(), 1);
+        t.fd_cache().shrink(0);
+        assert!(a.is_evicted(), "the cache let go of its descriptor");
+        std::fs::rename(d.path().join("a"), d.path().join("moved")).unwrap();
+        let fd = a.fd().expect("reopened by file handle");
+        assert!(sys::fd_path(fd.as_fd()).ends_with("/moved"));
+        assert!(!a.is_evicted());
+        // The root is pinned: never evicted.
+        t.fd_cache().shrink(0);
+        assert!(!t.root().is_evicted());
+    }
+
+    #[test]
+    fn a_reused_inode_number_is_a_new_entry() {
+        let d = tempfile::tempdir().unwrap();
+        let t = table(d.path());
+        // Find an inode number the filesystem reuses (ext4 does at once).
+        for i in 0..50 {
+            std::fs::write(d.path().join("old"), b"old").unwrap();
+            let old = look(&t, c"old");
+            t.fd_cache().shrink(0);
+            let old_ino = sys::fstat(old.fd().unwrap().as_fd()).unwrap().st_ino;
+            t.fd_cache().shrink(0);
+            std::fs::remove_file(d.path().join("old")).unwrap();
+            std::fs::write(d.path().join("new"), b"new").unwrap();
+            let new_ino = std::fs::metadata(d.path().join("new")).unwrap();
+            let new_ino = std::os::unix::fs::MetadataExt::ino(&new_ino);
+            if new_ino != old_ino {
+                std::fs::remove_file(d.path().join("new")).unwrap();
+                t.forget(old.ino, 1);
+                continue;
+            }
+            let new = look(&t, c"new");
+            assert_ne!(
+                new.ino, old.ino,
+                "round {i}: the new file got the old entry"
+            );
+            let fd = new.fd().unwrap();
+            assert!(sys::fd_path(fd.as_fd()).ends_with("/new"));
+            assert_eq!(old.fd().err(), Some(Errno::ESTALE), "the old file is gone");
+            return;
+        }
+        eprintln!(
+            "SKIPPED: the filesystem under {} never reused an inode number",
+            d.path().display()
+        );
     }
 }
