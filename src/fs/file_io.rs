@@ -16,7 +16,7 @@ use crate::crypto::content::Units;
 use crate::sync::RwLockExt;
 use crate::sys;
 use crate::volume::GenKeys;
-use crate::volume::content::BackingFile;
+use crate::volume::content::{self, BackingFile, Release};
 use crate::volume::layout::{FileHeader, HEADER_LEN, plain_size};
 
 impl KmfsFs {
@@ -266,29 +266,91 @@ impl KmfsFs {
         caller: Caller,
     ) -> R<()> {
         self.ro()?;
-        if mode & !libc::FALLOC_FL_KEEP_SIZE != 0 {
-            return Err(Errno::EOPNOTSUPP);
+        let keep = mode & libc::FALLOC_FL_KEEP_SIZE != 0;
+        let how = match mode & !libc::FALLOC_FL_KEEP_SIZE {
+            0 => None,
+            libc::FALLOC_FL_PUNCH_HOLE if keep => Some(Release::Punch),
+            libc::FALLOC_FL_ZERO_RANGE => Some(Release::Zero),
+            // PUNCH_HOLE without KEEP_SIZE (the VFS refuses it too),
+            // COLLAPSE_RANGE and INSERT_RANGE (the kernel's FUSE module does
+            // not pass them on; they would move units to other indexes, and
+            // so other tweaks), UNSHARE_RANGE and whatever comes next.
+            _ => return Err(Errno::EOPNOTSUPP),
+        };
+        if length == 0 {
+            return Err(Errno::EINVAL);
         }
         let h = self.files.get(fh.0).ok_or(Errno::EBADF)?;
         let end = offset.checked_add(length).ok_or(Errno::EFBIG)?;
         let _g = h.inode.io.write_locked();
-        let crypt = self.crypt_for_write(&h.inode, &h.file, "fallocate")?;
-        let size = Self::file_size(&h.file)?;
-        if mode & libc::FALLOC_FL_KEEP_SIZE == 0 && end > size {
-            crypt
-                .on(&h.file)
-                .truncate(size, end)
-                .map_err(|e| self.fail("fallocate", &h.inode, e))?;
-        }
-        match sys::fallocate(&h.file, mode, HEADER_LEN + offset, length) {
-            Ok(()) => {}
-            Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => {}
-            Err(e) => return Err(Errno::from(e)),
+        match how {
+            None => self.allocate(&h, offset, end, keep)?,
+            Some(how) => self.zero_range(&h, offset, end, keep, how)?,
         }
         // fallocate modifies the file like a write: a caller without
         // CAP_FSETID (non-root here) loses the set-id bits (xfstests generic/683).
         if caller.uid != 0 {
             self.kill_priv(&h.inode, Some(caller));
+        }
+        Ok(())
+    }
+
+    /// fallocate mode 0 or KEEP_SIZE (write lock held): the size extended as
+    /// truncate does, then backing space preallocated (it reads back as
+    /// zeros: all-zero ciphertext is a hole). A backing file system without
+    /// fallocate is let through.
+    fn allocate(&self, h: &OpenFile, offset: u64, end: u64, keep: bool) -> R<()> {
+        let crypt = self.crypt_for_write(&h.inode, &h.file, "fallocate")?;
+        let size = Self::file_size(&h.file)?;
+        if !keep && end > size {
+            crypt
+                .on(&h.file)
+                .truncate(size, end)
+                .map_err(|e| self.fail("fallocate", &h.inode, e))?;
+        }
+        Self::preallocate(&h.file, offset, end)
+    }
+
+    /// Backing space for plaintext `[offset, end)`, the size kept; a backing
+    /// file system without fallocate is let through.
+    fn preallocate(file: &File, offset: u64, end: u64) -> R<()> {
+        let mode = libc::FALLOC_FL_KEEP_SIZE;
+        match sys::fallocate(file, mode, HEADER_LEN + offset, end - offset) {
+            Ok(()) => Ok(()),
+            Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => Ok(()),
+            Err(e) => Err(Errno::from(e)),
+        }
+    }
+
+    /// FALLOC_FL_PUNCH_HOLE | KEEP_SIZE and FALLOC_FL_ZERO_RANGE (write lock
+    /// held; docs/FORMAT.md 6.4.2). The backing file system must be able to
+    /// punch holes (probed before anything changes, EOPNOTSUPP otherwise).
+    /// A zero range without KEEP_SIZE first extends the size as truncate
+    /// does; then whole units in the range are released on the backing file
+    /// and the partial units at its edges re-encrypted with zeros (under the
+    /// same keys and rekey frontier as a write); a zero range finally
+    /// preallocates the range, as FALLOC_FL_ZERO_RANGE leaves it allocated.
+    fn zero_range(&self, h: &OpenFile, offset: u64, end: u64, keep: bool, how: Release) -> R<()> {
+        let fail = |e| self.fail("fallocate", &h.inode, e);
+        content::probe_punch(&h.file).map_err(Errno::from)?;
+        let mut size = Self::file_size(&h.file)?;
+        if !keep && end > size {
+            let crypt = self.crypt_for_write(&h.inode, &h.file, "fallocate")?;
+            crypt.on(&h.file).truncate(size, end).map_err(fail)?;
+            size = end;
+        }
+        if offset < size {
+            let crypt = self.crypt_for_write(&h.inode, &h.file, "fallocate")?;
+            IO_BUF
+                .with_borrow_mut(|buf| {
+                    let r = crypt.on(&h.file).zero(size, offset, end, how, buf);
+                    trim_io_buf(buf);
+                    r
+                })
+                .map_err(fail)?;
+        }
+        if how == Release::Zero {
+            Self::preallocate(&h.file, offset, end)?;
         }
         Ok(())
     }

@@ -19,10 +19,13 @@
 //! * reads and writes decrypt/encrypt in a per-worker-thread buffer that is
 //!   reused across requests; a write reads back only the partial units at
 //!   its ends;
-//! * fallocate: mode 0 and FALLOC_FL_KEEP_SIZE are supported (extending the
-//!   plaintext size as truncate does, then preallocating backing space, which
-//!   reads back as zeros since all-zero ciphertext units are holes); punching
-//!   holes, zeroing and collapsing ranges return EOPNOTSUPP;
+//! * fallocate: mode 0 and FALLOC_FL_KEEP_SIZE extend the plaintext size as
+//!   truncate does, then preallocate backing space (it reads back as zeros:
+//!   all-zero ciphertext units are holes); PUNCH_HOLE | KEEP_SIZE and
+//!   ZERO_RANGE (± KEEP_SIZE) release the whole units of the range on the
+//!   backing file and re-encrypt the partial units at its edges, EOPNOTSUPP
+//!   where the backing filesystem cannot punch holes; COLLAPSE_RANGE and
+//!   INSERT_RANGE return EOPNOTSUPP (the kernel does not pass them to FUSE);
 //! * lseek SEEK_DATA/SEEK_HOLE map to the backing file's holes (shifted by the
 //!   40-byte file header): a reported hole always reads as zeros;
 //! * damaged headers, units, names: EIO for that file or entry, logged with the

@@ -33,6 +33,33 @@ const AMPLE_FREE: u64 = 1 << 30;
 /// Largest plaintext file size (leaves room for the header below i64::MAX).
 pub const MAX_SIZE: u64 = (i64::MAX as u64) - HEADER_LEN - 4096;
 
+/// How [`BackingFile::zero`] clears the whole units inside its range.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Release {
+    /// FALLOC_FL_PUNCH_HOLE on the backing file: the units become holes.
+    Punch,
+    /// FALLOC_FL_ZERO_RANGE on the backing file, or a punched hole where the
+    /// backing file system lacks it.
+    Zero,
+}
+
+/// Plaintext zeros for the partial units at the edges of a zeroed range (an
+/// edge lies inside one unit: at most 4111 bytes).
+static ZEROS: [u8; 2 * BLOCK] = [0; 2 * BLOCK];
+
+/// `Ok` if the backing file system can punch holes in `file`, its error
+/// (EOPNOTSUPP where it cannot) otherwise. The probe punches one byte at the
+/// backing file's end, which holds no data, so it changes nothing.
+pub fn probe_punch(file: &File) -> io::Result<()> {
+    let len = file.metadata()?.len();
+    crate::sys::fallocate(
+        file,
+        libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+        len,
+        1,
+    )
+}
+
 /// One backing file, opened read-write (or read-only for reads), with its keys
 /// (two generations while a rekey is half way through it).
 pub struct BackingFile<'a> {
@@ -378,6 +405,83 @@ impl BackingFile<'_> {
         let first = new.unit_at(keep_a).index;
         self.write_span(new, keep_a, first, &mut kept)
     }
+
+    /// Makes plaintext `[off, end)` of a file of plaintext size `size` read as
+    /// zeros (`end` is clipped to `size`; the size never changes). The whole
+    /// units inside the range are released on the backing file first, in one
+    /// fallocate call (`how`), so they become all-zero ciphertext, which reads
+    /// as zeros (a hole); then the partial units at its edges (and a tiny
+    /// unit) are re-encrypted with zeros in the range, as a write of zeros
+    /// would. Each unit is at every moment either its old ciphertext, zeros,
+    /// or (during its one rewrite) as torn as a write can leave it.
+    /// `scratch` is a reusable buffer.
+    pub fn zero(
+        &self,
+        size: u64,
+        off: u64,
+        end: u64,
+        how: Release,
+        scratch: &mut Vec<u8>,
+    ) -> io::Result<()> {
+        let end = end.min(size);
+        if off >= end {
+            return Ok(());
+        }
+        let mut edge = |a: u64, b: u64| -> io::Result<()> {
+            if a >= b {
+                return Ok(());
+            }
+            self.write_with(size, a, &ZEROS[..(b - a) as usize], scratch)
+                .map(drop)
+        };
+        let l = Layout::new(size);
+        if l.is_tiny() {
+            // The tiny unit holds header bytes: never a hole.
+            return edge(off, end);
+        }
+        let first = l.unit_at(off);
+        let last = l.unit_at(end - 1);
+        let lo = if first.start == off {
+            first.index
+        } else {
+            first.index + 1
+        };
+        let hi = if last.end == end {
+            last.index + 1
+        } else {
+            last.index
+        };
+        if lo < hi {
+            let (wa, wb) = (l.unit(lo).start, l.unit(hi - 1).end);
+            self.release(wa, wb, how)?;
+            edge(off, wa)?;
+            edge(wb, end)
+        } else if first == last {
+            edge(off, end)
+        } else {
+            // Two neighbouring partial units.
+            edge(off, first.end)?;
+            edge(last.start, end)
+        }
+    }
+
+    /// Turns the ciphertext of plaintext `[a, b)` (whole units) into zeros on
+    /// the backing file without writing data: a punched hole, or a zeroed
+    /// range. Where the backing file system has no FALLOC_FL_ZERO_RANGE
+    /// (tmpfs) a zeroed range is punched (callers that want the space
+    /// allocated preallocate it afterwards).
+    fn release(&self, a: u64, b: u64, how: Release) -> io::Result<()> {
+        let (off, len) = (HEADER_LEN + a, b - a);
+        let punch = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+        if how == Release::Zero {
+            let zero = libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE;
+            match crate::sys::fallocate(self.file, zero, off, len) {
+                Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => {}
+                r => return r,
+            }
+        }
+        crate::sys::fallocate(self.file, punch, off, len)
+    }
 }
 
 #[cfg(test)]
@@ -416,6 +520,8 @@ mod tests {
     enum Op {
         Write(u64, Vec<u8>),
         Truncate(u64),
+        /// Zero `[off, off + len)`, punching (true) or zeroing whole units.
+        Zero(u64, u64, bool),
     }
 
     fn op() -> impl Strategy<Value = Op> {
@@ -424,6 +530,8 @@ mod tests {
             1 => (0u64..20_000).prop_map(Op::Truncate),
             1 => (0u64..40, proptest::collection::vec(any::<u8>(), 1..20)).prop_map(|(o, d)| Op::Write(o, d)),
             1 => (0u64..40).prop_map(Op::Truncate),
+            2 => (0u64..20_000, 1u64..12_000, any::<bool>()).prop_map(|(o, l, p)| Op::Zero(o, l, p)),
+            1 => (0u64..40, 1u64..20, any::<bool>()).prop_map(|(o, l, p)| Op::Zero(o, l, p)),
         ]
     }
 
@@ -459,6 +567,14 @@ mod tests {
                         bf.truncate(size, n).unwrap();
                         size = n;
                         model.resize(n as usize, 0);
+                    }
+                    Op::Zero(off, len, punch) => {
+                        let how = if punch { Release::Punch } else { Release::Zero };
+                        bf.zero(size, off, off + len, how, &mut scratch).unwrap();
+                        let end = ((off + len) as usize).min(model.len());
+                        if (off as usize) < end {
+                            model[off as usize..end].fill(0);
+                        }
                     }
                 }
                 prop_assert_eq!(size, model.len() as u64);
@@ -530,6 +646,42 @@ mod tests {
             md.blocks() * 512 < 1 << 20,
             "backing file should stay sparse"
         );
+    }
+
+    /// Zeroing whole units deallocates them on the backing file (holes), the
+    /// partial units at the edges keep their other bytes, and the last unit
+    /// (merged with a 1–15-byte remainder) can be released whole.
+    #[test]
+    fn zero_releases_whole_units_and_rewrites_edges() {
+        use std::os::unix::fs::MetadataExt;
+        let f = fixture();
+        let bf = BackingFile {
+            file: &f.file,
+            cipher: (&f.cipher).into(),
+            header: &f.header,
+        };
+        let mut model: Vec<u8> = (0..64 * 4096 + 7).map(|i| (i % 251 + 1) as u8).collect();
+        let size = bf.write(0, 0, &model).unwrap();
+        f.file.sync_all().unwrap();
+        let before = f.file.metadata().unwrap().blocks();
+        // From the middle of unit 2 to the middle of unit 60.
+        bf.zero(size, 2 * 4096 + 100, 60 * 4096 + 5, Release::Punch, &mut Vec::new())
+            .unwrap();
+        model[2 * 4096 + 100..60 * 4096 + 5].fill(0);
+        assert_eq!(bf.read(size, 0, model.len()).unwrap(), model);
+        let after = f.file.metadata().unwrap().blocks();
+        assert!(
+            after * 512 <= before * 512 - 50 * 4096,
+            "57 whole units punched: {before} -> {after} blocks"
+        );
+        // The merged last unit (4103 bytes) zeroed whole, then the first byte.
+        bf.zero(size, 63 * 4096, size + 100, Release::Zero, &mut Vec::new())
+            .unwrap();
+        model[63 * 4096..].fill(0);
+        bf.zero(size, 0, 1, Release::Punch, &mut Vec::new()).unwrap();
+        model[0] = 0;
+        assert_eq!(bf.read(size, 0, model.len()).unwrap(), model);
+        assert_eq!(f.file.metadata().unwrap().len(), HEADER_LEN + size);
     }
 
     #[test]
