@@ -95,6 +95,19 @@ fn apply(root: &Path, op: &Op) -> std::io::Result<()> {
         Op::Unlink { p } => fs::remove_file(root.join(p)),
         Op::Mkdir { p } => fs::create_dir(root.join(p)),
         Op::Rmdir { p } => fs::remove_dir(root.join(p)),
+        Op::Fallocate { p, mode, off, len } => {
+            use std::os::fd::AsRawFd;
+            let f = OpenOptions::new().write(true).open(root.join(p))?;
+            // SAFETY: plain integer arguments on a descriptor we own.
+            let r = unsafe {
+                libc::fallocate(f.as_raw_fd(), *mode, *off as libc::off_t, *len as libc::off_t)
+            };
+            if r == 0 {
+                Ok(())
+            } else {
+                Err(std::io::Error::last_os_error())
+            }
+        }
         Op::Read { p, off, len } => {
             let f = fs::File::open(root.join(p))?;
             let mut b = vec![0u8; *len];
@@ -151,7 +164,24 @@ enum Op {
         off: u64,
         len: usize,
     },
+    /// fallocate(2) with one of [`FALLOC_MODES`].
+    Fallocate {
+        p: PathBuf,
+        mode: i32,
+        off: u64,
+        len: u64,
+    },
 }
+
+/// The fallocate modes kmfs supports: allocate, keep size, punch hole, zero
+/// range (extending or not).
+const FALLOC_MODES: [i32; 5] = [
+    0,
+    libc::FALLOC_FL_KEEP_SIZE,
+    libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+    libc::FALLOC_FL_ZERO_RANGE,
+    libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE,
+];
 
 fn offset(rng: &mut Rng) -> u64 {
     match rng.below(4) {
@@ -172,7 +202,16 @@ fn length(rng: &mut Rng) -> usize {
 }
 
 fn generate(rng: &mut Rng, dirs: &[PathBuf]) -> Op {
-    match rng.below(20) {
+    match rng.below(23) {
+        20..=22 => Op::Fallocate {
+            p: path(rng, dirs),
+            mode: FALLOC_MODES[rng.below(FALLOC_MODES.len() as u64) as usize],
+            off: offset(rng),
+            len: match rng.below(3) {
+                0 => 4096 * (1 + rng.below(6)),
+                _ => length(rng) as u64,
+            },
+        },
         0..=5 => Op::Write {
             p: path(rng, dirs),
             off: offset(rng),
