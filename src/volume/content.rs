@@ -665,8 +665,14 @@ mod tests {
         f.file.sync_all().unwrap();
         let before = f.file.metadata().unwrap().blocks();
         // From the middle of unit 2 to the middle of unit 60.
-        bf.zero(size, 2 * 4096 + 100, 60 * 4096 + 5, Release::Punch, &mut Vec::new())
-            .unwrap();
+        bf.zero(
+            size,
+            2 * 4096 + 100,
+            60 * 4096 + 5,
+            Release::Punch,
+            &mut Vec::new(),
+        )
+        .unwrap();
         model[2 * 4096 + 100..60 * 4096 + 5].fill(0);
         assert_eq!(bf.read(size, 0, model.len()).unwrap(), model);
         let after = f.file.metadata().unwrap().blocks();
@@ -678,7 +684,8 @@ mod tests {
         bf.zero(size, 63 * 4096, size + 100, Release::Zero, &mut Vec::new())
             .unwrap();
         model[63 * 4096..].fill(0);
-        bf.zero(size, 0, 1, Release::Punch, &mut Vec::new()).unwrap();
+        bf.zero(size, 0, 1, Release::Punch, &mut Vec::new())
+            .unwrap();
         model[0] = 0;
         assert_eq!(bf.read(size, 0, model.len()).unwrap(), model);
         assert_eq!(f.file.metadata().unwrap().len(), HEADER_LEN + size);

@@ -100,7 +100,12 @@ fn apply(root: &Path, op: &Op) -> std::io::Result<()> {
             let f = OpenOptions::new().write(true).open(root.join(p))?;
             // SAFETY: plain integer arguments on a descriptor we own.
             let r = unsafe {
-                libc::fallocate(f.as_raw_fd(), *mode, *off as libc::off_t, *len as libc::off_t)
+                libc::fallocate(
+                    f.as_raw_fd(),
+                    *mode,
+                    *off as libc::off_t,
+                    *len as libc::off_t,
+                )
             };
             if r == 0 {
                 Ok(())
