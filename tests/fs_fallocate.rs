@@ -9,6 +9,8 @@
 //! machine's temporary directory (ext4 here) unless a test mounts another
 //! filesystem over it.
 
+#[path = "support/cli.rs"]
+mod cli;
 #[path = "support/mount.rs"]
 mod mount;
 
@@ -18,6 +20,7 @@ use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use cli::{kmfs, ok};
 use mount::{Mounted, Volume, pattern};
 
 const PUNCH: i32 = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
@@ -70,6 +73,18 @@ fn check(f: &File, p: &Path, model: &mut Vec<u8>, mode: i32, off: u64, len: u64)
         fs::read(p).unwrap() == *model,
         "{what}: read through a new fd"
     );
+    // And from kmfs, not the kernel's page cache.
+    f.sync_all().unwrap();
+    drop_caches();
+    assert!(
+        fs::read(p).unwrap() == *model,
+        "{what}: read with a cold cache"
+    );
+}
+
+/// Drops the kernel's clean cached pages, so the next read goes through kmfs.
+fn drop_caches() {
+    fs::write("/proc/sys/vm/drop_caches", "3").unwrap();
 }
 
 /// Backing blocks (st_blocks, 512-byte units) of `mnt/name` after an fsync.
@@ -100,6 +115,24 @@ fn punch_and_zero_sequence(m: &Mounted) {
     f.write_all_at(b"after", 4096 + 17).unwrap();
     model[4096 + 17..4096 + 22].copy_from_slice(b"after");
     check(&f, &p, &mut model, ZERO_KEEP, 4096 + 18, 1);
+
+    // Punch and zero range change mtime and ctime, as writes do.
+    for (mode, off, len) in [(PUNCH, 4096, 8192), (ZERO_KEEP, 10, 5), (ZERO, 30_000, 10)] {
+        let before = fs::metadata(&p).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        check(&f, &p, &mut model, mode, off, len);
+        let after = fs::metadata(&p).unwrap();
+        let t = |m: &fs::Metadata| (m.mtime(), m.mtime_nsec(), m.ctime(), m.ctime_nsec());
+        let (b, a) = (t(&before), t(&after));
+        assert!(
+            (a.0, a.1) > (b.0, b.1),
+            "mode {mode:#x}: mtime {b:?} -> {a:?}"
+        );
+        assert!(
+            (a.2, a.3) > (b.2, b.3),
+            "mode {mode:#x}: ctime {b:?} -> {a:?}"
+        );
+    }
 
     // Zero range extending the size: from inside the file and from past EOF.
     let p = m.p("grow");
@@ -327,4 +360,82 @@ fn util_linux_fallocate_punch_and_dig_holes() {
     model[1000..21_000].fill(0);
     assert!(fs::read(&p).unwrap() == model);
     assert_eq!(fs::metadata(&p).unwrap().len(), model.len() as u64);
+}
+
+fn rekey_status(mnt: &Path) -> serde_json::Value {
+    serde_json::from_str(&ok(kmfs(&[&"rekey", &"--status", &"--json", &mnt]))).unwrap()
+}
+
+/// The DEK generation the backing file's header names.
+fn generation(backing: &Path) -> u16 {
+    let mut b = [0u8; 8];
+    File::open(backing)
+        .unwrap()
+        .read_exact_at(&mut b, 0)
+        .unwrap();
+    u16::from_be_bytes([b[6], b[7]])
+}
+
+/// While a paused rekey has a file split at its frontier (units below it on
+/// the new key, above on the old), punches and zero ranges below, across
+/// and above the frontier re-encrypt their edge units with the right key:
+/// the file reads back right then, after the rekey finished, and after a
+/// remount.
+#[test]
+fn punch_and_zero_while_a_rekey_has_the_file_split() {
+    use std::time::{Duration, Instant};
+    let m = Volume::create(true).mount();
+    let mnt = m.mnt().to_path_buf();
+    let p = m.p("big");
+    let total = 8usize << 20;
+    let mut model = filled(&p, total, 9);
+    ok(kmfs(&[&"rekey", &"--rate", &"1", &mnt]));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while rekey_status(&mnt)["bytes_done"].as_u64().unwrap_or(0) < 1 << 20 {
+        assert!(
+            Instant::now() < deadline,
+            "the rekey never started on the file"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    ok(kmfs(&[&"rekey", &"--pause", &mnt]));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let done = loop {
+        let s = rekey_status(&mnt);
+        if s["phase"] == "paused" {
+            break s["bytes_done"].as_u64().unwrap();
+        }
+        assert!(Instant::now() < deadline, "never paused: {s}");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(
+        done < total as u64 * 3 / 4,
+        "paused too late: {done} bytes done"
+    );
+    assert_eq!(generation(&m.backing().join("big")), 0, "the file is split");
+    let f = rw(&p);
+    check(&f, &p, &mut model, PUNCH, 1000, 300_000);
+    check(&f, &p, &mut model, ZERO_KEEP, done - 50_001, 100_003);
+    check(
+        &f,
+        &p,
+        &mut model,
+        PUNCH,
+        done - 4096 * 3 - 5,
+        4096 * 6 + 10,
+    );
+    check(&f, &p, &mut model, PUNCH, done + (1 << 20) + 7, 200_000);
+    check(&f, &p, &mut model, ZERO, total as u64 - 10, 5000);
+    drop(f);
+    ok(kmfs(&[
+        &"rekey", &"--rate", &"1000", &"--cpu", &"100", &mnt,
+    ]));
+    ok(kmfs(&[&"rekey", &"--resume", &mnt]));
+    let out = ok(kmfs(&[&"rekey", &"--status", &"--wait", &mnt]));
+    assert!(out.contains("done"), "{out}");
+    drop_caches();
+    assert!(fs::read(&p).unwrap() == model, "after the rekey");
+    let m = m.unmount().mount();
+    assert_eq!(generation(&m.backing().join("big")), 1);
+    assert!(fs::read(m.p("big")).unwrap() == model, "after a remount");
 }
