@@ -221,6 +221,16 @@ fn punching_whole_units_frees_backing_space() {
     // Still the same after a remount (no cached state involved).
     let m = m.unmount().mount();
     assert!(fs::read(m.p("big")).unwrap() == model);
+    // SEEK_HOLE (no writer open, so kmfs answers from the backing file's
+    // holes) finds the punched units (on 4 KiB backing blocks, the first
+    // block wholly inside them starts 40 bytes before unit 11).
+    let g = File::open(m.p("big")).unwrap();
+    // SAFETY: lseek on a descriptor we own.
+    let h = unsafe { libc::lseek(g.as_raw_fd(), 0, libc::SEEK_HOLE) };
+    assert!(
+        (9 * 4096 + 1..200 * 4096).contains(&h),
+        "SEEK_HOLE from 0 gave {h}"
+    );
 }
 
 /// COLLAPSE_RANGE and INSERT_RANGE (the kernel's FUSE module refuses them
