@@ -624,7 +624,7 @@ fn fallocate_extends_and_keeps_data() {
             4096,
         )
     };
-    // Punching holes is supported (tests/fs_fallocate.rs covers it).
+    // Punching holes is supported (tests/it/fs_fallocate.rs covers it).
     assert_eq!(r, 0, "{}", std::io::Error::last_os_error());
     expect[..5].fill(0);
     let mut g = f.try_clone().unwrap();

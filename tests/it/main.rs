@@ -24,6 +24,7 @@ mod fault_outage;
 mod fault_rekey;
 mod fs_basic;
 mod fs_concurrency;
+mod fs_fallocate;
 mod fs_model;
 mod fs_mount;
 mod fs_rekey;

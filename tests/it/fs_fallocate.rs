@@ -9,19 +9,15 @@
 //! machine's temporary directory (ext4 here) unless a test mounts another
 //! filesystem over it.
 
-#[path = "support/cli.rs"]
-mod cli;
-#[path = "support/mount.rs"]
-mod mount;
+use crate::support::cli::{kmfs, ok};
+use crate::support::mount::{Mounted, Volume, drop_caches, pattern};
+use crate::support::rekey::backing_generations;
 
 use std::fs::{self, File, OpenOptions};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
-
-use cli::{kmfs, ok};
-use mount::{Mounted, Volume, pattern};
 
 const PUNCH: i32 = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
 const ZERO: i32 = libc::FALLOC_FL_ZERO_RANGE;
@@ -80,11 +76,6 @@ fn check(f: &File, p: &Path, model: &mut Vec<u8>, mode: i32, off: u64, len: u64)
         fs::read(p).unwrap() == *model,
         "{what}: read with a cold cache"
     );
-}
-
-/// Drops the kernel's clean cached pages, so the next read goes through kmfs.
-fn drop_caches() {
-    fs::write("/proc/sys/vm/drop_caches", "3").unwrap();
 }
 
 /// Backing blocks (st_blocks, 512-byte units) of `mnt/name` after an fsync.
@@ -376,14 +367,11 @@ fn rekey_status(mnt: &Path) -> serde_json::Value {
     serde_json::from_str(&ok(kmfs(&[&"rekey", &"--status", &"--json", &mnt]))).unwrap()
 }
 
-/// The DEK generation the backing file's header names.
-fn generation(backing: &Path) -> u16 {
-    let mut b = [0u8; 8];
-    File::open(backing)
-        .unwrap()
-        .read_exact_at(&mut b, 0)
-        .unwrap();
-    u16::from_be_bytes([b[6], b[7]])
+/// The DEK generation the header of the volume's one user file names.
+fn generation(m: &Mounted) -> u16 {
+    let g = backing_generations(m.backing());
+    assert_eq!(g.len(), 1, "{g:?}");
+    g[0].1
 }
 
 /// While a paused rekey has a file split at its frontier (units below it on
@@ -422,7 +410,7 @@ fn punch_and_zero_while_a_rekey_has_the_file_split() {
         done < total as u64 * 3 / 4,
         "paused too late: {done} bytes done"
     );
-    assert_eq!(generation(&m.backing().join("big")), 0, "the file is split");
+    assert_eq!(generation(&m), 0, "the file is split");
     let f = rw(&p);
     check(&f, &p, &mut model, PUNCH, 1000, 300_000);
     check(&f, &p, &mut model, ZERO_KEEP, done - 50_001, 100_003);
@@ -446,6 +434,6 @@ fn punch_and_zero_while_a_rekey_has_the_file_split() {
     drop_caches();
     assert!(fs::read(&p).unwrap() == model, "after the rekey");
     let m = m.unmount().mount();
-    assert_eq!(generation(&m.backing().join("big")), 1);
+    assert_eq!(generation(&m), 1);
     assert!(fs::read(m.p("big")).unwrap() == model, "after a remount");
 }
