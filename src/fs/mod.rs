@@ -577,6 +577,10 @@ impl Filesystem for KmfsFs {
         reply: ReplyEmpty,
     ) {
         let r = self.do_setxattr(ino, name, value, flags);
+        if r.is_ok() {
+            // ctime, and the backing inode's blocks, changed.
+            self.invalidate_attrs(ino.0);
+        }
         send(reply, r, |r, ()| r.ok());
     }
 
@@ -595,7 +599,11 @@ impl Filesystem for KmfsFs {
     }
 
     fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        send(reply, self.do_removexattr(ino, name), |r, ()| r.ok());
+        let r = self.do_removexattr(ino, name);
+        if r.is_ok() {
+            self.invalidate_attrs(ino.0);
+        }
+        send(reply, r, |r, ()| r.ok());
     }
 
     fn access(&self, _req: &Request, ino: INodeNo, _mask: AccessFlags, reply: ReplyEmpty) {

@@ -781,3 +781,58 @@ fn fallocate_by_non_root_clears_setid_bits() {
         );
     }
 }
+
+/// `st_blocks` describes the plaintext as ext4 would (Samba reports it as
+/// the allocation size and compares it on a durable reconnect): 0 for an
+/// empty file, one 4 KiB block for a small one, whole units for a full one,
+/// never the 40-byte header's straddle nor kmfs's encrypted attributes —
+/// and right after a setxattr, an open descriptor's fstat already shows
+/// what a stat after close shows (the kernel's cached attributes are
+/// dropped).
+#[test]
+fn st_blocks_describe_the_plaintext_and_stay_right_after_xattr_changes() {
+    let m = Volume::create(false).mount();
+    let empty = m.p("empty");
+    File::create(&empty).unwrap();
+    assert_eq!(fs::metadata(&empty).unwrap().blocks(), 0, "empty file");
+
+    let small = m.p("small");
+    fs::write(&small, b"hello").unwrap();
+    File::open(&small).unwrap().sync_all().unwrap();
+    assert_eq!(fs::metadata(&small).unwrap().blocks(), 8, "5-byte file");
+
+    let full = m.p("full");
+    fs::write(&full, vec![7u8; 3 * 4096]).unwrap();
+    File::open(&full).unwrap().sync_all().unwrap();
+    assert_eq!(
+        fs::metadata(&full).unwrap().blocks(),
+        24,
+        "three whole units"
+    );
+
+    // An attribute big enough to leave the backing inode (ext4: a separate
+    // xattr block), set through an open descriptor as smbd does with
+    // user.DOSATTRIB.
+    for p in [&empty, &small, &full] {
+        let before = fs::metadata(p).unwrap().blocks();
+        let f = OpenOptions::new().read(true).write(true).open(p).unwrap();
+        assert_eq!(setx(p, "user.DOSATTRIB", &vec![b'd'; 3000]), 0);
+        let during = f.metadata().unwrap();
+        drop(f);
+        let after = fs::metadata(p).unwrap();
+        assert_eq!(
+            during.blocks(),
+            after.blocks(),
+            "{}: fstat vs stat",
+            p.display()
+        );
+        assert_eq!(after.blocks(), before, "{}: xattr counted", p.display());
+        assert_eq!(
+            (during.ctime(), during.ctime_nsec()),
+            (after.ctime(), after.ctime_nsec()),
+            "{}: ctime",
+            p.display()
+        );
+    }
+    m.unmount();
+}
