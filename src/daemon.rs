@@ -40,7 +40,7 @@ impl Owner {
 }
 
 impl RekeyHost for Owner {
-    fn retire(&self, keep: u16) -> Result<Vec<u16>, String> {
+    fn retire(&self, keep: u16) -> Result<Vec<u16>, rekey::RetireError> {
         generations::retire(&self.volume, self.provider().as_ref(), keep)
     }
 }
@@ -223,7 +223,7 @@ impl ControlHandler for VolumeControl {
         match action {
             RekeyAction::Status => {}
             RekeyAction::Start(t) => {
-                t.validate()?;
+                t.validate().map_err(|e| Failure::from(e.to_string()))?;
                 if self.read_only {
                     return Err(Failure::new(
                         exitcode::USAGE,
@@ -236,7 +236,8 @@ impl ControlHandler for VolumeControl {
                     None => {
                         let (st, _) = {
                             let mut v = self.owner.volume();
-                            generations::start(&mut v, self.owner.provider().as_ref(), t)?
+                            generations::start(&mut v, self.owner.provider().as_ref(), t)
+                                .map_err(|e| Failure::from(e.to_string()))?
                         };
                         self.launch(st)?;
                     }

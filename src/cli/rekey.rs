@@ -242,7 +242,7 @@ struct OfflineHost {
 }
 
 impl RekeyHost for OfflineHost {
-    fn retire(&self, keep: u16) -> Result<Vec<u16>, String> {
+    fn retire(&self, keep: u16) -> Result<Vec<u16>, rekey::RetireError> {
         generations::retire(&self.volume, self.provider.as_ref(), keep)
     }
 }
@@ -318,7 +318,7 @@ fn offline(a: &RekeyArgs) -> Result<(), CliError> {
             (st, old)
         }
         None => generations::start(&mut vol, provider.as_ref(), throttle)
-            .map_err(|e| CliError::other(exitcode::KEY_SERVER, e))?,
+            .map_err(|e| CliError::other(exitcode::KEY_SERVER, e.to_string()))?,
     };
     // Offline, a paused rekey runs when asked to; the throttle given now wins.
     st.paused = false;

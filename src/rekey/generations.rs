@@ -6,12 +6,13 @@ use std::path::Path;
 use std::sync::Mutex;
 
 use super::Throttle;
+use super::error::{RetireError, StartError};
 use super::state::RekeyState;
 use crate::audit::{self, AuditRecord, Outcome};
 use crate::kms::KeyProvider;
 use crate::sync::MutexExt;
 use crate::volume::header::{self, VolumeHeader};
-use crate::volume::{Volume, now_secs};
+use crate::volume::{Volume, VolumeError, now_secs};
 
 fn audit_step(vol: &Volume, op: &str, generation: u16, result: Result<(), &str>) {
     let k = &vol.header.kek;
@@ -38,13 +39,10 @@ pub fn start(
     vol: &mut Volume,
     provider: &dyn KeyProvider,
     throttle: Throttle,
-) -> Result<(RekeyState, Vec<u16>), String> {
+) -> Result<(RekeyState, Vec<u16>), StartError> {
     let backing = vol.backing.clone();
-    if let Some(st) = RekeyState::load(&backing).map_err(|e| e.to_string())? {
-        return Err(format!(
-            "a rekey to key generation {} is already in progress (see kmfs rekey --status)",
-            st.target
-        ));
+    if let Some(st) = RekeyState::load(&backing).map_err(StartError::State)? {
+        return Err(StartError::InProgress(st.target));
     }
     let target = if vol.header.generations.len() > 1 {
         vol.header.active
@@ -62,7 +60,7 @@ pub fn start(
             Err(e) => {
                 let g = vol.header.active.saturating_add(1);
                 audit_step(vol, "rekey_new_generation", g, Err(&e.to_string()));
-                return Err(format!("cannot create a new key generation: {e}"));
+                return Err(StartError::NewGeneration(e));
             }
         }
     };
@@ -74,8 +72,7 @@ pub fn start(
         files_done: 0,
         bytes_done: 0,
     };
-    st.store(&backing)
-        .map_err(|e| format!("cannot write the rekey state file: {e}"))?;
+    st.store(&backing).map_err(StartError::StoreState)?;
     Ok((st, old_generations(&vol.header, target)))
 }
 
@@ -96,24 +93,22 @@ pub fn retire(
     volume: &Mutex<Volume>,
     provider: &dyn KeyProvider,
     keep: u16,
-) -> Result<Vec<u16>, String> {
+) -> Result<Vec<u16>, RetireError> {
     let lock = || volume.locked();
-    let fail = |e: &dyn std::fmt::Display| {
+    let fail = |e: VolumeError| {
         audit_step(&lock(), "rekey_retire", keep, Err(&e.to_string()));
-        format!(
-            "cannot retire the old key generations (the key manager must confirm generation {keep} first): {e}"
-        )
+        RetireError { keep, source: e }
     };
-    let (kek, wrapped, aad) = lock().retire_proof_request(keep).map_err(|e| fail(&e))?;
+    let (kek, wrapped, aad) = lock().retire_proof_request(keep).map_err(fail)?;
     let proof = provider
         .unwrap(&kek, &wrapped, &aad)
-        .map_err(|e| fail(&e))?;
+        .map_err(|e| fail(e.into()))?;
     let mut vol = lock();
     let removed = match vol.retire_generations(keep, &kek, &proof) {
         Ok(r) => r,
         Err(e) => {
             drop(vol);
-            return Err(fail(&e));
+            return Err(fail(e));
         }
     };
     audit_step(&vol, "rekey_retire", keep, Ok(()));

@@ -20,6 +20,7 @@
 //! clear status; they never leave a file half re-encrypted for the
 //! filesystem to see.
 
+mod error;
 pub mod file;
 pub mod generations;
 pub mod journal;
@@ -45,6 +46,7 @@ use crate::crypto::names::DIR_ID_LEN;
 use crate::sync::MutexExt;
 use crate::volume::layout::FileHeader;
 use crate::volume::{GenKeys, VolumeKeys, dirid, internal};
+pub use error::{RekeyError, RetireError, StartError, ThrottleError};
 use file::Step;
 use journal::{FileRef, Journal, Record};
 pub use recover::recover;
@@ -132,7 +134,7 @@ pub trait RekeyHost: Send + Sync {
     /// Removes every generation but `keep` from the header (after the key
     /// manager proves it unwraps `keep`), and the header backups that still
     /// hold a removed generation. Returns the generations removed.
-    fn retire(&self, keep: u16) -> Result<Vec<u16>, String>;
+    fn retire(&self, keep: u16) -> Result<Vec<u16>, RetireError>;
 }
 
 /// Throttle of a rekey. `None` is unlimited.
@@ -156,26 +158,25 @@ impl Throttle {
 
     /// Checks values that came from the command line, the control socket or
     /// the state file in the backing directory.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), ThrottleError> {
         if let Some(r) = self.rate_mb
             && !(r.is_finite() && r > 0.0 && r <= Self::MAX_RATE_MB)
         {
-            return Err(format!(
-                "rate {r} MB/s is out of range (more than 0, at most {})",
-                Self::MAX_RATE_MB
-            ));
+            return Err(ThrottleError::Rate(r));
         }
         if let Some(c) = self.cpu
             && !(1..=100).contains(&c)
         {
-            return Err(format!("cpu {c}% is out of range (1 to 100)"));
+            return Err(ThrottleError::Cpu(c));
         }
         Ok(())
     }
 
     /// Parses `--rate` (clap value parser).
-    pub fn parse_rate(s: &str) -> Result<f64, String> {
-        let r: f64 = s.parse().map_err(|_| format!("{s:?} is not a number"))?;
+    pub fn parse_rate(s: &str) -> Result<f64, ThrottleError> {
+        let r: f64 = s
+            .parse()
+            .map_err(|_| ThrottleError::NotANumber(s.to_string()))?;
         Throttle {
             rate_mb: Some(r),
             cpu: None,
@@ -234,23 +235,6 @@ pub struct Rekey {
     shared: Arc<Shared>,
     backing: PathBuf,
     plaintext_names: bool,
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum RekeyError {
-    #[error("{0}")]
-    Io(String),
-    #[error("stopped")]
-    Stopped,
-}
-
-fn io_msg(what: &str, e: &io::Error) -> RekeyError {
-    let hint = if e.raw_os_error() == Some(libc::ENOSPC) {
-        " (free some space; the rekey resumes by itself)"
-    } else {
-        ""
-    };
-    RekeyError::Io(format!("{what}: {e}{hint}"))
 }
 
 /// Waits `d`, or less if woken (stop, pause, resume, throttle change).
@@ -415,7 +399,8 @@ impl Rekey {
                     self.persist();
                     return;
                 }
-                Err(RekeyError::Io(msg)) => {
+                Err(e) => {
+                    let msg = e.to_string();
                     // An attempt that got somewhere starts the backoff over.
                     if self.status().files_done > done_before {
                         backoff = Duration::from_secs(1);
@@ -452,7 +437,7 @@ impl Rekey {
         // A file left half done by a crash first (its own journal handle).
         recover(&self.backing, keys, gate)?;
         let mut journal = Journal::open(&self.backing)
-            .map_err(|e| io_msg("cannot allocate the rekey journal", &e))?;
+            .map_err(|e| RekeyError::io("cannot allocate the rekey journal", e))?;
         // Count what is left.
         {
             let mut s = self.status_mut();
@@ -495,12 +480,12 @@ impl Rekey {
             }
             self.status_mut().phase = Phase::Running;
         }
-        let removed = host.retire(target).map_err(RekeyError::Io)?;
+        let removed = host.retire(target)?;
         drop(journal);
         Journal::remove(&self.backing)
-            .map_err(|e| io_msg("cannot remove the rekey journal", &e))?;
+            .map_err(|e| RekeyError::io("cannot remove the rekey journal", e))?;
         state::remove(&self.backing)
-            .map_err(|e| io_msg("cannot remove the rekey state file", &e))?;
+            .map_err(|e| RekeyError::io("cannot remove the rekey state file", e))?;
         let mut s = self.status_mut();
         s.phase = Phase::Done;
         s.finished = Some(crate::volume::now_secs());

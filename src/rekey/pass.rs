@@ -135,13 +135,10 @@ impl Rekey {
                     Err(e) if e.kind() == io::ErrorKind::NotFound => {
                         // Moved away half done: the journal knows it; the
                         // next attempt finds it by inode and id.
-                        return Err(RekeyError::Io(format!(
-                            "{} was moved while being re-encrypted; finishing it from the journal",
-                            rel.display()
-                        )));
+                        return Err(RekeyError::Moved(rel.to_path_buf()));
                     }
                     Err(e) => {
-                        return Err(io_msg(&format!("cannot re-encrypt {}", rel.display()), &e));
+                        return Err(RekeyError::at("cannot re-encrypt", rel, e));
                     }
                 }
                 if outcome == Some(false)
@@ -211,16 +208,13 @@ impl Rekey {
     ) -> Result<(), RekeyError> {
         let path = self.backing.join(rel);
         if keys.generations.get(target).is_none() {
-            return Err(RekeyError::Io(format!("no keys for generation {target}")));
+            return Err(RekeyError::NoKeys(target));
         }
-        let fail = |what: &str, e: io::Error| -> Result<(), RekeyError> {
+        let fail = |what: &'static str, e: io::Error| -> Result<(), RekeyError> {
             if e.kind() == io::ErrorKind::NotFound {
                 Ok(()) // gone or replaced since the walk saw it
             } else {
-                Err(io_msg(
-                    &format!("cannot re-encrypt the {what} of {}", path.display()),
-                    &e,
-                ))
+                Err(RekeyError::at(what, &path, e))
             }
         };
         let unbound_ok = keys.unbound_ok();
@@ -240,7 +234,7 @@ impl Rekey {
                     }
                 });
                 if let Err(e) = r {
-                    fail("names", e)?;
+                    fail("cannot re-encrypt the names of", e)?;
                 }
             }
         }
@@ -266,7 +260,7 @@ impl Rekey {
                 )
             });
             if let Err(e) = r {
-                fail("attributes", e)?;
+                fail("cannot re-encrypt the attributes of", e)?;
             }
         }
         Ok(())
@@ -276,7 +270,7 @@ impl Rekey {
     /// symlink targets, attributes (the final sweep).
     pub(super) fn left_behind(&self, keys: &VolumeKeys, target: u16) -> Result<u64, RekeyError> {
         if keys.generations.get(target).is_none() {
-            return Err(RekeyError::Io(format!("no keys for generation {target}")));
+            return Err(RekeyError::NoKeys(target));
         }
         let all = keys.generations.all();
         let xciphers = metadata::xattr_ciphers(&all);

@@ -27,10 +27,11 @@ pub fn recover(
     keys: &VolumeKeys,
     gate: &dyn FileGate,
 ) -> Result<Option<PathBuf>, RekeyError> {
-    let rec = Journal::pending(backing).map_err(|e| io_msg("cannot read the rekey journal", &e))?;
+    let rec = Journal::pending(backing)
+        .map_err(|e| RekeyError::io("cannot read the rekey journal", e))?;
     let Some(rec) = rec else { return Ok(None) };
     let mut journal =
-        Journal::open(backing).map_err(|e| io_msg("cannot open the rekey journal", &e))?;
+        Journal::open(backing).map_err(|e| RekeyError::io("cannot open the rekey journal", e))?;
     if rec.directory {
         return recover_dir(backing, keys, gate, &rec, &mut journal);
     }
@@ -41,24 +42,22 @@ pub fn recover(
         );
         journal
             .idle()
-            .map_err(|e| io_msg("cannot write the rekey journal", &e))?;
+            .map_err(|e| RekeyError::io("cannot write the rekey journal", e))?;
         return Ok(None);
     };
     let all = ciphers(keys, &[rec.from, rec.to]);
-    let step = step_for(&all, rec.from, rec.to).ok_or_else(|| {
-        RekeyError::Io(format!(
-            "the rekey journal names key generations {} → {}, which the volume header does not hold",
-            rec.from, rec.to
-        ))
+    let step = step_for(&all, rec.from, rec.to).ok_or(RekeyError::JournalGenerations {
+        from: rec.from,
+        to: rec.to,
     })?;
-    let md = std::fs::metadata(&path).map_err(|e| io_msg(&path.display().to_string(), &e))?;
+    let md = std::fs::metadata(&path).map_err(|e| RekeyError::at("", &path, e))?;
     gate.exclusive(&path, &md, &mut || {
         let f = open_scanned(&path, &md)?;
         let h = file::finish_pending(&f, &rec, &step, &mut journal)?;
         gate.set_frontier(&rec.file.file_id, None);
         Ok(Some(h))
     })
-    .map_err(|e| io_msg(&format!("cannot finish {}", path.display()), &e))?;
+    .map_err(|e| RekeyError::at("cannot finish", &path, e))?;
     log::info!(
         "op=rekey_recover path={} generation={} result=ok",
         rec.file.path.display(),
@@ -98,21 +97,16 @@ pub(super) fn recover_dir(
         );
         journal
             .idle()
-            .map_err(|e| io_msg("cannot write the rekey journal", &e))?;
+            .map_err(|e| RekeyError::io("cannot write the rekey journal", e))?;
         return Ok(None);
     };
     let path = backing.join(&rel);
     let all = keys.generations.all();
-    let md = std::fs::metadata(&path).map_err(|e| io_msg(&path.display().to_string(), &e))?;
+    let md = std::fs::metadata(&path).map_err(|e| RekeyError::at("", &path, e))?;
     gate.exclusive_names(&path, &md, &mut || {
         metadata::rekey_dir(&path, &rel, &all, rec.to, keys.unbound_ok(), journal).map(Some)
     })
-    .map_err(|e| {
-        io_msg(
-            &format!("cannot finish the names of {}", path.display()),
-            &e,
-        )
-    })?;
+    .map_err(|e| RekeyError::at("cannot finish the names of", &path, e))?;
     log::info!(
         "op=rekey_recover path={} generation={} result=ok",
         rel.display(),

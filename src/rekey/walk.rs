@@ -33,7 +33,7 @@ pub(super) fn walk_all(
         let rd = match std::fs::read_dir(&dir) {
             Ok(rd) => rd,
             Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
-            Err(e) => return Err(io_msg(&format!("cannot list {}", dir.display()), &e)),
+            Err(e) => return Err(RekeyError::at("cannot list", dir, e)),
         };
         for ent in rd {
             let Ok(ent) = ent else { continue };
