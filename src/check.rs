@@ -29,6 +29,7 @@ use crate::crypto::names::{self, DIR_ID_LEN};
 use crate::crypto::xattr::{Mapped, NO_OWNER, OWNER_LEN, XattrCipher};
 use crate::rekey;
 use crate::sys;
+use crate::volume::backing::BackingKind;
 use crate::volume::layout::{FileHeader, HEADER_LEN};
 use crate::volume::{Volume, dirid, header, internal};
 
@@ -125,23 +126,6 @@ fn open_subdir(dir: BorrowedFd<'_>, name: &OsStr) -> io::Result<OwnedFd> {
     )
 }
 
-/// Names in the backing root that belong to the volume itself.
-fn is_root_file(name: &[u8]) -> bool {
-    name == header::HEADER_FILE.as_bytes()
-        || name == header::BACKUP_FILE.as_bytes()
-        || (name.starts_with(b"kmfs.volume.") && name.ends_with(b".bak"))
-        || name == rekey::state::STATE_FILE.as_bytes()
-        || name == rekey::journal::JOURNAL_FILE.as_bytes()
-        || name == crate::volume::lock::LOCK_FILE.as_bytes()
-        || name == b"lost+found"
-}
-
-/// Temporary files of atomic writes (header, backups, directory ids, rekey
-/// state): a crash between create and rename leaves them.
-fn is_temp_file(name: &[u8]) -> bool {
-    name.starts_with(b"kmfs.") && name.ends_with(b".tmp")
-}
-
 impl Checker<'_> {
     fn find(
         &mut self,
@@ -236,10 +220,13 @@ impl Checker<'_> {
             self.tick();
             let b = name.as_bytes();
             let brel = rel.join(name);
-            if b == dirid::DIRID_FILE.as_bytes() || (at_root && is_root_file(b)) {
+            let kind = BackingKind::classify(b);
+            if kind == BackingKind::DirId || (at_root && kind.is_root_file()) {
                 continue;
             }
-            if is_temp_file(b) && md.is_file() {
+            // Temporary files of atomic writes (header, backups, directory
+            // ids, rekey state): a crash between create and rename leaves them.
+            if kind == BackingKind::Temp && md.is_file() {
                 let i = self.find(
                     Severity::Leftover,
                     &brel,
@@ -251,11 +238,11 @@ impl Checker<'_> {
                 }
                 continue;
             }
-            if b.starts_with(b"kmfs.tmp.") && md.is_dir() {
+            if kind == BackingKind::TempEntry && md.is_dir() {
                 self.half_created_dir(dfd, name, &brel, md);
                 continue;
             }
-            if b.starts_with(b"kmfs.tmp.") && md.file_type().is_symlink() {
+            if kind == BackingKind::TempEntry && md.file_type().is_symlink() {
                 // A symlink re-created for a rename or a rekey, never renamed
                 // into place: the entry it was for still has its own.
                 let i = self.find(
@@ -269,9 +256,7 @@ impl Checker<'_> {
                 }
                 continue;
             }
-            if b.starts_with(names::LONG_PREFIX.as_bytes())
-                && b.ends_with(names::LONG_SUFFIX.as_bytes())
-            {
+            if kind == BackingKind::LongSidecar {
                 let entry = &b[..b.len() - names::LONG_SUFFIX.len()];
                 if !present.contains(entry) {
                     let i = self.find(
@@ -774,22 +759,4 @@ pub fn line(f: &Finding) -> String {
         .map(|r| format!(" [{r}]"))
         .unwrap_or_default();
     format!("{sev}: {place}: {}{rep}", f.what)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn root_and_temporary_names() {
-        assert!(is_root_file(b"kmfs.volume"));
-        assert!(is_root_file(b"kmfs.volume.20261122T214509Z.bak"));
-        assert!(is_root_file(b"kmfs.rekey.journal"));
-        assert!(is_root_file(b"kmfs.lock"));
-        assert!(!is_root_file(b"kmfs.volume.tmp"));
-        assert!(is_temp_file(b"kmfs.volume.tmp"));
-        assert!(is_temp_file(b"kmfs.dirid.tmp"));
-        assert!(!is_temp_file(b"kmfs.dirid"));
-        assert!(!is_temp_file(b"report.tmp"));
-    }
 }

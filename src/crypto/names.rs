@@ -97,7 +97,8 @@ pub fn validate(name: &[u8]) -> Result<(), NameError> {
     Ok(())
 }
 
-/// Whether a backing directory entry is one of kmfs's own files.
+/// Whether a backing name has the prefix kmfs keeps for itself (which
+/// file it is: `volume::backing::BackingKind::classify`).
 pub fn is_reserved(backing_name: &[u8]) -> bool {
     backing_name.starts_with(RESERVED_PREFIX.as_bytes())
 }

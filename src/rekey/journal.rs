@@ -24,7 +24,7 @@ use sha2::{Digest, Sha256};
 use crate::crypto::content::FileId;
 use crate::volume::internal;
 
-pub const JOURNAL_FILE: &str = "kmfs.rekey.journal";
+pub use crate::volume::backing::JOURNAL_FILE;
 const MAGIC: &[u8; 4] = b"KMRJ";
 const VERSION: u8 = 1;
 const KIND_IDLE: u8 = 0;

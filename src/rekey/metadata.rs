@@ -27,6 +27,7 @@ use super::journal::{FileRef, Journal, Record};
 use crate::crypto::names::{self, DIR_ID_LEN, EncodedName};
 use crate::crypto::xattr::{self, Mapped, NO_OWNER, OWNER_LEN, XattrCipher};
 use crate::sys;
+use crate::volume::backing::BackingKind;
 use crate::volume::layout::FileHeader;
 use crate::volume::{GenKeys, dirid, internal};
 
@@ -93,7 +94,8 @@ pub fn rekey_dir(
         let e = e?;
         let name = e.file_name();
         let b = name.as_bytes();
-        if (names::is_reserved(b) && !names::is_long(b)) || b == b"lost+found" {
+        let kind = BackingKind::classify(b);
+        if kind.is_own() || kind == BackingKind::LostFound {
             continue; // dir id, sidecars, temporaries; the root's lost+found
         }
         let is_link = e.file_type().map(|t| t.is_symlink()).unwrap_or(false);
@@ -281,7 +283,7 @@ pub fn link_place_of(
 ) -> Option<([u8; DIR_ID_LEN], Vec<u8>)> {
     let dir = path.parent()?;
     let b = path.file_name()?.as_bytes();
-    if names::is_reserved(b) && !names::is_long(b) {
+    if BackingKind::classify(b).is_own() {
         return None;
     }
     if plaintext {

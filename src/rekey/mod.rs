@@ -30,7 +30,6 @@ mod recover;
 pub mod state;
 mod walk;
 
-use std::ffi::OsStr;
 use std::fs::File;
 use std::io;
 use std::os::unix::ffi::OsStrExt;
@@ -517,19 +516,7 @@ pub fn spawn(
 
 #[cfg(test)]
 mod tests {
-    use super::walk::is_own_file;
     use super::*;
-
-    #[test]
-    fn own_files_are_skipped_user_files_are_not() {
-        assert!(is_own_file(OsStr::new("kmfs.volume")));
-        assert!(is_own_file(OsStr::new("kmfs.rekey.journal")));
-        assert!(is_own_file(OsStr::new("kmfs.lock")));
-        assert!(is_own_file(OsStr::new("kmfs.dirid")));
-        assert!(is_own_file(OsStr::new("kmfs.long.abc.name")));
-        assert!(!is_own_file(OsStr::new("kmfs.long.abc")));
-        assert!(!is_own_file(OsStr::new("report.txt")));
-    }
 
     #[test]
     fn pacer_holds_the_duty_cycle_and_rate() {

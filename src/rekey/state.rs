@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use super::Throttle;
 use crate::volume::{header, internal};
 
-pub const STATE_FILE: &str = "kmfs.rekey";
+pub use crate::volume::backing::STATE_FILE;
 const STATE_TMP: &str = "kmfs.rekey.tmp";
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

@@ -1,20 +1,9 @@
-//! Walking the backing tree for a rekey: kmfs's own files skipped, files
+//! Walking the backing tree for a rekey: kmfs's own files skipped
+//! ([`BackingKind::is_own`]), files
 //! opened only as the inode the walk saw, a journal record's file found again.
 
 use super::*;
-
-/// Whether a backing entry is one of kmfs's own files (volume header, dir
-/// ids, journal, long-name sidecars, temporary directories) rather than a
-/// user file. User names never start with `kmfs.` in the backing tree:
-/// encrypted names are base64url (no dot), plain-text mode refuses the
-/// prefix; only long-name entries `kmfs.long.<hash>` are user files.
-pub(super) fn is_own_file(name: &OsStr) -> bool {
-    let b = name.as_bytes();
-    if !b.starts_with(b"kmfs.") {
-        return false;
-    }
-    !b.starts_with(b"kmfs.long.") || b.ends_with(b".name")
-}
+use crate::volume::backing::BackingKind;
 
 /// Every user entry below `backing` and the root itself, as (relative
 /// path, metadata), symlinks not followed. A directory is reported before it
@@ -38,7 +27,7 @@ pub(super) fn walk_all(
         for ent in rd {
             let Ok(ent) = ent else { continue };
             let name = ent.file_name();
-            if is_own_file(&name) {
+            if BackingKind::classify(name.as_bytes()).is_own() {
                 continue;
             }
             let Ok(md) = ent.metadata() else { continue };
