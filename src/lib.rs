@@ -6,6 +6,7 @@
 //! `kms::KeyProvider`, which the filesystem layer never sees.
 
 pub mod audit;
+pub mod be;
 pub mod check;
 pub mod cli;
 pub mod config;

@@ -21,6 +21,7 @@ use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
 
+use crate::be::Cursor;
 use crate::crypto::content::FileId;
 use crate::volume::internal;
 
@@ -108,31 +109,6 @@ fn encode(r: Option<&Record>, seq: u64) -> Vec<u8> {
     b
 }
 
-struct Cursor<'a> {
-    b: &'a [u8],
-    pos: usize,
-}
-
-impl<'a> Cursor<'a> {
-    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
-        let s = self.b.get(self.pos..self.pos.checked_add(n)?)?;
-        self.pos += n;
-        Some(s)
-    }
-    fn u8(&mut self) -> Option<u8> {
-        Some(self.take(1)?[0])
-    }
-    fn u16(&mut self) -> Option<u16> {
-        Some(u16::from_be_bytes(self.take(2)?.try_into().ok()?))
-    }
-    fn u32(&mut self) -> Option<u32> {
-        Some(u32::from_be_bytes(self.take(4)?.try_into().ok()?))
-    }
-    fn u64(&mut self) -> Option<u64> {
-        Some(u64::from_be_bytes(self.take(8)?.try_into().ok()?))
-    }
-}
-
 /// A slot's content: `None` if it holds no valid record (never written, or
 /// torn). `Some((seq, None))` for an idle record.
 fn decode(slot: &[u8]) -> Option<(u64, Option<Record>)> {
@@ -147,7 +123,7 @@ fn decode(slot: &[u8]) -> Option<(u64, Option<Record>)> {
     if Sha256::digest(body).as_slice() != sum {
         return None;
     }
-    let mut c = Cursor { b: body, pos: 8 };
+    let mut c = Cursor::new(body, 8);
     if c.u8()? != VERSION {
         return None;
     }

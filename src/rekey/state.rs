@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use super::Throttle;
-use crate::volume::{header, internal};
+use crate::volume::{atomic, internal};
 
 pub use crate::volume::backing::STATE_FILE;
 const STATE_TMP: &str = "kmfs.rekey.tmp";
@@ -72,7 +72,7 @@ impl RekeyState {
     /// Stores the state atomically.
     pub fn store(&self, backing: &Path) -> io::Result<()> {
         let text = serde_json::to_vec_pretty(self).map_err(io::Error::other)?;
-        header::write_atomic(backing, STATE_TMP, STATE_FILE, &text)
+        atomic::write(backing, STATE_TMP, STATE_FILE, &text, 0o600)
             .map_err(|e| io::Error::other(e.to_string()))
     }
 }

@@ -5,10 +5,8 @@
 //! renaming a directory never re-encrypts its children, and an entry copied
 //! into another directory does not decrypt there.
 
-use std::fs::{self, File, OpenOptions};
-use std::io::{self, Write};
+use std::io;
 use std::os::fd::{AsFd, BorrowedFd};
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
 use super::internal;
@@ -46,20 +44,10 @@ pub fn encode(id: &[u8; DIR_ID_LEN], generation: u16) -> Vec<u8> {
 }
 
 /// Writes `id` (names of generation `generation`) as the directory id of
-/// `dir` (temporary file, fsync, rename).
+/// `dir` ([`super::atomic::write`], read-only).
 pub fn write(dir: &Path, id: &[u8; DIR_ID_LEN], generation: u16) -> io::Result<()> {
-    let tmp = dir.join(DIRID_TMP);
-    let _ = fs::remove_file(&tmp);
-    let mut f = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o444)
-        .open(&tmp)?;
-    f.write_all(&encode(id, generation))?;
-    f.sync_all()?;
-    drop(f);
-    fs::rename(&tmp, dir.join(DIRID_FILE))?;
-    File::open(dir)?.sync_all()
+    super::atomic::write(dir, DIRID_TMP, DIRID_FILE, &encode(id, generation), 0o444)
+        .map_err(|e| e.source)
 }
 
 /// Parses the bytes of a `kmfs.dirid` file: (id, generation).

@@ -13,13 +13,14 @@
 //! written back as version 2 until a rekey has bound them all. It is replaced atomically (temporary file, fsync, rename, fsync of
 //! the directory) and the previous version is kept as `kmfs.volume.bak`.
 
-use std::fs::{self, File, OpenOptions};
-use std::io::{self, Write};
+use std::io;
 use std::path::{Path, PathBuf};
 
 use hmac::{KeyInit, Mac};
 use sha2::{Digest, Sha256};
 
+use super::atomic;
+use crate::be::Cursor;
 use crate::crypto::keys::{Secret, derive, labels};
 use crate::kms::KekRef;
 
@@ -153,35 +154,26 @@ fn put_kek(out: &mut Vec<u8>, k: &KekRef) {
     out.extend_from_slice(&k.version.to_be_bytes());
 }
 
-/// A bounds-checked reader over the header bytes.
-struct Reader<'a> {
-    b: &'a [u8],
-    pos: usize,
+/// A bounds-checked reader over the header bytes: a field that runs past
+/// the end is named in the error.
+struct Reader<'a>(Cursor<'a>);
+
+fn past_end(what: &str) -> String {
+    format!("{what} runs past the end")
 }
 
 impl<'a> Reader<'a> {
     fn take(&mut self, n: usize, what: &str) -> Result<&'a [u8], String> {
-        if self.b.len() - self.pos < n {
-            return Err(format!("{what} runs past the end"));
-        }
-        let s = &self.b[self.pos..self.pos + n];
-        self.pos += n;
-        Ok(s)
+        self.0.take(n).ok_or_else(|| past_end(what))
     }
     fn u16(&mut self, what: &str) -> Result<u16, String> {
-        Ok(u16::from_be_bytes(
-            self.take(2, what)?.try_into().expect("2 bytes"),
-        ))
+        self.0.u16().ok_or_else(|| past_end(what))
     }
     fn u32(&mut self, what: &str) -> Result<u32, String> {
-        Ok(u32::from_be_bytes(
-            self.take(4, what)?.try_into().expect("4 bytes"),
-        ))
+        self.0.u32().ok_or_else(|| past_end(what))
     }
     fn u64(&mut self, what: &str) -> Result<u64, String> {
-        Ok(u64::from_be_bytes(
-            self.take(8, what)?.try_into().expect("8 bytes"),
-        ))
+        self.0.u64().ok_or_else(|| past_end(what))
     }
     fn str(&mut self, what: &str) -> Result<String, String> {
         let n = self.u16(what)? as usize;
@@ -323,7 +315,7 @@ impl VolumeHeader {
         }
         let body = &signed[..signed.len() - 32];
         let malformed = |what: String| HeaderError::Malformed { path: p(), what };
-        let mut r = Reader { b: body, pos: 14 };
+        let mut r = Reader(Cursor::new(body, 14));
         let flags = r.u16("flags").map_err(malformed)?;
         if flags & !KNOWN_FLAGS != 0 {
             return Err(malformed(format!("unknown flags {flags:#06x}")));
@@ -387,10 +379,10 @@ impl VolumeHeader {
             let kek = r.kek("rotation history").map_err(malformed)?;
             history.push(RotationEntry { retired_at, kek });
         }
-        if r.pos != body.len() {
+        if r.0.pos() != body.len() {
             return Err(malformed(format!(
                 "{} unexpected bytes before the trailer",
-                body.len() - r.pos
+                body.len() - r.0.pos()
             )));
         }
         Ok(VolumeHeader {
@@ -452,44 +444,25 @@ pub fn header_path(backing: &Path) -> PathBuf {
     backing.join(HEADER_FILE)
 }
 
-fn io_err<'a>(path: &'a Path, what: &'static str) -> impl FnOnce(io::Error) -> HeaderError + 'a {
-    move |source| HeaderError::Io {
-        path: path.to_path_buf(),
-        what,
-        source,
-    }
-}
-
-/// Writes `bytes` to `dir/name` durably: temporary file, fsync, rename, fsync dir.
+/// Writes `bytes` to `dir/name` durably (see [`atomic::write`]), readable
+/// by its owner only.
 pub fn write_atomic(
     dir: &Path,
     tmp_name: &str,
     name: &str,
     bytes: &[u8],
 ) -> Result<(), HeaderError> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let tmp = dir.join(tmp_name);
-    let dst = dir.join(name);
-    let _ = fs::remove_file(&tmp);
-    let mut f = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&tmp)
-        .map_err(io_err(&tmp, "create"))?;
-    let res = f.write_all(bytes).and_then(|_| f.sync_all());
-    drop(f);
-    if let Err(e) = res {
-        let _ = fs::remove_file(&tmp);
-        return Err(io_err(&tmp, "write")(e));
+    Ok(atomic::write(dir, tmp_name, name, bytes, 0o600)?)
+}
+
+impl From<atomic::WriteError> for HeaderError {
+    fn from(e: atomic::WriteError) -> HeaderError {
+        HeaderError::Io {
+            path: e.path,
+            what: e.what,
+            source: e.source,
+        }
     }
-    if let Err(e) = fs::rename(&tmp, &dst) {
-        let _ = fs::remove_file(&tmp);
-        return Err(io_err(&dst, "replace")(e));
-    }
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(io_err(dir, "sync the directory"))
 }
 
 /// Replaces `kmfs.volume.bak` with `bytes` (after a rekey, so no backup in
@@ -543,6 +516,7 @@ pub(crate) fn encode_v1(h: &VolumeHeader, dek: &Secret) -> Vec<u8> {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+    use std::fs;
 
     fn sample() -> VolumeHeader {
         VolumeHeader {

@@ -5,6 +5,7 @@
 //! [`Volume::open`] reads its header, has the key provider unwrap the DEK,
 //! authenticates the header and derives the subkeys the filesystem needs.
 
+pub mod atomic;
 pub mod backing;
 pub mod content;
 pub mod dirid;
