@@ -2,7 +2,7 @@
 //! another, chunk by chunk through the journal (see [`super::journal`]).
 //!
 //! The caller holds the file against the filesystem's own I/O for each
-//! call. [`reencrypt_some`] may stop after a time budget with the file split
+//! call. [`Reencryption::some`] may stop after a time budget with the file split
 //! between the generations at a unit boundary (the frontier); it then
 //! commits a journal record that names only the frontier, so that the
 //! chunk records before it are never applied again over writes the
@@ -48,7 +48,7 @@ fn crypto_err(e: impl std::fmt::Display) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, e.to_string())
 }
 
-/// How much one call of [`reencrypt_some`] may do before it returns with
+/// How much one call of [`Reencryption::some`] may do before it returns with
 /// the file split (it always does at least one chunk).
 #[derive(Clone, Copy, Debug)]
 pub struct Budget {
@@ -57,7 +57,7 @@ pub struct Budget {
     pub bytes: u64,
 }
 
-/// How far [`reencrypt_some`] got.
+/// How far [`Reencryption::some`] got.
 #[derive(Debug)]
 pub enum Progress {
     /// The file is on the new generation: its new header.
@@ -78,172 +78,218 @@ pub fn reencrypt(
     journal: &mut Journal,
     progress: &mut dyn FnMut(u64),
 ) -> Result<FileHeader, FileError> {
-    match reencrypt_some(file, hd, step, start, fref, journal, progress, None)? {
+    match Reencryption::new(file, hd, step, fref, journal, progress).some(start, None)? {
         Progress::Done(h) => Ok(h),
         Progress::Partial(_) => unreachable!("no time budget: runs to the end"),
     }
 }
 
-/// Like [`reencrypt`], but stops once `budget` is used up after a chunk
-/// (never inside one) and returns the frontier. The file's size is read
-/// afresh: between calls the filesystem may have grown or cut it.
-#[allow(clippy::too_many_arguments)]
-pub fn reencrypt_some(
-    file: &File,
-    hd: &FileHeader,
-    step: &Step<'_>,
-    start: u64,
-    fref: &FileRef,
-    journal: &mut Journal,
-    progress: &mut dyn FnMut(u64),
-    budget: Option<Budget>,
-) -> Result<Progress, FileError> {
-    let mut committed = start > 0;
-    let r = run(
-        file,
-        hd,
-        step,
-        start,
-        fref,
-        journal,
-        progress,
-        budget,
-        &mut committed,
-    );
-    r.map_err(|error| FileError {
-        error,
-        mixed: committed,
-    })
+/// The re-encryption of one file (header `header`, opened read-write)
+/// through the journal; `progress` is told the plaintext bytes done.
+pub struct Reencryption<'a> {
+    file: &'a File,
+    header: &'a FileHeader,
+    step: &'a Step<'a>,
+    fref: &'a FileRef,
+    journal: &'a mut Journal,
+    progress: &'a mut dyn FnMut(u64),
+    /// A record that changes the file was committed: an error now leaves
+    /// it half re-encrypted.
+    committed: bool,
 }
 
-#[allow(clippy::too_many_arguments)]
-fn run(
-    file: &File,
-    hd: &FileHeader,
-    step: &Step<'_>,
-    start: u64,
-    fref: &FileRef,
-    journal: &mut Journal,
-    progress: &mut dyn FnMut(u64),
-    budget: Option<Budget>,
-    committed: &mut bool,
-) -> io::Result<Progress> {
-    let began = Instant::now();
-    let mut bytes = 0u64;
-    let size = plain_size(file.metadata()?.len());
-    let layout = Layout::new(size);
-    let fid = &hd.file_id;
-    let gen_write = (GENERATION_OFFSET, step.to_gen.to_be_bytes().to_vec());
-    let record = |writes: Vec<(u64, Vec<u8>)>, next_unit: u64, complete: bool| Record {
-        seq: 0,
-        file: fref.clone(),
-        from: step.from_gen,
-        to: step.to_gen,
-        next_unit,
-        complete,
-        writes,
-        directory: false,
-    };
-    if size == 0 || layout.is_tiny() {
-        let mut writes = vec![gen_write];
+impl<'a> Reencryption<'a> {
+    pub fn new(
+        file: &'a File,
+        header: &'a FileHeader,
+        step: &'a Step<'a>,
+        fref: &'a FileRef,
+        journal: &'a mut Journal,
+        progress: &'a mut dyn FnMut(u64),
+    ) -> Reencryption<'a> {
+        Reencryption {
+            file,
+            header,
+            step,
+            fref,
+            journal,
+            progress,
+            committed: false,
+        }
+    }
+
+    /// Re-encrypts from unit `start` on; with a `budget`, stops once it is
+    /// used up after a chunk (never inside one) and returns the frontier.
+    /// The file's size is read afresh: between calls the filesystem may
+    /// have grown or cut it.
+    pub fn some(mut self, start: u64, budget: Option<Budget>) -> Result<Progress, FileError> {
+        self.committed = start > 0;
+        let r = self.run(start, budget);
+        r.map_err(|error| FileError {
+            error,
+            mixed: self.committed,
+        })
+    }
+
+    /// A journal record for this file.
+    fn record(&self, writes: Vec<(u64, Vec<u8>)>, next_unit: u64, complete: bool) -> Record {
+        Record {
+            seq: 0,
+            file: self.fref.clone(),
+            from: self.step.from_gen,
+            to: self.step.to_gen,
+            next_unit,
+            complete,
+            writes,
+            directory: false,
+        }
+    }
+
+    /// Commits `writes` to the journal, then makes them in the file.
+    fn commit_apply(
+        &mut self,
+        writes: Vec<(u64, Vec<u8>)>,
+        next_unit: u64,
+        complete: bool,
+    ) -> io::Result<()> {
+        let mut r = self.record(writes, next_unit, complete);
+        self.journal.commit(&mut r)?;
+        self.committed = true;
+        apply(self.file, &r.writes)
+    }
+
+    /// The write that names the new generation in the file header.
+    fn generation_write(&self) -> (u64, Vec<u8>) {
+        (GENERATION_OFFSET, self.step.to_gen.to_be_bytes().to_vec())
+    }
+
+    fn run(&mut self, start: u64, budget: Option<Budget>) -> io::Result<Progress> {
+        let size = plain_size(self.file.metadata()?.len());
+        let layout = Layout::new(size);
+        if size == 0 || layout.is_tiny() {
+            self.tiny(size, &layout)?;
+        } else if let Some(frontier) = self.units(&layout, start, budget)? {
+            return Ok(Progress::Partial(frontier));
+        }
+        self.journal.idle()?;
+        let mut new = self.header.clone();
+        new.generation = self.step.to_gen;
+        Ok(Progress::Done(new))
+    }
+
+    /// An empty or tiny file: the header's generation and the tiny unit in
+    /// one record.
+    fn tiny(&mut self, size: u64, layout: &Layout) -> io::Result<()> {
+        let mut writes = vec![self.generation_write()];
         if layout.is_tiny() {
             // The tiny unit: the last 16 − size bytes of the steal area and the data.
             let off = HEADER_LEN + size - 16;
             let mut unit = [0u8; 16];
-            if read_full_at(file, &mut unit, off)? != 16 {
+            if read_full_at(self.file, &mut unit, off)? != 16 {
                 return Err(io::Error::new(
                     io::ErrorKind::UnexpectedEof,
                     "file shrank while being re-encrypted",
                 ));
             }
-            step.from.decrypt_tiny(fid, &mut unit);
-            step.to.encrypt_tiny(fid, &mut unit);
+            let fid = &self.header.file_id;
+            self.step.from.decrypt_tiny(fid, &mut unit);
+            self.step.to.encrypt_tiny(fid, &mut unit);
             writes.push((off, unit.to_vec()));
         }
-        let mut r = record(writes, 1, true);
-        journal.commit(&mut r)?;
-        *committed = true;
-        apply(file, &r.writes)?;
-        progress(size);
-    } else {
+        self.commit_apply(writes, 1, true)?;
+        (self.progress)(size);
+        Ok(())
+    }
+
+    /// A file of whole units, chunk by chunk from `start`: `Some(frontier)`
+    /// if the budget ran out first.
+    fn units(
+        &mut self,
+        layout: &Layout,
+        start: u64,
+        budget: Option<Budget>,
+    ) -> io::Result<Option<u64>> {
+        let began = Instant::now();
+        let mut bytes = 0u64;
         let count = layout.unit_count();
         let mut u = start;
         let mut buf = Vec::new();
         if u >= count {
             // Cut below the frontier since the last call: nothing is left
             // but the header's generation.
-            let mut r = record(vec![gen_write.clone()], count, true);
-            journal.commit(&mut r)?;
-            *committed = true;
-            apply(file, &r.writes)?;
+            self.commit_apply(vec![self.generation_write()], count, true)?;
         }
         while u < count {
             if budget.is_some_and(|b| u > start && (began.elapsed() >= b.time || bytes >= b.bytes))
             {
                 // Out of time between chunks: the frontier goes into the
                 // journal before the caller lets the filesystem in.
-                let mut r = record(Vec::new(), u, false);
-                journal.commit(&mut r)?;
-                return Ok(Progress::Partial(u));
+                let mut r = self.record(Vec::new(), u, false);
+                self.journal.commit(&mut r)?;
+                return Ok(Some(u));
             }
             let end = (u + CHUNK_UNITS).min(count);
-            let a = layout.unit(u).start;
-            let b = layout.unit(end - 1).end;
-            buf.clear();
-            buf.resize((b - a) as usize, 0);
-            // A short read (a sparse tail) leaves zeros: holes stay holes.
-            read_full_at(file, &mut buf, HEADER_LEN + a)?;
-            let holes: Vec<bool> = (u..end)
-                .map(|i| {
-                    let un = layout.unit(i);
-                    buf[(un.start - a) as usize..(un.end - a) as usize]
-                        .iter()
-                        .all(|&x| x == 0)
-                })
-                .collect();
-            step.from
-                .decrypt_units(fid, u, &mut buf)
-                .map_err(crypto_err)?;
-            step.to
-                .encrypt_units(fid, u, &mut buf)
-                .map_err(crypto_err)?;
-            // One write per run of units that are not holes.
-            let mut writes = Vec::new();
-            let mut i = u;
-            while i < end {
-                if holes[(i - u) as usize] {
-                    i += 1;
-                    continue;
-                }
-                let mut j = i;
-                while j < end && !holes[(j - u) as usize] {
-                    j += 1;
-                }
-                let s = layout.unit(i).start;
-                let e = layout.unit(j - 1).end;
-                writes.push((
-                    HEADER_LEN + s,
-                    buf[(s - a) as usize..(e - a) as usize].to_vec(),
-                ));
-                i = j;
-            }
-            let complete = end == count;
-            if complete {
-                writes.push(gen_write.clone());
-            }
-            let mut r = record(writes, end, complete);
-            journal.commit(&mut r)?;
-            *committed = true;
-            apply(file, &r.writes)?;
-            progress(b - a);
-            bytes += b - a;
+            let done = self.chunk(layout, u, end, &mut buf)?;
+            (self.progress)(done);
+            bytes += done;
             u = end;
         }
+        Ok(None)
     }
-    journal.idle()?;
-    let mut new = hd.clone();
-    new.generation = step.to_gen;
-    Ok(Progress::Done(new))
+
+    /// Units `u..end` (of `count`), through `buf`; returns the plaintext
+    /// bytes they hold.
+    fn chunk(&mut self, layout: &Layout, u: u64, end: u64, buf: &mut Vec<u8>) -> io::Result<u64> {
+        let fid = &self.header.file_id;
+        let a = layout.unit(u).start;
+        let b = layout.unit(end - 1).end;
+        buf.clear();
+        buf.resize((b - a) as usize, 0);
+        // A short read (a sparse tail) leaves zeros: holes stay holes.
+        read_full_at(self.file, buf, HEADER_LEN + a)?;
+        let holes: Vec<bool> = (u..end)
+            .map(|i| {
+                let un = layout.unit(i);
+                buf[(un.start - a) as usize..(un.end - a) as usize]
+                    .iter()
+                    .all(|&x| x == 0)
+            })
+            .collect();
+        self.step
+            .from
+            .decrypt_units(fid, u, buf)
+            .map_err(crypto_err)?;
+        self.step
+            .to
+            .encrypt_units(fid, u, buf)
+            .map_err(crypto_err)?;
+        // One write per run of units that are not holes.
+        let mut writes = Vec::new();
+        let mut i = u;
+        while i < end {
+            if holes[(i - u) as usize] {
+                i += 1;
+                continue;
+            }
+            let mut j = i;
+            while j < end && !holes[(j - u) as usize] {
+                j += 1;
+            }
+            let s = layout.unit(i).start;
+            let e = layout.unit(j - 1).end;
+            writes.push((
+                HEADER_LEN + s,
+                buf[(s - a) as usize..(e - a) as usize].to_vec(),
+            ));
+            i = j;
+        }
+        let complete = end == layout.unit_count();
+        if complete {
+            writes.push(self.generation_write());
+        }
+        self.commit_apply(writes, end, complete)?;
+        Ok(b - a)
+    }
 }
 
 /// Finishes the file of the journal's pending record `rec`: writes the
@@ -464,20 +510,15 @@ mod tests {
             let mut crashed = false;
             loop {
                 // A zero budget: one chunk per call.
-                match reencrypt_some(
-                    &f,
-                    &hd,
-                    &step,
-                    next,
-                    &fref,
-                    &mut j,
-                    &mut |_| {},
-                    Some(Budget {
-                        time: Duration::ZERO,
-                        bytes: 0,
-                    }),
-                )
-                .unwrap()
+                match Reencryption::new(&f, &hd, &step, &fref, &mut j, &mut |_| {})
+                    .some(
+                        next,
+                        Some(Budget {
+                            time: Duration::ZERO,
+                            bytes: 0,
+                        }),
+                    )
+                    .unwrap()
                 {
                     Progress::Done(h) => {
                         assert_eq!(h.generation, 1);

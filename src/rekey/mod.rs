@@ -464,7 +464,7 @@ impl Rekey {
             s.message.clear();
         }
         loop {
-            self.pass(keys, gate, &mut journal, target)?;
+            pass::Pass::new(self, keys, gate, &mut journal, target).run()?;
             // Sweep with moves held off: a file renamed from a directory not
             // yet visited into one already visited would otherwise be missed.
             self.status_mut().phase = Phase::Finishing;
