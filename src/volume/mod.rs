@@ -15,14 +15,14 @@ pub mod layout;
 pub mod lock;
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Condvar, Mutex, RwLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::crypto::content::ContentCipher;
 use crate::crypto::keys::Secret;
 use crate::crypto::names::NameCipher;
 use crate::kms::{KekRef, KeyProvider, KmsError, generate_dek};
-use crate::sync::RwLockExt;
+use crate::sync::{MutexExt, RwLockExt};
 use header::{HeaderError, VolumeHeader};
 
 #[derive(Debug, thiserror::Error)]
@@ -157,6 +157,31 @@ impl GenKeys {
 /// the rekey's reach.
 pub struct Generations {
     inner: RwLock<GenInner>,
+    /// [`Self::with_active`] calls running, by the generation they hold;
+    /// `released` is signalled as each ends. Kept apart from `inner` so that
+    /// no I/O runs under `inner` and a [`Self::barrier`] never holds up
+    /// lookups of keys.
+    holds: Mutex<Vec<(u16, usize)>>,
+    released: Condvar,
+}
+
+/// One running [`Generations::with_active`]: counted until dropped (also on
+/// a panic in its closure).
+struct Hold<'a> {
+    gens: &'a Generations,
+    generation: u16,
+}
+
+impl Drop for Hold<'_> {
+    fn drop(&mut self) {
+        let mut h = self.gens.holds.locked();
+        if let Some(e) = h.iter_mut().find(|(g, _)| *g == self.generation) {
+            e.1 -= 1;
+        }
+        h.retain(|(_, n)| *n > 0);
+        drop(h);
+        self.gens.released.notify_all();
+    }
 }
 
 struct GenInner {
@@ -195,18 +220,38 @@ impl Generations {
     }
 
     /// Runs `f` (which writes something new: a file header, a directory id)
-    /// with the active generation, holding it: a [`Self::barrier`] waits for
-    /// `f` to finish.
+    /// with the active generation, holding it: a [`Self::barrier`] after a
+    /// switch waits for `f` to finish. The generations' lock is not held
+    /// while `f` runs (it may do I/O), so `f` may look keys up.
     pub fn with_active<R>(&self, f: impl FnOnce(u16, &GenKeys) -> R) -> R {
-        let r = self.read();
-        f(r.active, &r.active_keys())
+        let (generation, keys) = {
+            let r = self.read();
+            // Counted before the lock is released: a switch (which takes it
+            // exclusively) comes either before this or after the count.
+            let mut h = self.holds.locked();
+            match h.iter_mut().find(|(g, _)| *g == r.active) {
+                Some(e) => e.1 += 1,
+                None => h.push((r.active, 1)),
+            }
+            (r.active, r.active_keys())
+        };
+        let _hold = Hold {
+            gens: self,
+            generation,
+        };
+        f(generation, &keys)
     }
 
-    /// Waits until every [`Self::with_active`] that began before it has
-    /// finished: after a generation switch, nothing can still be written
-    /// with the old active generation once this returns.
+    /// Waits until every [`Self::with_active`] holding a generation other
+    /// than the active one has finished: after a generation switch, nothing
+    /// can still be written with the old active generation once this
+    /// returns.
     pub fn barrier(&self) {
-        drop(self.write());
+        let active = self.active();
+        let mut h = self.holds.locked();
+        while h.iter().any(|(g, n)| *g != active && *n > 0) {
+            h = self.released.wait(h).unwrap_or_else(|p| p.into_inner());
+        }
     }
 
     /// The keys of generation `g`, if this volume holds them.
@@ -318,6 +363,8 @@ fn derive_keys(
     Arc::new(VolumeKeys {
         generations: Generations {
             inner: RwLock::new(GenInner { active, keys }),
+            holds: Mutex::new(Vec::new()),
+            released: Condvar::new(),
         },
         bound: std::sync::atomic::AtomicBool::new(bound),
     })

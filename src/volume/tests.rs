@@ -66,3 +66,61 @@ fn a_version_1_volume_opens_and_upgrades_on_the_next_header_update() {
     assert!(v3.keys.generations.get(0).is_none());
     assert_eq!(name_of(&v3, 1), name1);
 }
+
+/// A barrier after a switch waits for a `with_active` still holding the
+/// old generation, not for one on the new; key lookups never wait for
+/// either (no I/O runs under the generations' lock).
+#[test]
+fn barrier_waits_only_for_writes_with_the_old_generation() {
+    use std::sync::mpsc;
+    use std::time::Duration;
+    let k = |b: u8| Arc::new(GenKeys::derive(&Secret::from_slice(&[b; 32]), &[0; 16]));
+    let gens = Arc::new(Generations {
+        inner: RwLock::new(GenInner {
+            active: 0,
+            keys: vec![(0, k(1)), (1, k(2))],
+        }),
+        holds: Mutex::new(Vec::new()),
+        released: Condvar::new(),
+    });
+    let (entered, is_in) = mpsc::channel();
+    let (finish, may_finish) = mpsc::channel::<()>();
+    let old = {
+        let gens = gens.clone();
+        std::thread::spawn(move || {
+            gens.with_active(|g, _| {
+                entered.send(()).unwrap();
+                may_finish.recv().unwrap();
+                g
+            })
+        })
+    };
+    is_in.recv().unwrap();
+    gens.set_active(1);
+    // Lookups and a write with the new generation go on meanwhile.
+    assert!(gens.get(0).is_some() && gens.all().len() == 2);
+    assert_eq!(gens.with_active(|g, _| g), 1);
+    let (done, barrier_done) = mpsc::channel();
+    let waiter = {
+        let gens = gens.clone();
+        std::thread::spawn(move || {
+            gens.barrier();
+            done.send(()).unwrap();
+        })
+    };
+    assert!(
+        barrier_done
+            .recv_timeout(Duration::from_millis(200))
+            .is_err(),
+        "the barrier returned while a write with the old generation ran"
+    );
+    assert_eq!(gens.active_keys().0, 1);
+    finish.send(()).unwrap();
+    assert_eq!(old.join().unwrap(), 0);
+    barrier_done
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the barrier returns once the old write is done");
+    waiter.join().unwrap();
+    // With nothing running, a barrier returns at once.
+    gens.barrier();
+}
