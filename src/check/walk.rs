@@ -4,6 +4,14 @@
 use super::*;
 
 impl Checker<'_> {
+    /// A leftover entry `name` of `dfd` that `--repair` removes.
+    fn removable(&mut self, dfd: BorrowedFd<'_>, name: &OsStr, brel: &Path, what: &str) {
+        let i = self.find(Severity::Leftover, brel, None, what.into());
+        if self.repair {
+            self.repaired(i, unlink(dfd, name, 0), "removed");
+        }
+    }
+
     /// Checks directory `rel`, open as `dfd` (plaintext path `plain`, if
     /// its names decrypt).
     pub(super) fn dir(&mut self, dfd: BorrowedFd<'_>, rel: &Path, plain: Option<PathBuf>) {
@@ -73,15 +81,12 @@ impl Checker<'_> {
             // Temporary files of atomic writes (header, backups, directory
             // ids, rekey state): a crash between create and rename leaves them.
             if kind == BackingKind::Temp && md.is_file() {
-                let i = self.find(
-                    Severity::Leftover,
+                self.removable(
+                    dfd,
+                    name,
                     &brel,
-                    None,
-                    "temporary file of an interrupted atomic write".into(),
+                    "temporary file of an interrupted atomic write",
                 );
-                if self.repair {
-                    self.repaired(i, unlink(dfd, name, 0), "removed");
-                }
                 continue;
             }
             if kind == BackingKind::TempEntry && md.is_dir() {
@@ -91,29 +96,18 @@ impl Checker<'_> {
             if kind == BackingKind::TempEntry && md.file_type().is_symlink() {
                 // A symlink re-created for a rename or a rekey, never renamed
                 // into place: the entry it was for still has its own.
-                let i = self.find(
-                    Severity::Leftover,
+                self.removable(
+                    dfd,
+                    name,
                     &brel,
-                    None,
-                    "symlink whose re-creation was interrupted (a rename or rekey)".into(),
+                    "symlink whose re-creation was interrupted (a rename or rekey)",
                 );
-                if self.repair {
-                    self.repaired(i, unlink(dfd, name, 0), "removed");
-                }
                 continue;
             }
             if kind == BackingKind::LongSidecar {
                 let entry = &b[..b.len() - names::LONG_SUFFIX.len()];
                 if !present.contains(entry) {
-                    let i = self.find(
-                        Severity::Leftover,
-                        &brel,
-                        None,
-                        "long-name sidecar without its entry".into(),
-                    );
-                    if self.repair {
-                        self.repaired(i, unlink(dfd, name, 0), "removed");
-                    }
+                    self.removable(dfd, name, &brel, "long-name sidecar without its entry");
                 }
                 continue;
             }

@@ -78,7 +78,15 @@ pub fn reencrypt(
     journal: &mut Journal,
     progress: &mut dyn FnMut(u64),
 ) -> Result<FileHeader, FileError> {
-    match Reencryption::new(file, hd, step, fref, journal, progress).some(start, None)? {
+    let job = Reencryption {
+        file,
+        header: hd,
+        step,
+        fref,
+        journal,
+        progress,
+    };
+    match job.some(start, None)? {
         Progress::Done(h) => Ok(h),
         Progress::Partial(_) => unreachable!("no time budget: runs to the end"),
     }
@@ -87,57 +95,48 @@ pub fn reencrypt(
 /// The re-encryption of one file (header `header`, opened read-write)
 /// through the journal; `progress` is told the plaintext bytes done.
 pub struct Reencryption<'a> {
-    file: &'a File,
-    header: &'a FileHeader,
-    step: &'a Step<'a>,
-    fref: &'a FileRef,
-    journal: &'a mut Journal,
-    progress: &'a mut dyn FnMut(u64),
+    pub file: &'a File,
+    pub header: &'a FileHeader,
+    pub step: &'a Step<'a>,
+    pub fref: &'a FileRef,
+    pub journal: &'a mut Journal,
+    pub progress: &'a mut dyn FnMut(u64),
+}
+
+impl Reencryption<'_> {
+    /// Re-encrypts from unit `start` on; with a `budget`, stops once it is
+    /// used up after a chunk (never inside one) and returns the frontier.
+    /// The file's size is read afresh: between calls the filesystem may
+    /// have grown or cut it.
+    pub fn some(self, start: u64, budget: Option<Budget>) -> Result<Progress, FileError> {
+        let mut run = Run {
+            job: self,
+            committed: start > 0,
+        };
+        let r = run.run(start, budget);
+        r.map_err(|error| FileError {
+            error,
+            mixed: run.committed,
+        })
+    }
+}
+
+/// A [`Reencryption`] under way.
+struct Run<'a> {
+    job: Reencryption<'a>,
     /// A record that changes the file was committed: an error now leaves
     /// it half re-encrypted.
     committed: bool,
 }
 
-impl<'a> Reencryption<'a> {
-    pub fn new(
-        file: &'a File,
-        header: &'a FileHeader,
-        step: &'a Step<'a>,
-        fref: &'a FileRef,
-        journal: &'a mut Journal,
-        progress: &'a mut dyn FnMut(u64),
-    ) -> Reencryption<'a> {
-        Reencryption {
-            file,
-            header,
-            step,
-            fref,
-            journal,
-            progress,
-            committed: false,
-        }
-    }
-
-    /// Re-encrypts from unit `start` on; with a `budget`, stops once it is
-    /// used up after a chunk (never inside one) and returns the frontier.
-    /// The file's size is read afresh: between calls the filesystem may
-    /// have grown or cut it.
-    pub fn some(mut self, start: u64, budget: Option<Budget>) -> Result<Progress, FileError> {
-        self.committed = start > 0;
-        let r = self.run(start, budget);
-        r.map_err(|error| FileError {
-            error,
-            mixed: self.committed,
-        })
-    }
-
+impl Run<'_> {
     /// A journal record for this file.
     fn record(&self, writes: Vec<(u64, Vec<u8>)>, next_unit: u64, complete: bool) -> Record {
         Record {
             seq: 0,
-            file: self.fref.clone(),
-            from: self.step.from_gen,
-            to: self.step.to_gen,
+            file: self.job.fref.clone(),
+            from: self.job.step.from_gen,
+            to: self.job.step.to_gen,
             next_unit,
             complete,
             writes,
@@ -153,27 +152,30 @@ impl<'a> Reencryption<'a> {
         complete: bool,
     ) -> io::Result<()> {
         let mut r = self.record(writes, next_unit, complete);
-        self.journal.commit(&mut r)?;
+        self.job.journal.commit(&mut r)?;
         self.committed = true;
-        apply(self.file, &r.writes)
+        apply(self.job.file, &r.writes)
     }
 
     /// The write that names the new generation in the file header.
     fn generation_write(&self) -> (u64, Vec<u8>) {
-        (GENERATION_OFFSET, self.step.to_gen.to_be_bytes().to_vec())
+        (
+            GENERATION_OFFSET,
+            self.job.step.to_gen.to_be_bytes().to_vec(),
+        )
     }
 
     fn run(&mut self, start: u64, budget: Option<Budget>) -> io::Result<Progress> {
-        let size = plain_size(self.file.metadata()?.len());
+        let size = plain_size(self.job.file.metadata()?.len());
         let layout = Layout::new(size);
         if size == 0 || layout.is_tiny() {
             self.tiny(size, &layout)?;
         } else if let Some(frontier) = self.units(&layout, start, budget)? {
             return Ok(Progress::Partial(frontier));
         }
-        self.journal.idle()?;
-        let mut new = self.header.clone();
-        new.generation = self.step.to_gen;
+        self.job.journal.idle()?;
+        let mut new = self.job.header.clone();
+        new.generation = self.job.step.to_gen;
         Ok(Progress::Done(new))
     }
 
@@ -185,19 +187,19 @@ impl<'a> Reencryption<'a> {
             // The tiny unit: the last 16 − size bytes of the steal area and the data.
             let off = HEADER_LEN + size - 16;
             let mut unit = [0u8; 16];
-            if read_full_at(self.file, &mut unit, off)? != 16 {
+            if read_full_at(self.job.file, &mut unit, off)? != 16 {
                 return Err(io::Error::new(
                     io::ErrorKind::UnexpectedEof,
                     "file shrank while being re-encrypted",
                 ));
             }
-            let fid = &self.header.file_id;
-            self.step.from.decrypt_tiny(fid, &mut unit);
-            self.step.to.encrypt_tiny(fid, &mut unit);
+            let fid = &self.job.header.file_id;
+            self.job.step.from.decrypt_tiny(fid, &mut unit);
+            self.job.step.to.encrypt_tiny(fid, &mut unit);
             writes.push((off, unit.to_vec()));
         }
         self.commit_apply(writes, 1, true)?;
-        (self.progress)(size);
+        (self.job.progress)(size);
         Ok(())
     }
 
@@ -225,12 +227,12 @@ impl<'a> Reencryption<'a> {
                 // Out of time between chunks: the frontier goes into the
                 // journal before the caller lets the filesystem in.
                 let mut r = self.record(Vec::new(), u, false);
-                self.journal.commit(&mut r)?;
+                self.job.journal.commit(&mut r)?;
                 return Ok(Some(u));
             }
             let end = (u + CHUNK_UNITS).min(count);
             let done = self.chunk(layout, u, end, &mut buf)?;
-            (self.progress)(done);
+            (self.job.progress)(done);
             bytes += done;
             u = end;
         }
@@ -240,13 +242,13 @@ impl<'a> Reencryption<'a> {
     /// Units `u..end` (of `count`), through `buf`; returns the plaintext
     /// bytes they hold.
     fn chunk(&mut self, layout: &Layout, u: u64, end: u64, buf: &mut Vec<u8>) -> io::Result<u64> {
-        let fid = &self.header.file_id;
+        let fid = &self.job.header.file_id;
         let a = layout.unit(u).start;
         let b = layout.unit(end - 1).end;
         buf.clear();
         buf.resize((b - a) as usize, 0);
         // A short read (a sparse tail) leaves zeros: holes stay holes.
-        read_full_at(self.file, buf, HEADER_LEN + a)?;
+        read_full_at(self.job.file, buf, HEADER_LEN + a)?;
         let holes: Vec<bool> = (u..end)
             .map(|i| {
                 let un = layout.unit(i);
@@ -255,11 +257,13 @@ impl<'a> Reencryption<'a> {
                     .all(|&x| x == 0)
             })
             .collect();
-        self.step
+        self.job
+            .step
             .from
             .decrypt_units(fid, u, buf)
             .map_err(crypto_err)?;
-        self.step
+        self.job
+            .step
             .to
             .encrypt_units(fid, u, buf)
             .map_err(crypto_err)?;
@@ -510,7 +514,15 @@ mod tests {
             let mut crashed = false;
             loop {
                 // A zero budget: one chunk per call.
-                match Reencryption::new(&f, &hd, &step, &fref, &mut j, &mut |_| {})
+                let job = Reencryption {
+                    file: &f,
+                    header: &hd,
+                    step: &step,
+                    fref: &fref,
+                    journal: &mut j,
+                    progress: &mut |_| {},
+                };
+                match job
                     .some(
                         next,
                         Some(Budget {

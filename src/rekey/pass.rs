@@ -198,9 +198,15 @@ impl<'a> Pass<'a> {
                 file_id: hd.file_id,
                 ..job.fref.clone()
             };
-            let r =
-                file::Reencryption::new(&f, &hd, step, &fref, journal, &mut |n| done.bytes += n)
-                    .some(job.next, Some(budget));
+            let r = file::Reencryption {
+                file: &f,
+                header: &hd,
+                step,
+                fref: &fref,
+                journal,
+                progress: &mut |n| done.bytes += n,
+            }
+            .some(job.next, Some(budget));
             match r {
                 Ok(file::Progress::Partial(n)) => {
                     job.next = n;
