@@ -137,8 +137,8 @@ pub fn run(cmd: HeaderCommand) -> Result<(), CliError> {
                 })?
                 .to_string_lossy()
                 .into_owned();
-            header::write_atomic(dir, &format!(".{name}.tmp"), &name, &bytes)
-                .map_err(volume::VolumeError::from)?;
+            volume::atomic::write(dir, &format!(".{name}.tmp"), &name, &bytes, 0o600)
+                .map_err(|e| volume::VolumeError::from(header::HeaderError::from(e)))?;
             println!(
                 "saved header of volume {} to {}",
                 hex(&h.volume_id),

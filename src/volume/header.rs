@@ -10,8 +10,10 @@
 //! DEK) are still read; the next header update writes version 2. Version 3
 //! has the layout of version 2 and says that every extended-attribute value
 //! and symlink target is bound to its owner; a version 1 or 2 header is
-//! written back as version 2 until a rekey has bound them all. It is replaced atomically (temporary file, fsync, rename, fsync of
-//! the directory) and the previous version is kept as `kmfs.volume.bak`.
+//! written back as version 2 until a rekey has bound them all. It is replaced
+//! atomically (temporary file, fsync, rename, fsync of
+//! the directory, [`atomic::write`]) and the previous version is kept as
+//! `kmfs.volume.bak`.
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -446,12 +448,7 @@ pub fn header_path(backing: &Path) -> PathBuf {
 
 /// Writes `bytes` to `dir/name` durably (see [`atomic::write`]), readable
 /// by its owner only.
-pub fn write_atomic(
-    dir: &Path,
-    tmp_name: &str,
-    name: &str,
-    bytes: &[u8],
-) -> Result<(), HeaderError> {
+fn write_atomic(dir: &Path, tmp_name: &str, name: &str, bytes: &[u8]) -> Result<(), HeaderError> {
     Ok(atomic::write(dir, tmp_name, name, bytes, 0o600)?)
 }
 

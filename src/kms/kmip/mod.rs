@@ -56,7 +56,7 @@
 //! message ever holds key material, wrapped keys or hashes of keys.
 //!
 //! # Layout
-//! `ttlv.rs` codec, `messages.rs` requests and responses, `client.rs` mutual-TLS
+//! `ttlv.rs` codec, `messages/` requests and responses, `client.rs` mutual-TLS
 //! connections and failover, `config.rs` the `[kmip]` section, `ops.rs` the
 //! operations on one connection (locate, versions, state, create, get),
 //! `check.rs` `kmfs keyserver check`; this file holds the provider.
