@@ -37,7 +37,7 @@ impl KmfsFs {
         FileAttr {
             ino: INodeNo(inode.ino),
             size,
-            blocks: st.st_blocks as u64,
+            blocks: plain_blocks(kind, st.st_blocks as u64, size),
             atime: ts(st.st_atime, st.st_atime_nsec),
             mtime: ts(st.st_mtime, st.st_mtime_nsec),
             ctime: ts(st.st_ctime, st.st_ctime_nsec),
@@ -50,6 +50,15 @@ impl KmfsFs {
             rdev: st.st_rdev as u32,
             blksize: st.st_blksize as u32,
             flags: 0,
+        }
+    }
+
+    /// Drops the kernel's cached attributes of `ino` (no page is touched):
+    /// for changes whose reply carries none (setxattr, removexattr, a
+    /// write's set-id clearing) but which change what stat shows.
+    pub(super) fn invalidate_attrs(&self, ino: u64) {
+        if let Some(n) = self.opts.notifier.get() {
+            let _ = n.inval_inode(INodeNo(ino), -1, 0);
         }
     }
 
@@ -115,10 +124,8 @@ impl KmfsFs {
                 && sys::chmod_fd(fd.as_fd(), st.st_mode & 0o7777 & !kill).is_ok()
             {
                 // A write reply carries no attributes: drop the kernel's
-                // cached mode (attributes only; no page is touched).
-                if let Some(n) = self.opts.notifier.get() {
-                    let _ = n.inval_inode(INodeNo(inode.ino), -1, 0);
-                }
+                // cached mode.
+                self.invalidate_attrs(inode.ino);
             }
         }
         for (_, c) in self.xattr_ciphers() {
@@ -258,4 +265,17 @@ impl Caller {
     fn in_group(&self, gid: u32) -> bool {
         sys::pid_in_group(self.pid, self.gid, gid)
     }
+}
+
+/// `st_blocks` (512-byte sectors) as a local filesystem would show it for
+/// the plaintext: 0 for an empty file, and never more than the file's whole
+/// 4 KiB units, so neither the 40-byte file header (which makes the units
+/// straddle backing blocks) nor kmfs's encrypted attributes spilling out of
+/// the backing inode count; holes in the backing file stay uncounted.
+pub(super) fn plain_blocks(kind: FileType, backing: u64, size: u64) -> u64 {
+    if kind != FileType::RegularFile {
+        return backing;
+    }
+    let units = size.div_ceil(4096);
+    backing.min(units * 8)
 }
