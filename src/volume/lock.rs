@@ -309,18 +309,20 @@ impl VolumeLock {
             command.replace(char::is_whitespace, "-")
         );
         // Write the new record over the old one, then cut it: a reader
-        // never sees an empty file between the two.
-        let io = |what, source| LockError::Io {
-            path: path.clone(),
-            what,
-            source,
-        };
-        file.write_all_at(record.as_bytes(), 0)
-            .map_err(|e| io("cannot write the holder record", e))?;
-        file.set_len(record.len() as u64)
-            .map_err(|e| io("cannot write the holder record", e))?;
-        file.sync_all()
-            .map_err(|e| io("cannot write the holder record", e))?;
+        // never sees an empty file between the two. The record only names
+        // the holder to a refused writer; the lock is what excludes. So a
+        // record that cannot be written (a full or read-only-quota disk,
+        // where a rotation or a repair must still run) is a warning.
+        let written = file
+            .write_all_at(record.as_bytes(), 0)
+            .and_then(|()| file.set_len(record.len() as u64))
+            .and_then(|()| file.sync_all());
+        if let Err(e) = written {
+            log::warn!(
+                "op=lock path={} action=record error=\"{e}\" note=\"lock held, but the holder record could not be written: a refused writer will not see who holds it\"",
+                path.display()
+            );
+        }
         log::debug!(
             "op=lock path={} command={command} result=ok",
             path.display()
