@@ -297,7 +297,6 @@ impl KmfsFs {
             let fresh = self.snapshot(&d.inode)?;
             *d.entries.locked() = fresh;
         }
-        let entries = d.entries.locked();
         let dattr = self.stat_attr(&d.inode)?;
         let ttl = self.opts.ttl;
         let mut i = offset;
@@ -306,9 +305,12 @@ impl KmfsFs {
                 0 => reply.add(ino, 1, ".", &ttl, &dattr, Generation(0)),
                 1 => reply.add(ino, 2, "..", &ttl, &dattr, Generation(0)),
                 _ => {
-                    let Some(e) = entries.get((i - 2) as usize) else {
+                    // Copied out: the listing's lock is a leaf (lookup_listed
+                    // takes the names lock and the inode table).
+                    let Some(e) = d.entries.locked().get((i - 2) as usize).cloned() else {
                         break;
                     };
+                    let e = &e;
                     match self.lookup_listed(&d.inode, e) {
                         Ok((inode, attr)) => {
                             let full = reply.add(

@@ -204,6 +204,32 @@ impl KmfsFs {
         Ok(())
     }
 
+    /// The order to take two directories' names locks in: `None` for one
+    /// directory, `Some(true)` for `a` first. A parent goes before its
+    /// child (as rmdir takes them), otherwise the lower node id first.
+    fn names_order(&self, a: &Inode, b: &Inode) -> R<Option<bool>> {
+        if a.ino == b.ino {
+            return Ok(None);
+        }
+        let key = |st: libc::stat| (st.st_dev, st.st_ino);
+        let afd = a.fd()?;
+        let bfd = b.fd()?;
+        let ast = key(sys::fstat(afd.as_fd()).map_err(Errno::from)?);
+        let bst = key(sys::fstat(bfd.as_fd()).map_err(Errno::from)?);
+        let parent_of = |fd: &super::inode::NodeFd| {
+            sys::fstatat(fd.as_fd(), c"..", libc::AT_SYMLINK_NOFOLLOW)
+                .ok()
+                .map(key)
+        };
+        if parent_of(&bfd) == Some(ast) {
+            return Ok(Some(true));
+        }
+        if parent_of(&afd) == Some(bst) {
+            return Ok(Some(false));
+        }
+        Ok(Some(a.ino < b.ino))
+    }
+
     pub(super) fn do_rename(
         &self,
         parent: INodeNo,
@@ -220,8 +246,14 @@ impl KmfsFs {
         let p = self.inode(parent)?;
         let np = self.inode(newparent)?;
         let npfd = np.fd()?;
-        let _n1 = read_lock(&p.names);
-        let _n2 = (np.ino != p.ino).then(|| read_lock(&np.names));
+        // Names locks in the one order (docs/ARCHITECTURE.md, "Locks").
+        let (first, second) = match self.names_order(&p, &np)? {
+            None => (&p, None),
+            Some(true) => (&p, Some(&np)),
+            Some(false) => (&np, Some(&p)),
+        };
+        let _n1 = read_lock(&first.names);
+        let _n2 = second.map(|s| read_lock(&s.names));
         let ob = self.names.encode(&p, name)?;
         let nb = self.names.encode(&np, newname)?;
         let exchange = flags.contains(RenameFlags::RENAME_EXCHANGE);
@@ -229,6 +261,8 @@ impl KmfsFs {
         let src = sys::fstatat(p.fd()?.as_fd(), &ob.name, libc::AT_SYMLINK_NOFOLLOW)
             .map_err(Errno::from)?;
         let mut stripped: Option<(std::os::fd::OwnedFd, Option<dirid::DirKey>)> = None;
+        let target: Option<Arc<Inode>>;
+        let mut target_names = None;
         let target_existed;
         match sys::fstatat(npfd.as_fd(), &nb.name, libc::AT_SYMLINK_NOFOLLOW) {
             Ok(tst) => {
@@ -243,6 +277,10 @@ impl KmfsFs {
                 let both_dirs = tst.st_mode & libc::S_IFMT == libc::S_IFDIR
                     && src.st_mode & libc::S_IFMT == libc::S_IFDIR;
                 if both_dirs && !exchange && !noreplace {
+                    // The replaced directory's names lock, after its
+                    // parent's, as rmdir takes it.
+                    target = self.inodes.by_backing(tst.st_dev, tst.st_ino);
+                    target_names = target.as_deref().map(|t| read_lock(&t.names));
                     let tfd = np.open_child(&nb.name).map_err(Errno::from)?;
                     let id = self.strip_empty_dir(tfd.as_fd())?;
                     stripped = Some((tfd, id));
@@ -256,6 +294,8 @@ impl KmfsFs {
             }
             Err(e) => return Err(Errno::from(e)),
         }
+        // Held until the rename is done.
+        let _target_names = target_names;
         if exchange {
             // A symlink is bound to its place: it cannot be exchanged
             // atomically into another one (see `bind`).

@@ -48,6 +48,7 @@ impl Drop for OpenFile {
 }
 
 /// One entry of a directory listing snapshot.
+#[derive(Clone)]
 pub struct DirEntry {
     pub name: OsString,
     pub backing: CString,
