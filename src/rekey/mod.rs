@@ -246,6 +246,9 @@ struct Pacer {
     start: Instant,
     busy: Duration,
     bytes: u64,
+    /// The throttle the budget was counted under; a new one starts over
+    /// (no credit saved up under a slower rate is spent in a burst).
+    under: Option<Throttle>,
 }
 
 impl Pacer {
@@ -254,11 +257,16 @@ impl Pacer {
             start: Instant::now(),
             busy: Duration::ZERO,
             bytes: 0,
+            under: None,
         }
     }
 
     /// How long to rest after having worked `busy` and done `bytes` more.
     fn rest(&mut self, t: &Throttle, busy: Duration, bytes: u64) -> Duration {
+        if self.under.is_some_and(|u| u != *t) {
+            *self = Pacer::new();
+        }
+        self.under = Some(*t);
         self.busy += busy;
         self.bytes += bytes;
         let elapsed = self.start.elapsed();
@@ -517,6 +525,25 @@ pub fn spawn(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pacer_starts_over_when_the_throttle_changes() {
+        let slow = Throttle {
+            rate_mb: Some(1.0),
+            cpu: None,
+        };
+        let fast = Throttle {
+            rate_mb: Some(3.0),
+            cpu: None,
+        };
+        let mut p = Pacer::new();
+        p.rest(&slow, Duration::ZERO, 1_000_000);
+        // Credit from a long time under the slow rate...
+        p.start -= Duration::from_secs(100);
+        // ...is not spent at the new rate: 3 MB at 3 MB/s rest about 1 s.
+        let rest = p.rest(&fast, Duration::ZERO, 3_000_000);
+        assert!(rest > Duration::from_millis(900), "{rest:?}");
+    }
 
     #[test]
     fn pacer_holds_the_duty_cycle_and_rate() {
