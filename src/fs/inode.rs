@@ -231,13 +231,14 @@ const MIN_CACHED_FDS: usize = 16;
 const MAX_CACHED_FDS: usize = 1 << 16;
 
 impl FdCache {
-    /// A cache sized from the descriptor limit the process has now: half of
-    /// what is left after a reserve, the other half for open files.
+    /// A cache sized from the descriptor limit the process has now: three
+    /// quarters of what is left after a reserve; the rest is for open files,
+    /// which also get half of the cache when they need it (`making_room`).
     fn new(root: &OwnedFd) -> FdCache {
         let limit = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
             .map(|(soft, _)| soft)
             .unwrap_or(1024);
-        let capacity = (limit.saturating_sub(RESERVED_FDS) / 2)
+        let capacity = (limit.saturating_sub(RESERVED_FDS) / 4 * 3)
             .clamp(MIN_CACHED_FDS as u64, MAX_CACHED_FDS as u64) as usize;
         // open_by_handle_at wants a real descriptor on the filesystem, not
         // an O_PATH one.
