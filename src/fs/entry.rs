@@ -178,7 +178,7 @@ impl KmfsFs {
         newname: &OsStr,
     ) -> R<(Arc<Inode>, FileAttr)> {
         self.ro()?;
-        let _moves = self.moves.read_locked();
+        let _moves = self.moves.begin();
         let inode = self.inode(ino)?;
         if inode.kind == FileType::Symlink {
             // Its target is bound to its one name (see `bind`).
@@ -242,7 +242,7 @@ impl KmfsFs {
         if flags.contains(RenameFlags::RENAME_WHITEOUT) {
             return Err(Errno::EINVAL);
         }
-        let _moves = self.moves.read_locked();
+        let _moves = self.moves.begin();
         let p = self.inode(parent)?;
         let np = self.inode(newparent)?;
         let npfd = np.fd()?;

@@ -9,8 +9,9 @@ use std::io;
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::Path;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard};
+use std::time::Duration;
 
 use super::inode::{Inode, InodeTable};
 use crate::crypto::names::DIR_ID_LEN;
@@ -21,9 +22,46 @@ use crate::volume::layout::FileHeader;
 
 pub struct FsGate {
     pub(super) inodes: Arc<InodeTable>,
-    pub(super) moves: Arc<RwLock<()>>,
+    pub(super) moves: Arc<Moves>,
     pub(super) splits: Arc<Splits>,
 }
+
+/// Renames and links: counted as they start and finish, so a rekey's final
+/// sweep can run without stopping them and tell afterwards whether one ran
+/// meanwhile; and the lock the sweep falls back to when they keep running.
+#[derive(Default)]
+pub struct Moves {
+    lock: RwLock<()>,
+    started: AtomicU64,
+    finished: AtomicU64,
+}
+
+/// One rename or link in progress.
+pub struct Move<'a> {
+    _shared: RwLockReadGuard<'a, ()>,
+    moves: &'a Moves,
+}
+
+impl Moves {
+    /// Marks a rename or link as running until the returned value drops.
+    pub fn begin(&self) -> Move<'_> {
+        let shared = self.lock.read_locked();
+        self.started.fetch_add(1, Ordering::SeqCst);
+        Move {
+            _shared: shared,
+            moves: self,
+        }
+    }
+}
+
+impl Drop for Move<'_> {
+    fn drop(&mut self) {
+        self.moves.finished.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+/// Sweeps tried without the lock before renames are held off.
+const UNLOCKED_SWEEPS: usize = 3;
 
 /// Files a rekey has left half way (by file id), so reads and writes use
 /// the right generation on each side of the frontier. Keyed by file id, not
@@ -120,7 +158,20 @@ impl FileGate for FsGate {
     }
 
     fn moves_frozen(&self, f: &mut dyn FnMut()) {
-        let _g = self.moves.write_locked();
+        // Optimistic first: a sweep that began with no move running and
+        // saw none start is as good as one with moves held off, and lets
+        // renames go on meanwhile.
+        for _ in 0..UNLOCKED_SWEEPS {
+            let started = self.moves.started.load(Ordering::SeqCst);
+            if self.moves.finished.load(Ordering::SeqCst) == started {
+                f();
+                if self.moves.started.load(Ordering::SeqCst) == started {
+                    return;
+                }
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let _g = self.moves.lock.write_locked();
         f()
     }
 

@@ -110,9 +110,9 @@ impl Default for FsOptions {
 pub struct KmfsFs {
     vol: Arc<VolumeView>,
     inodes: Arc<InodeTable>,
-    /// Renames and links hold this shared; a rekey's final sweep holds it
-    /// exclusively so no file moves while it looks.
-    moves: Arc<std::sync::RwLock<()>>,
+    /// Renames and links in flight (`gate::Moves`): a rekey's final sweep
+    /// checks that none ran while it looked, or holds them off.
+    moves: Arc<gate::Moves>,
     /// Files a running rekey has re-encrypted part of.
     splits: Arc<gate::Splits>,
     files: Handles<OpenFile>,

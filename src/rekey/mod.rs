@@ -88,7 +88,9 @@ pub trait FileGate: Send + Sync {
         work: &mut dyn FnMut() -> io::Result<Option<([u8; DIR_ID_LEN], u16)>>,
     ) -> io::Result<()>;
 
-    /// Runs `f` while no rename or link can move a file between directories.
+    /// Runs `f` so that what it saw holds as if no rename or link had moved
+    /// a file between directories meanwhile. `f` may run more than once
+    /// (the filesystem first tries without holding renames off).
     fn moves_frozen(&self, f: &mut dyn FnMut());
 
     /// Publishes where the file with id `file_id` is split between two
