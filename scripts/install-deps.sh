@@ -15,6 +15,7 @@ PKGS=(
   stress-ng                         # file stressors in tests/it/stress.rs
   man-db                            # `man kmfs` in the package test (tests/it/ops_package.rs)
   iproute2 util-linux nftables      # ip netns, nsenter/unshare, nft: the HA tests (tests/it/ha*.rs)
+  samba smbclient samba-testsuite   # smbd, smbclient, smbtorture: tests/it/samba.rs
 )
 
 missing=()

@@ -648,6 +648,27 @@ impl Filesystem for KmfsFs {
         send(reply, r, |r, ()| r.ok());
     }
 
+    fn copy_file_range(
+        &self,
+        _req: &Request,
+        _ino_in: INodeNo,
+        fh_in: FileHandle,
+        offset_in: u64,
+        _ino_out: INodeNo,
+        fh_out: FileHandle,
+        offset_out: u64,
+        len: u64,
+        flags: fuser::CopyFileRangeFlags,
+        reply: ReplyWrite,
+    ) {
+        let r = if flags.bits() != 0 {
+            Err(Errno::EINVAL)
+        } else {
+            self.do_copy_file_range(fh_in, offset_in, fh_out, offset_out, len)
+        };
+        send(reply, r, |r, n| r.written(n));
+    }
+
     fn lseek(
         &self,
         _req: &Request,

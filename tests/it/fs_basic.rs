@@ -836,3 +836,74 @@ fn st_blocks_describe_the_plaintext_and_stay_right_after_xattr_changes() {
     }
     m.unmount();
 }
+
+/// copy_file_range(2) inside one volume (what `cp` uses by default) is done
+/// by the daemon: contents at unaligned offsets, into the middle of an
+/// existing file and past its end, short at the source's end, and a copy
+/// larger than one daemon step; each compared with a model.
+#[test]
+fn copy_file_range_inside_the_volume() {
+    use std::os::fd::AsRawFd;
+    let m = Volume::create(false).mount();
+    let src_data = pattern(31, 5 * 1024 * 1024 + 777);
+    fs::write(m.p("src"), &src_data).unwrap();
+    let mut model = pattern(32, 100_000);
+    fs::write(m.p("dst"), &model).unwrap();
+    let src = File::open(m.p("src")).unwrap();
+    let dst = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(m.p("dst"))
+        .unwrap();
+    let copy = |off_in: i64, off_out: i64, len: usize| -> isize {
+        let (mut i, mut o) = (off_in, off_out);
+        // SAFETY: valid descriptors and offset pointers for the call.
+        unsafe { libc::copy_file_range(src.as_raw_fd(), &mut i, dst.as_raw_fd(), &mut o, len, 0) }
+    };
+    let mut apply = |off_in: usize, off_out: usize, n: usize| {
+        if model.len() < off_out + n {
+            model.resize(off_out + n, 0);
+        }
+        model[off_out..off_out + n].copy_from_slice(&src_data[off_in..off_in + n]);
+    };
+    // Inside the destination, unaligned.
+    assert_eq!(copy(4097, 13, 50_000), 50_000);
+    apply(4097, 13, 50_000);
+    // Past the destination's end (a hole between), more than 1 MiB.
+    let n = copy(12345, 300_000, 3 * 1024 * 1024) as usize;
+    assert!(
+        n > 0,
+        "copy_file_range failed: {}",
+        std::io::Error::last_os_error()
+    );
+    apply(12345, 300_000, n);
+    // Short at the source's end, copying in as many calls as it takes.
+    let mut off = 0;
+    loop {
+        let want = src_data.len() + 10 - (4 << 20) - off;
+        let r = copy((4 << 20) as i64 + off as i64, 7_000_000 + off as i64, want);
+        assert!(r >= 0, "{}", std::io::Error::last_os_error());
+        if r == 0 {
+            break;
+        }
+        apply((4 << 20) + off, 7_000_000 + off, r as usize);
+        off += r as usize;
+    }
+    assert_eq!(off, src_data.len() - (4 << 20));
+    dst.sync_all().unwrap();
+    drop((src, dst));
+    mount::drop_caches();
+    assert!(
+        fs::read(m.p("dst")).unwrap() == model,
+        "copy_file_range contents"
+    );
+    // cp (which tries copy_file_range first) gives an equal file.
+    let st = Command::new("cp")
+        .arg(m.p("src"))
+        .arg(m.p("cp"))
+        .status()
+        .unwrap();
+    assert!(st.success());
+    assert!(fs::read(m.p("cp")).unwrap() == src_data);
+    m.unmount();
+}

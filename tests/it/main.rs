@@ -44,5 +44,6 @@ mod ops;
 mod ops_package;
 mod pinning;
 mod pkcs11;
+mod samba;
 mod stress;
 mod xts_crosscheck;

@@ -43,6 +43,15 @@ pub fn skip(why: &str) {
     let _ = writeln!(std::io::stderr(), "SKIPPED: {test}: {why}");
 }
 
+/// A 127.0.0.1 TCP port that was free a moment ago.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
 const CHILD_ENV: &str = "KMFS_IT_CHILD";
 
 /// For a test that needs the whole process to itself (it installs the

@@ -7,7 +7,6 @@
 //! main PID orphans helper processes, so each server runs in its own process
 //! group and the whole group is killed on drop.
 
-use std::net::TcpListener;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -314,13 +313,7 @@ pub struct PykmipServer {
     stopped: bool,
 }
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+use super::free_port;
 
 /// A 127.0.0.1 port with nothing listening on it (for "server down" tests).
 pub fn closed_port() -> u16 {
