@@ -239,9 +239,11 @@ impl KmfsFs {
         flags: RenameFlags,
     ) -> R<()> {
         self.ro()?;
-        if flags.contains(RenameFlags::RENAME_WHITEOUT) {
-            return Err(Errno::EINVAL);
-        }
+        // RENAME_WHITEOUT (overlayfs upper layers) is passed to the backing
+        // rename: the backing filesystem leaves its whiteout, a 0/0
+        // character device, under the old (encrypted) name, which reads back
+        // as a whiteout under the old plaintext name.
+        let whiteout = flags.contains(RenameFlags::RENAME_WHITEOUT);
         let _moves = self.moves.begin();
         let p = self.inode(parent)?;
         let np = self.inode(newparent)?;
@@ -307,6 +309,10 @@ impl KmfsFs {
                 return Err(Errno::EINVAL);
             }
         } else if self.rebinds(src.st_mode, &p, name, &np, newname) {
+            if whiteout {
+                // A re-created symlink leaves no name behind to white out.
+                return Err(Errno::EINVAL);
+            }
             let flags = if noreplace { libc::RENAME_NOREPLACE } else { 0 };
             return self.rename_symlink(&p, &ob, name, &np, &nb, newname, flags, target_existed);
         }
@@ -331,7 +337,8 @@ impl KmfsFs {
             }
             return Err(Errno::from(e));
         }
-        if !exchange {
+        if !exchange && !whiteout {
+            // (A whiteout keeps the old name, and a long one its sidecar.)
             self.names.remove_sidecar(&p, &ob);
         }
         Ok(())

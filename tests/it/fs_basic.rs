@@ -907,3 +907,96 @@ fn copy_file_range_inside_the_volume() {
     assert!(fs::read(m.p("cp")).unwrap() == src_data);
     m.unmount();
 }
+
+/// RENAME_WHITEOUT (overlayfs upper layers): the old name becomes a 0/0
+/// character device, for short and long (sidecar) names, and the whiteout
+/// can be removed again; then kmfs serves as an overlayfs upper layer:
+/// deleting and renaming lower files leaves whiteouts that hide them.
+#[test]
+fn rename_whiteout_and_overlayfs_upper_layer() {
+    let m = Volume::create(false).mount();
+    let long = "w".repeat(200);
+    for name in ["short", long.as_str()] {
+        let from = m.p(name);
+        let to = m.p(&format!("{}.moved", &name[..5]));
+        fs::write(&from, b"data").unwrap();
+        // SAFETY: valid C strings for the call.
+        let r = unsafe {
+            libc::renameat2(
+                libc::AT_FDCWD,
+                c(&from).as_ptr(),
+                libc::AT_FDCWD,
+                c(&to).as_ptr(),
+                libc::RENAME_WHITEOUT,
+            )
+        };
+        assert_eq!(r, 0, "{}", std::io::Error::last_os_error());
+        let wo = fs::symlink_metadata(&from).unwrap();
+        assert!(
+            std::os::unix::fs::FileTypeExt::is_char_device(&wo.file_type()) && wo.rdev() == 0,
+            "{name}: no whiteout left"
+        );
+        assert_eq!(fs::read(&to).unwrap(), b"data");
+        fs::remove_file(&from).unwrap();
+        fs::remove_file(&to).unwrap();
+    }
+    assert_eq!(fs::read_dir(m.mnt()).unwrap().count(), 0);
+    // No sidecar or other leftover in the backing directory.
+    let out = Command::new(mount::KMFS)
+        .args(["check", "--keyfile"])
+        .arg(&m.vol().key)
+        .arg(m.backing())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+
+    if !fs::read_to_string("/proc/filesystems")
+        .unwrap()
+        .contains("overlay")
+    {
+        crate::support::skip("no overlay filesystem in this kernel");
+        return;
+    }
+    let lower = tempfile::tempdir().unwrap();
+    fs::write(lower.path().join("gone"), b"lower").unwrap();
+    fs::write(lower.path().join("moved"), b"lower2").unwrap();
+    let merged = tempfile::tempdir().unwrap();
+    fs::create_dir(m.p("upper")).unwrap();
+    fs::create_dir(m.p("work")).unwrap();
+    let opts = format!(
+        "lowerdir={},upperdir={},workdir={}",
+        lower.path().display(),
+        m.p("upper").display(),
+        m.p("work").display()
+    );
+    let st = Command::new("mount")
+        .args(["-t", "overlay", "overlay", "-o", &opts])
+        .arg(merged.path())
+        .status()
+        .unwrap();
+    assert!(st.success(), "overlay mount with a kmfs upper layer");
+    let mp = merged.path();
+    fs::remove_file(mp.join("gone")).unwrap();
+    fs::rename(mp.join("moved"), mp.join("renamed")).unwrap();
+    fs::write(mp.join("new"), b"upper").unwrap();
+    let mut names: Vec<_> = fs::read_dir(mp)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["new", "renamed"]);
+    assert_eq!(fs::read(mp.join("renamed")).unwrap(), b"lower2");
+    assert!(Command::new("umount").arg(mp).status().unwrap().success());
+    // The whiteouts are in the kmfs upper layer.
+    for wo in ["gone", "moved"] {
+        let md = fs::symlink_metadata(m.p(&format!("upper/{wo}"))).unwrap();
+        assert!(std::os::unix::fs::FileTypeExt::is_char_device(
+            &md.file_type()
+        ));
+    }
+    m.unmount();
+}
