@@ -215,9 +215,14 @@ impl Names {
             let (id, g) = self.dir_key(dir)?;
             (id, Some(self.keys(dir, g)?))
         };
-        let p = sys::proc_path(dir.fd()?.as_fd().as_raw_fd());
+        // The descriptor is held until read_dir has opened the directory:
+        // a /proc path names a descriptor number, which the inode table
+        // could otherwise close (evict) and the number be reused meanwhile.
+        let dfd = dir.fd()?;
+        let p = sys::proc_path(dfd.as_fd().as_raw_fd());
         let rd =
             std::fs::read_dir(Path::new(OsStr::from_bytes(p.as_bytes()))).map_err(Errno::from)?;
+        drop(dfd);
         let mut out = Vec::new();
         for e in rd {
             let e = e.map_err(Errno::from)?;
