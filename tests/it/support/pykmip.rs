@@ -138,14 +138,9 @@ fn ca(dir: &Path, cnf: &Path, name: &str) -> (PathBuf, PathBuf) {
     (c, k)
 }
 
-fn leaf(
-    dir: &Path,
-    cnf: &Path,
-    ca: &(PathBuf, PathBuf),
-    name: &str,
-    cn: &str,
-    ext: &str,
-) -> CertKey {
+/// A new key and a certificate request for `cn`: (key, request, the path
+/// the certificate is to be written to).
+fn request(dir: &Path, cnf: &Path, name: &str, cn: &str) -> (PathBuf, PathBuf, PathBuf) {
     let k = key(dir, name);
     let csr = dir.join(format!("{name}.csr"));
     let c = dir.join(format!("{name}.pem"));
@@ -158,6 +153,18 @@ fn leaf(
         .arg(&csr)
         .arg("-config")
         .arg(cnf));
+    (k, csr, c)
+}
+
+fn leaf(
+    dir: &Path,
+    cnf: &Path,
+    ca: &(PathBuf, PathBuf),
+    name: &str,
+    cn: &str,
+    ext: &str,
+) -> CertKey {
+    let (k, csr, c) = request(dir, cnf, name, cn);
     run(Command::new("openssl")
         .args(["x509", "-req", "-days", "30", "-in"])
         .arg(&csr)
@@ -187,18 +194,7 @@ fn expired_leaf(
     cn: &str,
     ext: &str,
 ) -> CertKey {
-    let k = key(dir, name);
-    let csr = dir.join(format!("{name}.csr"));
-    let c = dir.join(format!("{name}.pem"));
-    run(Command::new("openssl")
-        .args(["req", "-new", "-subj"])
-        .arg(format!("/CN={cn}"))
-        .arg("-key")
-        .arg(&k)
-        .arg("-out")
-        .arg(&csr)
-        .arg("-config")
-        .arg(cnf));
+    let (k, csr, c) = request(dir, cnf, name, cn);
     let db = dir.join(format!("{name}-ca"));
     std::fs::create_dir_all(&db).unwrap();
     std::fs::write(db.join("index.txt"), "").unwrap();
