@@ -10,38 +10,16 @@
 //!   succeeds through the secondary and the audit trail records the failover.
 
 use crate::support::cli;
-use cli::{KMFS, is_mounted, kmfs, ok, text};
+use cli::{Dirs, KMFS, is_mounted, kmfs, ok, text};
 
 use crate::support::pykmip;
 use crate::support::softhsm;
 
 use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
 use base64::Engine;
-
-struct Dirs {
-    _tmp: tempfile::TempDir,
-    etc: PathBuf,
-    back: PathBuf,
-    mnt: PathBuf,
-}
-
-fn dirs() -> Dirs {
-    let tmp = tempfile::tempdir().unwrap();
-    let etc = cli::private_dir(tmp.path().join("etc"));
-    let back = tmp.path().join("back");
-    let mnt = tmp.path().join("mnt");
-    std::fs::create_dir(&back).unwrap();
-    std::fs::create_dir(&mnt).unwrap();
-    Dirs {
-        _tmp: tmp,
-        etc,
-        back,
-        mnt,
-    }
-}
 
 fn unmount(p: &Path) {
     if is_mounted(p) {
@@ -100,7 +78,7 @@ fn pkcs11_end_to_end_with_secret_scan() {
         return;
     }
     let (hsm, _turn) = softhsm::Hsm::for_processes();
-    let d = dirs();
+    let d = Dirs::new();
     let cfg = d.etc.join("vol.toml");
     cli::write_private(
         &cfg,
@@ -208,7 +186,7 @@ fn pkcs11_end_to_end_with_secret_scan() {
 
 #[test]
 fn keyfile_cycle_at_debug_level_leaks_no_kek() {
-    let d = dirs();
+    let d = Dirs::new();
     let key = d.etc.join("kek");
     let kek: Vec<u8> = (0..32u8)
         .map(|i| i.wrapping_mul(37).wrapping_add(11))
@@ -257,7 +235,7 @@ fn kmip_mount_fails_over_to_the_secondary() {
         &tmp.path().join("km.db"),
         &tmp.path().join("km"),
     );
-    let d = dirs();
+    let d = Dirs::new();
     let cfg = d.etc.join("vol.toml");
     let dead = pykmip::closed_port();
     let mut t = format!(

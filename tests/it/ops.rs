@@ -7,7 +7,7 @@
 //! --openmetrics`.
 
 use crate::support::cli;
-use cli::{KMFS, kmfs, ok, text, write_private};
+use cli::{Dirs, KMFS, kmfs, ok, text, write_private};
 
 use crate::support::pykmip;
 
@@ -18,31 +18,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// A temporary directory with `etc/` (0700: config, key, log, audit),
-/// `back/` and `mnt/`.
-struct Dirs {
-    tmp: tempfile::TempDir,
-    etc: PathBuf,
-    back: PathBuf,
-    mnt: PathBuf,
-}
-
+/// What the operations tests add to the shared temporary layout.
 impl Dirs {
-    fn new() -> Dirs {
-        let tmp = tempfile::tempdir().unwrap();
-        let etc = cli::private_dir(tmp.path().join("etc"));
-        let back = tmp.path().join("back");
-        let mnt = tmp.path().join("mnt");
-        std::fs::create_dir(&back).unwrap();
-        std::fs::create_dir(&mnt).unwrap();
-        Dirs {
-            tmp,
-            etc,
-            back,
-            mnt,
-        }
-    }
-
     fn key(&self, name: &str, byte: u8) -> PathBuf {
         let k = self.etc.join(name);
         std::fs::write(&k, [byte; 32]).unwrap();

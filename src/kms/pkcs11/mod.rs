@@ -349,17 +349,10 @@ impl Pkcs11Provider {
             .map_err(|e| {
                 self.ck_fail(
                     &e,
-                    |m| match rv_of(&e) {
-                        Some(RvError::KeyFunctionNotPermitted) => KmsError::KeyNotFound(format!(
-                            "{kw} may not encrypt (CKA_ENCRYPT is false: revoked?): {m}"
-                        )),
-                        Some(RvError::MechanismInvalid | RvError::MechanismParamInvalid) => {
-                            KmsError::Unsupported {
-                                provider: KIND,
-                                op: "CKM_AES_GCM (the token lacks it: use mode = \"extract\" with an extractable key)",
-                            }
-                        }
-                        _ => KmsError::Protocol(format!("wrapping with {kw}: {m}")),
+                    |m| {
+                        gcm_refusal(&e, &kw, "encrypt", &m).unwrap_or_else(|| {
+                            KmsError::Protocol(format!("wrapping with {kw}: {m}"))
+                        })
                     },
                     "C_Encrypt",
                 )
@@ -390,20 +383,16 @@ impl Pkcs11Provider {
         let params = GcmParams::new(&mut iv, aad, ((TAG_LEN * 8) as u64).into())
             .map_err(|e| KmsError::Protocol(format!("AES-GCM parameters: {e}")))?;
         let pt = s
-            .decrypt(&Mechanism::AesGcm(params), key.handle, &wrapped[1 + IV_LEN..])
+            .decrypt(
+                &Mechanism::AesGcm(params),
+                key.handle,
+                &wrapped[1 + IV_LEN..],
+            )
             .map_err(|e| {
                 self.ck_fail(
                     &e,
                     |m| match rv_of(&e) {
-                        Some(RvError::KeyFunctionNotPermitted) => KmsError::KeyNotFound(format!(
-                            "{kw} may not decrypt (CKA_DECRYPT is false: revoked?): {m}"
-                        )),
-                        Some(RvError::MechanismInvalid | RvError::MechanismParamInvalid) => {
-                            KmsError::Unsupported {
-                                provider: KIND,
-                                op: "CKM_AES_GCM (the token lacks it: use mode = \"extract\" with an extractable key)",
-                            }
-                        }
+                        _ if let Some(refused) = gcm_refusal(&e, &kw, "decrypt", &m) => refused,
                         // A failed GCM tag check: SoftHSM answers
                         // CKR_ENCRYPTED_DATA_INVALID, other tokens the generic codes.
                         Some(
@@ -420,6 +409,25 @@ impl Pkcs11Provider {
                 )
             })?;
         Ok(Secret::from_vec(pt))
+    }
+}
+
+/// The token's refusals common to wrapping and unwrapping in it (`verb`:
+/// "encrypt" or "decrypt"): the key may not do it, or the token lacks
+/// AES-GCM.
+fn gcm_refusal(e: &CkError, kw: &str, verb: &str, m: &str) -> Option<KmsError> {
+    match rv_of(e) {
+        Some(RvError::KeyFunctionNotPermitted) => Some(KmsError::KeyNotFound(format!(
+            "{kw} may not {verb} (CKA_{} is false: revoked?): {m}",
+            verb.to_uppercase()
+        ))),
+        Some(RvError::MechanismInvalid | RvError::MechanismParamInvalid) => {
+            Some(KmsError::Unsupported {
+                provider: KIND,
+                op: "CKM_AES_GCM (the token lacks it: use mode = \"extract\" with an extractable key)",
+            })
+        }
+        _ => None,
     }
 }
 
@@ -629,5 +637,33 @@ mod tests {
     fn provider_is_send_and_sync() {
         fn assert_send_sync<T: Send + Sync>() {}
         assert_send_sync::<Pkcs11Provider>();
+    }
+
+    #[test]
+    fn gcm_refusals_name_the_operation_and_the_attribute() {
+        use cryptoki::context::Function;
+        let denied = CkError::Pkcs11(RvError::KeyFunctionNotPermitted, Function::Decrypt);
+        let msg = gcm_refusal(&denied, "KEK k v2", "decrypt", "m")
+            .unwrap()
+            .to_string();
+        assert!(
+            msg.contains("KEK k v2 may not decrypt (CKA_DECRYPT is false: revoked?): m"),
+            "{msg}"
+        );
+        let denied = CkError::Pkcs11(RvError::KeyFunctionNotPermitted, Function::Encrypt);
+        let msg = gcm_refusal(&denied, "K", "encrypt", "m")
+            .unwrap()
+            .to_string();
+        assert!(
+            msg.contains("may not encrypt (CKA_ENCRYPT is false"),
+            "{msg}"
+        );
+        let lacks = CkError::Pkcs11(RvError::MechanismInvalid, Function::Encrypt);
+        assert!(matches!(
+            gcm_refusal(&lacks, "K", "encrypt", "m"),
+            Some(KmsError::Unsupported { .. })
+        ));
+        let other = CkError::Pkcs11(RvError::EncryptedDataInvalid, Function::Decrypt);
+        assert!(gcm_refusal(&other, "K", "decrypt", "m").is_none());
     }
 }

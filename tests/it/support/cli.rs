@@ -99,3 +99,29 @@ pub fn parse_csv(text: &str) -> Vec<Vec<String>> {
     );
     rows
 }
+
+/// A temporary directory with `etc/` (0700: config, key, log, audit),
+/// `back/` and `mnt/`, for tests that drive the CLI with a config file.
+pub struct Dirs {
+    pub tmp: tempfile::TempDir,
+    pub etc: PathBuf,
+    pub back: PathBuf,
+    pub mnt: PathBuf,
+}
+
+impl Dirs {
+    pub fn new() -> Dirs {
+        let tmp = tempfile::tempdir().unwrap();
+        let etc = private_dir(tmp.path().join("etc"));
+        let back = tmp.path().join("back");
+        let mnt = tmp.path().join("mnt");
+        std::fs::create_dir(&back).unwrap();
+        std::fs::create_dir(&mnt).unwrap();
+        Dirs {
+            tmp,
+            etc,
+            back,
+            mnt,
+        }
+    }
+}
