@@ -372,9 +372,22 @@ pub struct FileHandle {
 }
 
 impl FileHandle {
+    /// A handle of type `kind` made of `bytes` (at most MAX_HANDLE_SZ).
+    pub fn from_parts(kind: libc::c_int, bytes: &[u8]) -> FileHandle {
+        FileHandle {
+            kind,
+            bytes: bytes[..bytes.len().min(MAX_HANDLE_SZ)].into(),
+        }
+    }
+
     /// The handle's opaque bytes and type, as the filesystem made them.
     pub fn bytes(&self) -> &[u8] {
         &self.bytes
+    }
+
+    /// The handle's type (`FILEID_*` of the filesystem).
+    pub fn kind(&self) -> libc::c_int {
+        self.kind
     }
 
     /// Memory the handle takes beyond its own struct.
@@ -386,6 +399,23 @@ impl FileHandle {
 /// The file handle of the inode behind `fd` (which may be an `O_PATH`
 /// descriptor), and the id of the mount it was found on.
 pub fn name_to_handle(fd: BorrowedFd<'_>) -> io::Result<(FileHandle, libc::c_int)> {
+    handle_at(fd, empty(), libc::AT_EMPTY_PATH)
+}
+
+/// The file handle of the entry `name` of directory `dir` (a symlink is not
+/// followed), and the id of its mount.
+pub fn name_to_handle_at(
+    dir: BorrowedFd<'_>,
+    name: &CStr,
+) -> io::Result<(FileHandle, libc::c_int)> {
+    handle_at(dir, name, 0)
+}
+
+fn handle_at(
+    dir: BorrowedFd<'_>,
+    name: &CStr,
+    flags: libc::c_int,
+) -> io::Result<(FileHandle, libc::c_int)> {
     let mut buf = HandleBuf {
         handle_bytes: MAX_HANDLE_SZ as libc::c_uint,
         handle_type: 0,
@@ -393,15 +423,15 @@ pub fn name_to_handle(fd: BorrowedFd<'_>) -> io::Result<(FileHandle, libc::c_int
     };
     let mut mount_id: libc::c_int = 0;
     // SAFETY: `buf` is a file_handle with room for `handle_bytes` bytes after
-    // its header; `mount_id` is writable; the empty path with AT_EMPTY_PATH
-    // names `fd` itself.
+    // its header; `mount_id` is writable; `name` is a valid C string (the
+    // empty one with AT_EMPTY_PATH names `dir` itself).
     cvt(unsafe {
         libc::name_to_handle_at(
-            fd.as_raw_fd(),
-            empty().as_ptr(),
+            dir.as_raw_fd(),
+            name.as_ptr(),
             (&raw mut buf).cast::<libc::file_handle>(),
             &mut mount_id,
-            libc::AT_EMPTY_PATH,
+            flags,
         )
     })?;
     let n = (buf.handle_bytes as usize).min(MAX_HANDLE_SZ);
@@ -438,4 +468,18 @@ pub fn open_by_handle(
     })?;
     // SAFETY: fd was just returned by open_by_handle_at and is owned by nobody else.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Whether the mount with id `mount_id` (as `name_to_handle_at` reports it)
+/// mounts the root of its filesystem, not a subdirectory of it (a bind
+/// mount): its root field in /proc/self/mountinfo is `/`.
+pub fn mount_shows_whole_fs(mount_id: libc::c_int) -> bool {
+    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return false;
+    };
+    let id = mount_id.to_string();
+    info.lines().any(|l| {
+        let mut f = l.split(' ');
+        f.next() == Some(id.as_str()) && f.nth(2) == Some("/")
+    })
 }

@@ -10,8 +10,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use fuser::{
-    Errno, FileAttr, FileHandle, FileType, Generation, INodeNo, ReplyDirectory, ReplyDirectoryPlus,
-    Request,
+    Errno, FileAttr, FileHandle, FileType, INodeNo, ReplyDirectory, ReplyDirectoryPlus, Request,
 };
 
 use super::handle::{DirEntry, OpenDir};
@@ -47,6 +46,8 @@ impl KmfsFs {
             let fresh = self.snapshot(&d.inode)?;
             *d.entries.locked() = fresh;
         }
+        let dfd = d.inode.fd()?;
+        let dev = sys::fstat(dfd.as_fd()).map_err(Errno::from)?.st_dev;
         let entries = d.entries.locked();
         let mut i = offset;
         loop {
@@ -54,7 +55,10 @@ impl KmfsFs {
                 0 => reply.add(ino, 1, FileType::Directory, "."),
                 1 => reply.add(ino, 2, FileType::Directory, ".."),
                 _ => match entries.get((i - 2) as usize) {
-                    Some(e) => reply.add(INodeNo(e.ino), i + 1, e.kind, &e.name),
+                    Some(e) => {
+                        let id = self.inodes.ino_for(dfd.as_fd(), &e.backing, dev, e.ino);
+                        reply.add(INodeNo(id), i + 1, e.kind, &e.name)
+                    }
                     None => break,
                 },
             };
@@ -88,6 +92,12 @@ impl KmfsFs {
     }
 
     pub(super) fn do_lookup(&self, parent: INodeNo, name: &OsStr) -> R<(Arc<Inode>, FileAttr)> {
+        // Only the kernel's export operations ask for these (export.rs).
+        match name.as_bytes() {
+            b"." => return self.lookup_self(parent.0),
+            b".." => return self.lookup_parent(parent.0),
+            _ => {}
+        }
         let parent = self.inode(parent)?;
         if parent.kind != FileType::Directory {
             return Err(Errno::ENOTDIR);
@@ -257,11 +267,10 @@ impl KmfsFs {
             let _n = read_lock(&dir.names);
             self.names.list(dir)?
         };
-        let dev = sys::fstat(dir.fd()?.as_fd()).map_err(Errno::from)?.st_dev;
         Ok(list
             .into_iter()
             .map(|e| DirEntry {
-                ino: self.inodes.ino_for(dev, e.d_ino),
+                ino: e.d_ino,
                 name: e.name,
                 backing: e.backing,
                 kind: e.kind,
@@ -302,8 +311,8 @@ impl KmfsFs {
         let mut i = offset;
         loop {
             let full = match i {
-                0 => reply.add(ino, 1, ".", &ttl, &dattr, Generation(0)),
-                1 => reply.add(ino, 2, "..", &ttl, &dattr, Generation(0)),
+                0 => reply.add(ino, 1, ".", &ttl, &dattr, self.generation(ino.0)),
+                1 => reply.add(ino, 2, "..", &ttl, &dattr, self.generation(ino.0)),
                 _ => {
                     // Copied out: the listing's lock is a leaf (lookup_listed
                     // takes the names lock and the inode table).
@@ -319,7 +328,7 @@ impl KmfsFs {
                                 &e.name,
                                 &ttl,
                                 &attr,
-                                Generation(0),
+                                self.generation(inode.ino),
                             );
                             if full {
                                 self.inodes.forget(inode.ino, 1);

@@ -52,6 +52,7 @@ impl Drop for OpenFile {
 pub struct DirEntry {
     pub name: OsString,
     pub backing: CString,
+    /// The backing inode number (readdir maps it to a node id).
     pub ino: u64,
     pub kind: fuser::FileType,
 }

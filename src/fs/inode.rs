@@ -1,11 +1,10 @@
 //! The inode table: FUSE node ids ↔ backing inodes.
 //!
-//! The FUSE node id is the backing inode number, so `stat` shows stable
-//! inode numbers across remounts (tar and rsync rely on them for hard-link
-//! detection); the backing root is node 1, and a backing inode that would
-//! clash (inode number 1, or another device below the backing directory)
-//! gets a synthetic id from the top of the range. Hard links (same backing
-//! device and inode number) share one entry.
+//! Node ids are derived from the backing inode number and generation
+//! (`export.rs`), so they are stable across remounts and daemon restarts
+//! and name the backing inode on their own (NFS export); `stat` shows
+//! them as inode numbers. The backing root is node 1. Hard links (same
+//! backing device and inode number) share one entry.
 //!
 //! An entry reaches its backing inode by one of two kinds of reference
 //! (docs/ARCHITECTURE.md, "The inode table"):
@@ -30,13 +29,13 @@ use std::sync::{Arc, Mutex, OnceLock, RwLock, Weak};
 
 use fuser::{Errno, FileType};
 
+use super::export::{self, Ids};
 use crate::crypto::names::DIR_ID_LEN;
 use crate::sync::MutexExt;
 use crate::sys::{self, FileHandle};
 use crate::volume::layout::FileHeader;
 
-pub const ROOT: u64 = 1;
-const SYNTHETIC_BASE: u64 = 1 << 62;
+pub const ROOT: u64 = export::ROOT;
 
 /// A descriptor of an inode's backing inode, valid while this value lives
 /// (the inode table may evict its own copy meanwhile).
@@ -175,18 +174,22 @@ impl Inode {
     }
 
     /// A new entry holding `fd`; `pinned` keeps it open for good (the root).
+    /// `taken` is its file handle if already taken (`None` inside: none).
     fn new(
         ino: u64,
         fd: OwnedFd,
         pinned: bool,
         kind: FileType,
         cache: &Arc<FdCache>,
+        taken: Option<Option<FileHandle>>,
     ) -> Arc<Inode> {
         let handle = OnceLock::new();
         if pinned || cache.mount_id.is_none() {
             let _ = handle.set(None);
+        } else if let Some(h) = taken {
+            let _ = handle.set(h);
         }
-        let evictable = handle.get().is_none();
+        let evictable = !matches!(handle.get(), Some(None));
         let inode = Arc::new_cyclic(|me| Inode {
             ino,
             handle,
@@ -424,20 +427,24 @@ struct Entry {
 struct Tables {
     by_ino: HashMap<u64, Entry>,
     by_key: HashMap<(u64, u64), u64>,
-    next_synthetic: u64,
-    root_dev: u64,
+    /// Synthetic ids given out so far (`export::synthetic`).
+    synthetic: u64,
 }
 
 pub struct InodeTable {
     t: Mutex<Tables>,
     cache: Arc<FdCache>,
+    ids: Ids,
 }
 
 impl InodeTable {
     pub fn new(root_fd: OwnedFd, st: &libc::stat) -> InodeTable {
         let key = (st.st_dev, st.st_ino);
         let cache = Arc::new(FdCache::new(&root_fd));
-        let root = Inode::new(ROOT, root_fd, true, FileType::Directory, &cache);
+        let ids = Ids::learn(root_fd.as_fd(), st, cache.mount_id, |fd| {
+            cache.handle_for(fd)
+        });
+        let root = Inode::new(ROOT, root_fd, true, FileType::Directory, &cache, None);
         let mut by_ino = HashMap::new();
         by_ino.insert(
             ROOT,
@@ -453,10 +460,10 @@ impl InodeTable {
             t: Mutex::new(Tables {
                 by_ino,
                 by_key,
-                next_synthetic: SYNTHETIC_BASE,
-                root_dev: st.st_dev,
+                synthetic: 0,
             }),
             cache,
+            ids,
         }
     }
 
@@ -469,8 +476,21 @@ impl InodeTable {
         &self.cache
     }
 
+    /// The node id scheme (generations, handles, what may be served).
+    pub fn ids(&self) -> &Ids {
+        &self.ids
+    }
+
     pub fn get(&self, ino: u64) -> Option<Arc<Inode>> {
         self.lock().by_ino.get(&ino).map(|e| e.inode.clone())
+    }
+
+    /// One more kernel reference to the entry `ino`, if the table has it.
+    pub fn take(&self, ino: u64) -> Option<Arc<Inode>> {
+        let mut t = self.lock();
+        let e = t.by_ino.get_mut(&ino)?;
+        e.nlookup += 1;
+        Some(e.inode.clone())
     }
 
     pub fn root(&self) -> Arc<Inode> {
@@ -485,79 +505,110 @@ impl InodeTable {
         t.by_ino.get(i).map(|e| e.inode.clone())
     }
 
-    /// The node id for a backing inode as readdir reports it (no reference taken).
-    pub fn ino_for(&self, dev: u64, ino: u64) -> u64 {
-        let t = self.lock();
-        if let Some(&i) = t.by_key.get(&(dev, ino)) {
+    /// The node id readdir reports for the entry `name` of directory `dir`,
+    /// backing inode `(dev, ino)` (no reference taken): the entry's if the
+    /// kernel holds one, else the id a lookup would give it.
+    pub fn ino_for(&self, dir: BorrowedFd<'_>, name: &std::ffi::CStr, dev: u64, ino: u64) -> u64 {
+        if let Some(&i) = self.lock().by_key.get(&(dev, ino)) {
             return i;
         }
-        if dev == t.root_dev && ino != ROOT && ino < SYNTHETIC_BASE {
-            ino
-        } else {
-            // Not known yet; lookup will assign an id. Readdir ids are advisory.
-            u64::MAX
+        let h = sys::name_to_handle_at(dir, name)
+            .ok()
+            .filter(|(_, m)| Some(*m) == self.cache.mount_id)
+            .map(|(h, _)| h);
+        // SAFETY: all-zero is a valid libc::stat.
+        let mut st: libc::stat = unsafe { std::mem::zeroed() };
+        st.st_dev = dev;
+        st.st_ino = ino;
+        // Not known yet and not derivable: lookup will assign an id.
+        // Readdir ids are advisory.
+        self.ids.id_for(&st, h.as_ref()).unwrap_or(u64::MAX)
+    }
+
+    /// Opens, by its derived handle, the backing inode a node id names —
+    /// for an id the table no longer has (the kernel reopening an NFS file
+    /// handle). The caller checks what it found (`Ids::inside`).
+    pub fn open_by_id(&self, id: u64) -> Result<(OwnedFd, libc::stat), Errno> {
+        let (h, ino) = self.ids.handle_of(id).ok_or(Errno::ESTALE)?;
+        let fd = self.cache.reopen(&h)?;
+        let st = sys::fstat(fd.as_fd()).map_err(Errno::from)?;
+        if st.st_ino != ino {
+            return Err(Errno::ESTALE);
         }
+        Ok((fd, st))
     }
 
     /// Registers one kernel reference (a lookup) to the backing inode behind
     /// `fd`, whose stat is `st`. Returns the shared entry.
     pub fn lookup(&self, fd: OwnedFd, st: &libc::stat) -> Arc<Inode> {
         let key = (st.st_dev, st.st_ino);
-        // The new descriptor's handle, taken (outside the table lock: a
-        // system call) only to compare with an evicted entry's.
-        let mut found: Option<Option<FileHandle>> = None;
-        loop {
-            let mut t = self.lock();
-            let known = t.by_key.get(&key).copied();
-            if let Some(ino) = known
-                && let Some(e) = t.by_ino.get_mut(&ino)
-            {
-                if !e.inode.is_evicted() {
-                    // Its open descriptor pins the backing inode: the same file.
-                    e.nlookup += 1;
-                    return e.inode.clone();
-                }
-                let Some(new) = &found else {
-                    drop(t);
-                    found = Some(self.cache.handle_for(fd.as_fd()));
-                    continue;
-                };
-                if let (Some(Some(old)), Some(new)) = (e.inode.handle.get(), new)
-                    && old == new
-                {
-                    e.nlookup += 1;
-                    let inode = e.inode.clone();
-                    drop(t);
-                    inode.install(Arc::new(fd));
-                    return inode;
-                }
-                // The inode number now belongs to another file: the old
-                // entry stays (under its node id) until the kernel forgets
-                // it; the new file gets its own.
-                t.by_key.remove(&key);
-            }
-            let ino = if st.st_dev == t.root_dev
-                && st.st_ino != ROOT
-                && st.st_ino < SYNTHETIC_BASE
-                && !t.by_ino.contains_key(&st.st_ino)
-            {
-                st.st_ino
-            } else {
-                t.next_synthetic += 1;
-                t.next_synthetic
-            };
-            let inode = Inode::new(ino, fd, false, kind_of(st.st_mode), &self.cache);
-            t.by_ino.insert(
-                ino,
-                Entry {
-                    inode: inode.clone(),
-                    nlookup: 1,
-                    key,
-                },
-            );
-            t.by_key.insert(key, ino);
+        if let Some(inode) = self.take_live(key) {
             return inode;
         }
+        // The handle (a system call, outside the table lock): the new
+        // entry's id is derived from it, and it tells an evicted entry's
+        // file from a new one that reuses its inode number.
+        let handle = self.cache.handle_for(fd.as_fd());
+        let mut t = self.lock();
+        if let Some(&ino) = t.by_key.get(&key)
+            && let Some(e) = t.by_ino.get_mut(&ino)
+        {
+            let same = match (e.inode.handle.get(), &handle) {
+                // Its open descriptor pins the backing inode: the same file.
+                _ if !e.inode.is_evicted() => true,
+                (Some(Some(old)), Some(new)) => old == new,
+                _ => false,
+            };
+            if same {
+                e.nlookup += 1;
+                let inode = e.inode.clone();
+                drop(t);
+                inode.install(Arc::new(fd));
+                return inode;
+            }
+            // The inode number now belongs to another file: the old entry
+            // stays (under its node id) until the kernel forgets it; the
+            // new file gets its own.
+            t.by_key.remove(&key);
+        }
+        let ino = match self.ids.id_for(st, handle.as_ref()) {
+            Some(id) if !t.by_ino.contains_key(&id) => id,
+            _ => {
+                t.synthetic += 1;
+                export::synthetic(t.synthetic)
+            }
+        };
+        let inode = Inode::new(
+            ino,
+            fd,
+            false,
+            kind_of(st.st_mode),
+            &self.cache,
+            Some(handle),
+        );
+        t.by_ino.insert(
+            ino,
+            Entry {
+                inode: inode.clone(),
+                nlookup: 1,
+                key,
+            },
+        );
+        t.by_key.insert(key, ino);
+        inode
+    }
+
+    /// One more reference to the entry of `key` if it holds a descriptor
+    /// (which pins its backing inode, so it is the same file).
+    fn take_live(&self, key: (u64, u64)) -> Option<Arc<Inode>> {
+        let mut t = self.lock();
+        let ino = *t.by_key.get(&key)?;
+        let e = t.by_ino.get_mut(&ino)?;
+        if e.inode.is_evicted() {
+            return None;
+        }
+        e.nlookup += 1;
+        Some(e.inode.clone())
     }
 
     /// Points the entry of backing inode `old` (a symlink re-created under
@@ -576,7 +627,7 @@ impl InodeTable {
         let Some(e) = t.by_ino.get_mut(&ino) else {
             return false;
         };
-        let inode = Inode::new(ino, fd, false, kind_of(st.st_mode), &self.cache);
+        let inode = Inode::new(ino, fd, false, kind_of(st.st_mode), &self.cache, None);
         inode.set_link_place(place);
         e.inode = inode;
         e.key = key;
@@ -636,7 +687,11 @@ mod tests {
         let sb = sys::fstat(fb.as_fd()).unwrap();
         let b = t.lookup(fb, &sb);
         assert_eq!(a.ino, b.ino);
-        assert_eq!(a.ino, sa.st_ino);
+        assert_eq!(
+            a.ino & 0xffff_ffff,
+            sa.st_ino,
+            "derived from the inode number"
+        );
         assert_eq!(t.len(), 2);
         t.forget(a.ino, 1);
         assert!(t.get(a.ino).is_some());

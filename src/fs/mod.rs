@@ -44,6 +44,7 @@ mod attr;
 mod bind;
 mod dir;
 mod entry;
+mod export;
 mod file_io;
 pub mod gate;
 pub mod handle;
@@ -254,10 +255,15 @@ impl KmfsFs {
         }
     }
 
+    /// The FUSE generation of node id `ino` (`export::Ids::generation`).
+    fn generation(&self, ino: u64) -> Generation {
+        Generation(self.inodes.ids().generation(ino))
+    }
+
     /// Answers a request that makes or finds an entry.
     fn reply_entry(&self, reply: ReplyEntry, r: R<(Arc<Inode>, FileAttr)>) {
         send(reply, r, |r, (_, attr)| {
-            r.entry(&self.opts.ttl, &attr, Generation(0))
+            r.entry(&self.opts.ttl, &attr, self.generation(attr.ino.0))
         });
     }
 }
@@ -274,6 +280,9 @@ impl Filesystem for KmfsFs {
             InitFlags::FUSE_POSIX_ACL,
             InitFlags::FUSE_DONT_MASK,
             InitFlags::FUSE_MAX_PAGES,
+            // Node ids name backing inodes on their own (`export.rs`):
+            // the kernel may reopen a file handle by LOOKUP of ".".
+            InitFlags::FUSE_EXPORT_SUPPORT,
         ] {
             let _ = config.add_capabilities(cap);
         }
@@ -627,7 +636,7 @@ impl Filesystem for KmfsFs {
             r.created(
                 &self.opts.ttl,
                 &attr,
-                Generation(0),
+                self.generation(attr.ino.0),
                 FileHandle(fh),
                 FopenFlags::empty(),
             )

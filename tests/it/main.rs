@@ -40,6 +40,7 @@ mod lock;
 mod logging;
 mod many_files;
 mod many_volumes;
+mod nfs_export;
 mod ops;
 mod ops_package;
 mod pinning;

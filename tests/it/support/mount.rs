@@ -23,6 +23,12 @@ pub struct Volume {
 impl Volume {
     /// Creates and initialises a volume (encrypted names unless `plaintext`).
     pub fn create(plaintext: bool) -> Volume {
+        Volume::create_on(plaintext, |_| {})
+    }
+
+    /// [`Volume::create`], with `prepare` run on the empty backing
+    /// directory before `kmfs init` (e.g. to mount a filesystem there).
+    pub fn create_on(plaintext: bool, prepare: impl FnOnce(&Path)) -> Volume {
         let dir = tempfile::tempdir().unwrap();
         // Other users (tests that switch uid) must reach the mountpoint.
         std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
@@ -38,6 +44,7 @@ impl Volume {
         let mnt = dir.path().join("mnt");
         std::fs::create_dir(&backing).unwrap();
         std::fs::create_dir(&mnt).unwrap();
+        prepare(&backing);
         let mut c = Command::new(KMFS);
         c.arg("init").arg("--keyfile").arg(&key);
         if plaintext {
