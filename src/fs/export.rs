@@ -257,18 +257,18 @@ impl Ids {
         );
     }
 
-    /// The node id for a new entry of the backing inode `st` whose handle
-    /// is `h`, or `None` for a synthetic one.
-    pub fn id_for(&self, st: &libc::stat, h: Option<&FileHandle>) -> Option<u64> {
-        if st.st_dev != self.root.0 {
+    /// The node id for a new entry of backing inode `ino` on device `dev`
+    /// whose handle is `h`, or `None` for a synthetic one.
+    pub fn id_for(&self, dev: u64, ino: u64, h: Option<&FileHandle>) -> Option<u64> {
+        if dev != self.root.0 {
             return None;
         }
         match &self.layout {
             Some(l) => match l.split(h?)? {
-                (ino, g) if ino == st.st_ino => derived(ino, g),
+                (i, g) if i == ino => derived(i, g),
                 _ => None,
             },
-            None => plain(st.st_ino),
+            None => plain(ino),
         }
     }
 

@@ -516,13 +516,9 @@ impl InodeTable {
             .ok()
             .filter(|(_, m)| Some(*m) == self.cache.mount_id)
             .map(|(h, _)| h);
-        // SAFETY: all-zero is a valid libc::stat.
-        let mut st: libc::stat = unsafe { std::mem::zeroed() };
-        st.st_dev = dev;
-        st.st_ino = ino;
         // Not known yet and not derivable: lookup will assign an id.
         // Readdir ids are advisory.
-        self.ids.id_for(&st, h.as_ref()).unwrap_or(u64::MAX)
+        self.ids.id_for(dev, ino, h.as_ref()).unwrap_or(u64::MAX)
     }
 
     /// Opens, by its derived handle, the backing inode a node id names —
@@ -571,7 +567,7 @@ impl InodeTable {
             // new file gets its own.
             t.by_key.remove(&key);
         }
-        let ino = match self.ids.id_for(st, handle.as_ref()) {
+        let ino = match self.ids.id_for(st.st_dev, st.st_ino, handle.as_ref()) {
             Some(id) if !t.by_ino.contains_key(&id) => id,
             _ => {
                 t.synthetic += 1;
