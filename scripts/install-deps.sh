@@ -16,6 +16,8 @@ PKGS=(
   man-db                            # `man kmfs` in the package test (tests/it/ops_package.rs)
   iproute2 util-linux nftables      # ip netns, nsenter/unshare, nft: the HA tests (tests/it/ha*.rs)
   samba smbclient samba-testsuite   # smbd, smbclient, smbtorture: tests/it/samba.rs
+  nfs-ganesha nfs-ganesha-vfs       # userspace NFS server (VFS FSAL): tests/it/nfs_ganesha.rs
+  libnfs-utils                      # nfs-cp, nfs-cat, nfs-ls: userspace NFS client, same test
 )
 
 missing=()
