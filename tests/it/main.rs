@@ -41,6 +41,7 @@ mod logging;
 mod many_files;
 mod many_volumes;
 mod nfs_export;
+mod nfs_ganesha;
 mod ops;
 mod ops_package;
 mod pinning;

@@ -87,10 +87,10 @@ fn estale(r: io::Result<File>) -> bool {
 }
 
 /// A tmpfs mounted on a directory, unmounted when dropped.
-struct Tmpfs(PathBuf);
+pub(crate) struct Tmpfs(PathBuf);
 
 impl Tmpfs {
-    fn mount(on: &Path) -> Tmpfs {
+    pub(crate) fn mount(on: &Path) -> Tmpfs {
         let ok = Command::new("mount")
             .args(["-t", "tmpfs", "-o", "size=64m", "kmfs-export-test"])
             .arg(on)
