@@ -14,6 +14,10 @@
 //! The backing directory is a tmpfs of its own, so files (not only
 //! directories) reopen by handle (the `op=export` log line).
 //!
+//! ganesha does its file operations with the client's uid and gid, so the
+//! volume is mounted with `allow_other` (a client other than root creates a
+//! file here), as it must be under the kernel's nfsd too.
+//!
 //! A restart of the kmfs daemon is done the way it must be done under
 //! ganesha: ganesha holds the mount busy (and, killed under it, a daemon
 //! leaves ganesha serving the dead mount), so ganesha is stopped, the
@@ -34,6 +38,7 @@ use crate::nfs_export::Tmpfs;
 use crate::support::{self, mount};
 
 use std::net::TcpStream;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -217,10 +222,20 @@ EXPORT {{
         out.stdout
     }
 
-    /// `nfs-cp` of a local file to `rel` in the export.
+    /// `nfs-cp` of a local file to `rel` in the export (as root).
     fn put(&self, local: &Path, rel: &str) {
         let out = self.run("nfs-cp", &[local.to_str().unwrap(), &self.url(rel)]);
         self.ok(&format!("nfs-cp {} -> {rel}", local.display()), out);
+    }
+
+    /// [`Ganesha::put`] with the client's credentials uid = gid = `uid`.
+    fn put_as(&self, local: &Path, rel: &str, uid: u32) {
+        let url = format!("{}&uid={uid}&gid={uid}", self.url(rel));
+        let out = self.run("nfs-cp", &[local.to_str().unwrap(), &url]);
+        self.ok(
+            &format!("nfs-cp {} -> {rel} as {uid}", local.display()),
+            out,
+        );
     }
 
     /// `nfs-cat` of `rel`: its contents.
@@ -270,12 +285,9 @@ fn ganesha_serves_a_kmfs_mount_through_cache_drops_and_a_daemon_restart() {
     let mut fs = None;
     let vol = Volume::create_on(false, |b| fs = Some(Tmpfs::mount(b)));
     let _fs = fs;
-    let m = vol.mount();
-    assert!(
-        m.daemon_log().contains("by_handle=all"),
-        "{}",
-        m.daemon_log()
-    );
+    // ganesha acts with the client's uid: other users than the one who
+    // mounted need allow_other (as under the kernel's nfsd).
+    let m = vol.mount_with(&["-o", "allow_other"]);
     let work = tempfile::tempdir().unwrap();
     let local = |name: &str, seed: u64, len: usize| -> (PathBuf, Vec<u8>) {
         let data = mount::pattern(seed, len);
@@ -316,6 +328,13 @@ fn ganesha_serves_a_kmfs_mount_through_cache_drops_and_a_daemon_restart() {
     // reopens them by handle (LOOKUP of "." in the daemon).
     drop_caches();
     assert!(g.cat("docs/big.bin") == big, "read after a cache drop");
+    // (With files reopened by handle: the backing directory is a whole
+    // filesystem. Checked here, after the reads that fail without it.)
+    assert!(
+        m.daemon_log().contains("by_handle=all"),
+        "{}",
+        m.daemon_log()
+    );
     assert_eq!(g.ls("docs"), listing, "listing after a cache drop");
     drop_caches();
     // A create opens the parent directory by its handle.
@@ -324,10 +343,22 @@ fn ganesha_serves_a_kmfs_mount_through_cache_drops_and_a_daemon_restart() {
     assert!(std::fs::read(m.p("docs/late.bin")).unwrap() == late);
     drop_caches();
     assert!(g.cat("docs/report.bin") == report);
+    // A client user other than root, in a directory open to all.
+    std::fs::create_dir(m.p("pub")).unwrap();
+    std::fs::set_permissions(m.p("pub"), std::fs::Permissions::from_mode(0o1777)).unwrap();
+    let (user_local, user) = local("user", 25, 500);
+    g.put_as(&user_local, "pub/user.bin", 1000);
+    let md = std::fs::metadata(m.p("pub/user.bin")).unwrap();
+    assert_eq!(
+        (md.uid(), md.gid()),
+        (1000, 1000),
+        "created as the client's user"
+    );
+    assert!(std::fs::read(m.p("pub/user.bin")).unwrap() == user);
 
     // Restart the kmfs daemon under the export.
     g.stop();
-    let m = m.unmount().mount();
+    let m = m.unmount().mount_with(&["-o", "allow_other"]);
     let g = Ganesha::start(m.mnt());
     let listing = entries(&[
         ("big.bin", 300_000),
