@@ -23,8 +23,9 @@
 //!
 //! It mounts (as root, with mount(2) and `fd=`), serves until the
 //! filesystem is unmounted, then prints one line of counters on stderr:
-//! requests per transport, the transport's own system calls, and the
-//! process's voluntary / involuntary context switches.
+//! requests per transport, the transport's own system calls, the
+//! process's voluntary / involuntary context switches and its CPU time
+//! (user + system, microseconds).
 
 mod handler;
 mod proto;
@@ -61,6 +62,11 @@ struct Args {
     threads: usize,
     depth: usize,
     max_write: u32,
+    /// Pin each queue's thread to its CPU (libfuse does).
+    pin: bool,
+    /// Ring task-run mode: "defer" (SINGLE_ISSUER|DEFER_TASKRUN, libfuse's
+    /// choice), "coop" (COOP_TASKRUN|TASKRUN_FLAG) or "plain".
+    taskrun: String,
     source: String,
     mountpoint: String,
 }
@@ -68,7 +74,7 @@ struct Args {
 fn usage() -> ! {
     eprintln!(
         "usage: fuse_uring_proto --transport classic|uring [--threads N] [--depth D] \
-         [--max-write BYTES] SOURCE MOUNTPOINT"
+         [--max-write BYTES] [--no-pin] [--taskrun defer|coop|plain] SOURCE MOUNTPOINT"
     );
     std::process::exit(2)
 }
@@ -79,6 +85,8 @@ fn parse_args() -> Args {
         threads: std::thread::available_parallelism().map_or(2, |n| n.get()),
         depth: 8,
         max_write: 128 * 1024,
+        pin: true,
+        taskrun: "defer".into(),
         source: String::new(),
         mountpoint: String::new(),
     };
@@ -95,6 +103,8 @@ fn parse_args() -> Args {
             "--threads" => a.threads = val().parse().unwrap_or_else(|_| usage()),
             "--depth" => a.depth = val().parse().unwrap_or_else(|_| usage()),
             "--max-write" => a.max_write = val().parse().unwrap_or_else(|_| usage()),
+            "--no-pin" => a.pin = false,
+            "--taskrun" => a.taskrun = val(),
             "--bench" => {} // passed by `cargo bench`; ignored
             _ if arg.starts_with('-') => usage(),
             _ => pos.push(arg),
@@ -242,11 +252,17 @@ fn pin_to_cpu(cpu: usize) {
 
 /// One io_uring queue: register `depth` entries, then loop on
 /// COMMIT_AND_FETCH. Returns a one-line error when a step fails.
-fn uring_queue(sh: &Shared, qid: u16, depth: usize) -> Result<(), String> {
-    pin_to_cpu(usize::from(qid));
-    let mut ring: IoUring<squeue::Entry128, cqueue::Entry> = IoUring::builder()
-        .setup_single_issuer()
-        .setup_defer_taskrun()
+fn uring_queue(sh: &Shared, qid: u16, depth: usize, a: &Args) -> Result<(), String> {
+    if a.pin {
+        pin_to_cpu(usize::from(qid));
+    }
+    let mut b = IoUring::<squeue::Entry128, cqueue::Entry>::builder();
+    match a.taskrun.as_str() {
+        "defer" => b.setup_single_issuer().setup_defer_taskrun(),
+        "coop" => b.setup_coop_taskrun().setup_taskrun_flag(),
+        _ => &mut b,
+    };
+    let mut ring = b
         .build((depth * 2) as u32)
         .map_err(|e| format!("io_uring_setup(SQE128) on queue {qid}: {e}"))?;
     let dev = sh.dev.as_raw_fd();
@@ -363,6 +379,7 @@ fn main() {
         eprintln!("mount {}: {e}", a.mountpoint);
         std::process::exit(1);
     }
+    let a = Arc::new(a);
     let sh = Arc::new(Shared {
         fs,
         dev,
@@ -379,7 +396,7 @@ fn main() {
     if a.uring {
         for qid in 0..possible_cpus() {
             let sh = sh.clone();
-            let depth = a.depth;
+            let a = a.clone();
             std::thread::spawn(move || {
                 {
                     let (lock, cv) = &sh.init_done;
@@ -392,7 +409,7 @@ fn main() {
                     eprintln!("kernel did not offer FUSE_OVER_IO_URING; classic transport only");
                     return;
                 }
-                if let Err(e) = uring_queue(&sh, qid as u16, depth) {
+                if let Err(e) = uring_queue(&sh, qid as u16, a.depth, &a) {
                     eprintln!("uring: {e}");
                 }
             });
@@ -407,14 +424,15 @@ fn main() {
     unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) };
     let s = &sh.stats;
     eprintln!(
-        "stats transport={} classic_reqs={} uring_reqs={} transport_syscalls={} vcsw={} ivcsw={} utime_ms={} stime_ms={}",
+        "stats transport={} classic_reqs={} uring_reqs={} transport_syscalls={} vcsw={} ivcsw={} cpu_us={}",
         if a.uring { "uring" } else { "classic" },
         s.classic_reqs.load(Ordering::Relaxed),
         s.uring_reqs.load(Ordering::Relaxed),
         s.transport_syscalls.load(Ordering::Relaxed),
         ru.ru_nvcsw,
         ru.ru_nivcsw,
-        ru.ru_utime.tv_sec * 1000 + ru.ru_utime.tv_usec / 1000,
-        ru.ru_stime.tv_sec * 1000 + ru.ru_stime.tv_usec / 1000,
+        (ru.ru_utime.tv_sec + ru.ru_stime.tv_sec) * 1_000_000
+            + ru.ru_utime.tv_usec
+            + ru.ru_stime.tv_usec,
     );
 }
