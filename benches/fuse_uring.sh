@@ -21,8 +21,13 @@
 # prototype prints on exit. CPU per request is the figure least disturbed by
 # other load on the machine; wall times on a shared 2-core box are noisy.
 #
+# Filesystems (FSES): passthrough_ll; the prototype as `classic` (one
+# /dev/fuse fd, CLASSIC_THREADS threads), `classic-kmfs` (kmfs's fuser
+# setting: KMFS_THREADS threads with a cloned fd each), `uring` (one queue
+# per possible CPU, its thread pinned there, as libfuse does) and
+# `uring-nopin` (the same, threads not pinned).
 # Environment: RUNS=3 RAND_SECS=3 CLASSIC_THREADS=$(nproc) DEPTH=8
-#   FSES="passthrough_ll classic uring"  DISK_DIR TMPFS_DIR
+#   KMFS_THREADS  FSES  DISK_DIR TMPFS_DIR
 #   TREE_TAR=/var/tmp/kmfs-bench/cache/tree-v1.tar (made by fs_bench.sh)
 # The script sets /sys/module/fuse/parameters/enable_uring to Y for the run
 # and restores it. Benchmarks report; they are not timed tests.
@@ -33,7 +38,9 @@ RUNS=${RUNS:-3}
 RAND_SECS=${RAND_SECS:-3}
 DEPTH=${DEPTH:-8}
 CLASSIC_THREADS=${CLASSIC_THREADS:-$(nproc)}
-FSES=${FSES:-passthrough_ll classic uring}
+# kmfs's own fuser setting: 2 x CPUs clamped to 4..16, one cloned fd each.
+KMFS_THREADS=${KMFS_THREADS:-$(n=$(($(nproc) * 2)); echo $((n < 4 ? 4 : n > 16 ? 16 : n)))}
+FSES=${FSES:-passthrough_ll classic classic-kmfs uring uring-nopin}
 # Own work directories, so common.sh's clean-up never touches another
 # bench's mounts; the tree comes from fs_bench.sh's cache.
 DISK_DIR=${DISK_DIR:-/var/tmp/kmfs-uring-bench}
@@ -69,17 +76,25 @@ start() { # fs: mounts it on $M (not in a subshell: $PID must be our child)
   mkdir -p "$b" "$m"
   case $fs in
     passthrough_ll) "$PLL" -o source="$b" "$m" ;;
-    classic | uring)
-      "$PROTO" --transport "$fs" --threads "$CLASSIC_THREADS" --depth "$DEPTH" \
-        "$b" "$m" 2>>"$LOG.cur" &
+    classic | classic-kmfs | uring | uring-nopin)
+      local args=(--transport "${fs%%-*}" --threads "$CLASSIC_THREADS" --depth "$DEPTH")
+      [ "$fs" = classic-kmfs ] && args=(--transport classic --threads "$KMFS_THREADS" --clone-fd)
+      [ "$fs" = uring-nopin ] && args+=(--no-pin)
+      "$PROTO" "${args[@]}" "$b" "$m" 2>>"$LOG.cur" &
       PID=$!
       for _ in $(seq 100); do mountpoint -q "$m" && break; sleep 0.05; done ;;
   esac
   M=$m
 }
 stop() { # fs metric run app_cpu_s: unmount, keep the prototype's counters
-  local m=$TMPFS_DIR/mnt-$1
-  umount "$m"
+  local m=$TMPFS_DIR/mnt-$1 i
+  # A just-exited workload's last file references can linger for a moment
+  # ("target is busy"): retry, then detach.
+  for i in 1 2 3 4 5 6 7 8 9 10; do
+    umount "$m" 2>/dev/null && break
+    [ "$i" = 10 ] && umount -l "$m"
+    sleep 0.2
+  done
   if [ "$1" != passthrough_ll ]; then
     wait "$PID" || true
     # "stats transport=... classic_reqs=A uring_reqs=B transport_syscalls=C vcsw=D ivcsw=E cpu_us=F"
@@ -150,22 +165,24 @@ cnt() { # fs metric column(2=reqs 3=syscalls/req 4=ctxsw/req 5,6=cpu us/req) -> 
   median $(awk -v k="$1,$2," -v c="$3" 'index($1, k) == 1 {print $c}' "$LOG")
 }
 echo
-echo "| workload | passthrough_ll | classic | uring | uring vs classic |"
-echo "|---|---|---|---|---|"
+printf '| workload |'; for fs in $FSES; do printf ' %s |' "$fs"; done; echo ' uring vs classic |'
+printf '|---|'; for _ in $FSES; do printf -- '---|'; done; echo '---|'
 for spec in "ls:ls -lR s:0" "rm:rm -rf s:0" "r1:4 KiB randrw 1 job IOPS:1" "r4:4 KiB randrw 4 jobs IOPS:1"; do
   IFS=: read -r k label hb <<<"$spec"
-  p=$(med passthrough_ll "$k"); c=$(med classic "$k"); u=$(med uring "$k")
-  echo "| $label | $p | $c | $u | $(ratio "$u" "$c" "$hb")x |"
+  printf '| %s |' "$label"
+  for fs in $FSES; do printf ' %s |' "$(med "$fs" "$k")"; done
+  echo " $(ratio "$(med uring "$k")" "$(med classic "$k")" "$hb")x |"
 done
 echo
-echo "Prototype counters, medians per workload, classic / uring: FUSE requests; per request:"
-echo "transport system calls, daemon context switches, daemon CPU us, and CPU us of daemon +"
-echo "application (user+system; the figure least disturbed by other load on the machine)"
-echo "| workload | requests | syscalls/req | ctxsw/req | daemon CPU us/req | total CPU us/req | uring vs classic (total CPU) |"
+echo "Prototype counters (medians over runs): FUSE requests, and per request: transport system"
+echo "calls, daemon context switches, daemon CPU us, CPU us of daemon + application (user+system;"
+echo "the figure least disturbed by other load on the machine)"
+echo "| workload | variant | requests | syscalls/req | ctxsw/req | daemon CPU us/req | total CPU us/req |"
 echo "|---|---|---|---|---|---|---|"
 for k in ls rm r1 r4; do
-  echo "| $k | $(cnt classic $k 2) / $(cnt uring $k 2) | $(cnt classic $k 3) / $(cnt uring $k 3)" \
-    "| $(cnt classic $k 4) / $(cnt uring $k 4) | $(cnt classic $k 5) / $(cnt uring $k 5)" \
-    "| $(cnt classic $k 6) / $(cnt uring $k 6) | $(ratio "$(cnt uring $k 6)" "$(cnt classic $k 6)" 0)x |"
+  for fs in $FSES; do
+    [ "$fs" = passthrough_ll ] && continue
+    echo "| $k | $fs | $(cnt "$fs" $k 2) | $(cnt "$fs" $k 3) | $(cnt "$fs" $k 4) | $(cnt "$fs" $k 5) | $(cnt "$fs" $k 6) |"
+  done
 done
 echo "uptime: $(uptime)"

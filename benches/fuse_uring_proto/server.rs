@@ -64,6 +64,9 @@ struct Args {
     max_write: u32,
     /// Pin each queue's thread to its CPU (libfuse does).
     pin: bool,
+    /// Classic: one cloned /dev/fuse descriptor per thread
+    /// (FUSE_DEV_IOC_CLONE), as kmfs configures fuser.
+    clone_fd: bool,
     /// Ring task-run mode: "defer" (SINGLE_ISSUER|DEFER_TASKRUN, libfuse's
     /// choice), "coop" (COOP_TASKRUN|TASKRUN_FLAG) or "plain".
     taskrun: String,
@@ -74,7 +77,7 @@ struct Args {
 fn usage() -> ! {
     eprintln!(
         "usage: fuse_uring_proto --transport classic|uring [--threads N] [--depth D] \
-         [--max-write BYTES] [--no-pin] [--taskrun defer|coop|plain] SOURCE MOUNTPOINT"
+         [--max-write BYTES] [--clone-fd] [--no-pin] [--taskrun defer|coop|plain] SOURCE MOUNTPOINT"
     );
     std::process::exit(2)
 }
@@ -86,6 +89,7 @@ fn parse_args() -> Args {
         depth: 8,
         max_write: 128 * 1024,
         pin: true,
+        clone_fd: false,
         taskrun: "defer".into(),
         source: String::new(),
         mountpoint: String::new(),
@@ -104,6 +108,7 @@ fn parse_args() -> Args {
             "--depth" => a.depth = val().parse().unwrap_or_else(|_| usage()),
             "--max-write" => a.max_write = val().parse().unwrap_or_else(|_| usage()),
             "--no-pin" => a.pin = false,
+            "--clone-fd" => a.clone_fd = true,
             "--taskrun" => a.taskrun = val(),
             "--bench" => {} // passed by `cargo bench`; ignored
             _ if arg.starts_with('-') => usage(),
@@ -145,9 +150,28 @@ fn mount(dev: RawFd, source: &str, mountpoint: &str) -> std::io::Result<()> {
     Ok(())
 }
 
+/// A new /dev/fuse descriptor attached to the same connection as `dev`
+/// (FUSE_DEV_IOC_CLONE), so each classic thread has its own device queue.
+fn clone_dev(dev: RawFd) -> std::io::Result<OwnedFd> {
+    const FUSE_DEV_IOC_CLONE: libc::c_ulong = 0x8004_e500; // _IOR(229, 0, u32)
+    let path = cstr("/dev/fuse");
+    // SAFETY: `path` is NUL-terminated.
+    let fd = unsafe { libc::open(path.as_ptr(), libc::O_RDWR | libc::O_CLOEXEC) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `fd` was just opened and is owned by nobody else.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let src = dev as u32;
+    // SAFETY: the ioctl reads one u32 (the descriptor to clone) from `src`.
+    if unsafe { libc::ioctl(fd.as_raw_fd(), FUSE_DEV_IOC_CLONE, &src) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(fd)
+}
+
 /// One classic worker: read a request, handle it, writev the reply.
-fn classic_loop(sh: &Shared) {
-    let fd = sh.dev.as_raw_fd();
+fn classic_loop(sh: &Shared, fd: RawFd) {
     // Header + the largest op header + max_write of data, as the kernel
     // requires of a read buffer (at least FUSE_MIN_READ_BUFFER = 8 KiB).
     let mut req = vec![0u8; sh.max_write + 4096 + 8192];
@@ -389,9 +413,25 @@ fn main() {
     });
     let classic_threads = if a.uring { 1 } else { a.threads.max(1) };
     let mut workers = Vec::new();
-    for _ in 0..classic_threads {
+    for i in 0..classic_threads {
         let sh = sh.clone();
-        workers.push(std::thread::spawn(move || classic_loop(&sh)));
+        // The first thread reads the mount's own descriptor (INIT comes
+        // there); with --clone-fd the others get clones.
+        let own = if a.clone_fd && i > 0 {
+            match clone_dev(sh.dev.as_raw_fd()) {
+                Ok(fd) => Some(fd),
+                Err(e) => {
+                    eprintln!("FUSE_DEV_IOC_CLONE: {e}");
+                    std::process::exit(1);
+                }
+            }
+        } else {
+            None
+        };
+        workers.push(std::thread::spawn(move || {
+            let fd = own.as_ref().map_or(sh.dev.as_raw_fd(), |f| f.as_raw_fd());
+            classic_loop(&sh, fd)
+        }));
     }
     if a.uring {
         for qid in 0..possible_cpus() {
