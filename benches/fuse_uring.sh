@@ -8,9 +8,11 @@
 #   sudo benches/fuse_uring.sh
 #   RUNS=5 RAND_SECS=5 sudo -E benches/fuse_uring.sh
 #
-# Workloads (a fresh mount for each, page cache dropped first; medians):
-#   ls -lR   of the 12,600-file tree fs_bench.sh makes (untarred straight
-#            into the backing directory, not through FUSE)            (s)
+# Workloads (a fresh mount for each, page cache dropped before ls and rm;
+# medians):
+#   untar    the 12,600-file tree fs_bench.sh makes, through the mount,
+#            then sync                                                (s)
+#   ls -lR   of that tree                                             (s)
 #   rm -rf   of the same tree, then sync                              (s)
 #   rand 1j  fio psync 4 KiB randrw 50/50, O_DIRECT, 1 job, 256 MiB   (IOPS)
 #   rand 4j  the same with 4 jobs on the same file                    (IOPS)
@@ -136,7 +138,9 @@ for r in $(seq "$RUNS"); do
   for fs in $FSES; do
     b=$TMPFS_DIR/back-$fs
     rm -rf "$b"; mkdir -p "$b"
-    tar -xf "$TAR" -C "$b"
+    start "$fs"
+    read -r V[$fs,untar,$r] V[$fs,untarcpu,$r] < <(timed tar -xf "$TAR" -C "$M")
+    stop "$fs" untar "$r" "${V[$fs,untarcpu,$r]}"
     start "$fs"; drop
     read -r V[$fs,ls,$r] V[$fs,lscpu,$r] < <(timed ls -lR "$M/t")
     stop "$fs" ls "$r" "${V[$fs,lscpu,$r]}"
@@ -151,7 +155,7 @@ for r in $(seq "$RUNS"); do
     read -r V[$fs,r4,$r] V[$fs,r4cpu,$r] < <(fio_rand "$M" 4)
     stop "$fs" r4 "$r" "${V[$fs,r4cpu,$r]}"
     rm -rf "$b"
-    echo "run $r $fs: ls ${V[$fs,ls,$r]} s, rm ${V[$fs,rm,$r]} s, rand1j ${V[$fs,r1,$r]}, rand4j ${V[$fs,r4,$r]} IOPS"
+    echo "run $r $fs: untar ${V[$fs,untar,$r]} s, ls ${V[$fs,ls,$r]} s, rm ${V[$fs,rm,$r]} s, rand1j ${V[$fs,r1,$r]}, rand4j ${V[$fs,r4,$r]} IOPS"
   done
 done
 
@@ -167,7 +171,7 @@ cnt() { # fs metric column(2=reqs 3=syscalls/req 4=ctxsw/req 5,6=cpu us/req) -> 
 echo
 printf '| workload |'; for fs in $FSES; do printf ' %s |' "$fs"; done; echo ' uring vs classic |'
 printf '|---|'; for _ in $FSES; do printf -- '---|'; done; echo '---|'
-for spec in "ls:ls -lR s:0" "rm:rm -rf s:0" "r1:4 KiB randrw 1 job IOPS:1" "r4:4 KiB randrw 4 jobs IOPS:1"; do
+for spec in "untar:untar s:0" "ls:ls -lR s:0" "rm:rm -rf s:0" "r1:4 KiB randrw 1 job IOPS:1" "r4:4 KiB randrw 4 jobs IOPS:1"; do
   IFS=: read -r k label hb <<<"$spec"
   printf '| %s |' "$label"
   for fs in $FSES; do printf ' %s |' "$(med "$fs" "$k")"; done
@@ -179,7 +183,7 @@ echo "calls, daemon context switches, daemon CPU us, CPU us of daemon + applicat
 echo "the figure least disturbed by other load on the machine)"
 echo "| workload | variant | requests | syscalls/req | ctxsw/req | daemon CPU us/req | total CPU us/req |"
 echo "|---|---|---|---|---|---|---|"
-for k in ls rm r1 r4; do
+for k in untar ls rm r1 r4; do
   for fs in $FSES; do
     [ "$fs" = passthrough_ll ] && continue
     echo "| $k | $fs | $(cnt "$fs" $k 2) | $(cnt "$fs" $k 3) | $(cnt "$fs" $k 4) | $(cnt "$fs" $k 5) | $(cnt "$fs" $k 6) |"
