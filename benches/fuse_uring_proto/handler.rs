@@ -208,7 +208,7 @@ impl Fs {
                 return Outcome::None;
             }
             BATCH_FORGET => {
-                let count = u32_at(op, 0) as usize;
+                let count = (u32_at(op, 0) as usize).min(in_len / 16);
                 for i in 0..count {
                     self.forget(u64_at(buf, i * 16), u64_at(buf, i * 16 + 8));
                 }
@@ -521,13 +521,13 @@ impl Fs {
                 let ino = u64_at(&dents, p);
                 let d_off = u64_at(&dents, p + 8);
                 let reclen = usize::from(u16_at(&dents, p + 16));
-                let dtype = dents[p + 18];
-                let name_bytes = &dents[p + 19..p + reclen];
+                let Some(rec) = dents.get(p..p + reclen).filter(|r| r.len() > 19) else {
+                    break 'outer; // malformed record: stop here
+                };
+                let dtype = rec[18];
+                let name_bytes = &rec[19..];
                 let name_len = name_bytes.iter().position(|&c| c == 0).unwrap_or(0);
                 let name = &name_bytes[..name_len];
-                if reclen == 0 {
-                    break 'outer;
-                }
                 let need = dirent_size(name.len()) + if plus { ENTRY_OUT } else { 0 };
                 if w.pos + need > size {
                     // Full: the next request resumes from the last emitted entry.
