@@ -1,7 +1,8 @@
 # Shared by the benchmark scripts (fs_bench.sh, many_files.sh): tools, the
 # binaries, timing, mounting each filesystem under test, and the summary
 # arithmetic. Source it after setting DISK_DIR, TMPFS_DIR, KMFS_OPTS and
-# (optionally) KMFS and PASSTHROUGH_LL_SRC.
+# (optionally) KMFS, KMFS_A (a second kmfs binary, mounted as `kmfs_a` for
+# A/B runs) and PASSTHROUGH_LL_SRC.
 PLL_SRC=${PASSTHROUGH_LL_SRC:-/usr/share/doc/libfuse3-dev/examples/passthrough_ll.c}
 KMFS_OPTS=${KMFS_OPTS:-}
 
@@ -14,6 +15,7 @@ if [ -z "${KMFS:-}" ]; then
   KMFS=${CARGO_TARGET_DIR:-$ROOT/target}/release/kmfs
 fi
 KMFS=$(readlink -f "$KMFS")
+[ -n "${KMFS_A:-}" ] && KMFS_A=$(readlink -f "$KMFS_A")
 
 CACHE=$DISK_DIR/cache
 mkdir -p "$CACHE"
@@ -44,15 +46,23 @@ mount_fs() {
   rm -rf "$b"; mkdir -p "$b" "$m"
   case $fs in
     native) echo "$b"; return ;;
-    passthrough_ll) "$PLL" -o source="$b" "$m" ;;
+    # passthrough_ll keeps a descriptor open per inode it knows: the 8
+    # parallel untars (~100k inodes) need more than a default limit.
+    passthrough_ll) (ulimit -n 1048576 2>/dev/null || true; "$PLL" -o source="$b" "$m") ;;
     bindfs) bindfs "$b" "$m" ;;
     gocryptfs)
       gocryptfs -q -init -passfile "$base/keys/pass" "$b" >/dev/null
       gocryptfs -q -passfile "$base/keys/pass" "$b" "$m" 2>/dev/null ;;
-    kmfs)
-      "$KMFS" init --keyfile "$base/keys/k" "$b" >/dev/null 2>&1
+    securefs) # the 32-byte key file as its key (no password stretching)
+      command -v securefs >/dev/null || { echo "missing securefs (apt-get install securefs)" >&2; exit 1; }
+      securefs create --keyfile "$base/keys/k" "$b" >/dev/null 2>&1
+      securefs mount -b --keyfile "$base/keys/k" "$b" "$m" >/dev/null 2>&1
+      for _ in $(seq 50); do mountpoint -q "$m" && break; sleep 0.1; done ;;
+    kmfs|kmfs_a)
+      local bin=$KMFS; [ "$fs" = kmfs_a ] && bin=${KMFS_A:?set KMFS_A to a kmfs binary}
+      "$bin" init --keyfile "$base/keys/k" "$b" >/dev/null 2>&1
       # shellcheck disable=SC2086
-      "$KMFS" mount --keyfile "$base/keys/k" $KMFS_OPTS "$b" "$m" 2>/dev/null ;;
+      "$bin" mount --keyfile "$base/keys/k" $KMFS_OPTS "$b" "$m" 2>/dev/null ;;
   esac
   echo "$m"
 }
