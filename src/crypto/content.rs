@@ -8,8 +8,6 @@
 //! Two files therefore share a (key, tweak) pair only if their random ids lie
 //! within 2^64 of each other: probability ≈ n² · 2^-64 for n files.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
-
 use rayon::prelude::*;
 
 use super::keys::{Secret, derive, labels};
@@ -30,57 +28,6 @@ pub const TINY_UNIT: u64 = u64::MAX;
 /// (readahead, writeback, other files). With the old threshold of 4, reading
 /// small files spent ~10 % of the daemon's CPU in rayon's sched_yield.
 const PARALLEL_MIN_UNITS: usize = 32;
-
-/// Data requests in flight that may encrypt or decrypt: those inside a
-/// [`InFlight`] (the filesystem's reads and writes, counted from their start
-/// to their reply) and calls of [`ContentCipher::units`] from anywhere else
-/// (the rekey). A request is spread over rayon's threads only when it is the
-/// only one. When several are in flight at once (concurrent streams,
-/// readahead, writeback of several files), each already keeps its own FUSE
-/// worker thread busy; handing them all to the one rayon pool made those
-/// threads wait on futexes while the pool's threads spun in sched_yield
-/// between jobs (issue 18: 8 writers were slower in aggregate than one).
-static ACTIVE: AtomicUsize = AtomicUsize::new(0);
-
-thread_local! {
-    /// Whether this thread is inside a [`InFlight`] (already counted).
-    static IN_REQUEST: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
-}
-
-/// One data request of the filesystem, counted in [`ACTIVE`] while it lives
-/// (taken once the request holds its inode's I/O lock, so requests
-/// queued behind that lock do not count; dropped after the reply).
-pub struct InFlight {
-    /// Whether this guard counted (a nested guard on the same thread does not).
-    counted: bool,
-}
-
-impl InFlight {
-    pub fn begin() -> InFlight {
-        let counted = !IN_REQUEST.with(|r| r.replace(true));
-        if counted {
-            ACTIVE.fetch_add(1, Ordering::AcqRel);
-        }
-        InFlight { counted }
-    }
-}
-
-impl Drop for InFlight {
-    fn drop(&mut self) {
-        if self.counted {
-            ACTIVE.fetch_sub(1, Ordering::AcqRel);
-            IN_REQUEST.with(|r| r.set(false));
-        }
-    }
-}
-
-/// Whether the calling thread may spread its units over rayon now: no other
-/// data request is in flight. Counts the caller (for as long as the returned
-/// guard lives) if it is not inside a [`InFlight`].
-fn alone() -> (InFlight, bool) {
-    let me = InFlight::begin();
-    (me, ACTIVE.load(Ordering::Acquire) <= 1)
-}
 
 /// How many whole [`BLOCK`] units come before the last unit of a run of
 /// `len` ≥ 16 bytes: the last unit is what remains, 16 ..= BLOCK + 15 bytes
@@ -212,8 +159,7 @@ impl ContentCipher {
             None => (None, None),
         };
         let src_unit = |i: usize| src_body.map(|s| &s[i * BLOCK..(i + 1) * BLOCK]);
-        let (_me, alone) = alone();
-        if full >= PARALLEL_MIN_UNITS && alone {
+        if full >= PARALLEL_MIN_UNITS {
             body.par_chunks_mut(BLOCK)
                 .enumerate()
                 .try_for_each(|(i, u)| {

@@ -12,7 +12,7 @@ use super::attr::Caller;
 use super::handle::OpenFile;
 use super::inode::Inode;
 use super::{KmfsFs, R};
-use crate::crypto::content::{InFlight, Units};
+use crate::crypto::content::Units;
 use crate::sync::RwLockExt;
 use crate::sys;
 use crate::volume::GenKeys;
@@ -183,7 +183,6 @@ impl KmfsFs {
             None => return reply(Err(Errno::EBADF)),
         };
         let _g = h.inode.io.read_locked();
-        let _busy = InFlight::begin();
         let fsize = match Self::file_size(&h.file) {
             Ok(s) => s,
             Err(e) => return reply(Err(e)),
@@ -292,7 +291,6 @@ impl KmfsFs {
         self.ro()?;
         let h = self.files.get(fh.0).ok_or(Errno::EBADF)?;
         let _g = h.inode.io.write_locked();
-        let _busy = InFlight::begin();
         let crypt = self.crypt_for_write(&h.inode, &h.file, "write")?;
         let size = Self::file_size(&h.file)?;
         // With the writeback cache the kernel resolves O_APPEND itself and
