@@ -117,7 +117,8 @@ fn concurrent_streams_to_many_files_and_one() {
                 let s = OpenOptions::new().write(true).open(&shared).unwrap();
                 for k in 0..STRIPES {
                     let i = k * THREADS + t;
-                    s.write_all_at(&stripe_data(i), (i * STRIPE) as u64).unwrap();
+                    s.write_all_at(&stripe_data(i), (i * STRIPE) as u64)
+                        .unwrap();
                 }
                 s.sync_all().unwrap();
             })
