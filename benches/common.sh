@@ -47,7 +47,9 @@ mount_fs() {
   case $fs in
     native) echo "$b"; return ;;
     # passthrough_ll keeps a descriptor open per inode it knows: the 8
-    # parallel untars (~100k inodes) need more than a default limit.
+    # parallel untars (~100k inodes) need more than a default limit. Raised
+    # where the hard limit allows (CAP_SYS_RESOURCE); otherwise its untar may
+    # fail with EMFILE, which the table shows as FAIL.
     passthrough_ll) (ulimit -n 1048576 2>/dev/null || true; "$PLL" -o source="$b" "$m") ;;
     bindfs) bindfs "$b" "$m" ;;
     gocryptfs)
