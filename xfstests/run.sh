@@ -28,8 +28,11 @@
 #     daemon with fsname=DEV (so `umount DEV` finds the mount) and no subtype
 #     (xfstests requires `df -T` to show exactly "fuse"); any other device is
 #     handed to mount.fuse3 as usual, and the helper is removed when the run
-#     ends, so the machine's own fuse.kmfs mounts are not affected;
-#   * the test users fsgqa, fsgqa2, 123456-fsgqa and group fsgqa if missing.
+#     ends, so the machine's own fuse.kmfs mounts are not affected; it mounts
+#     with `dev` unless nodev is asked for (a local filesystem's default,
+#     which xfstests assumes);
+#   * the test users fsgqa, fsgqa2, 123456-fsgqa and groups fsgqa, fsgqa2 if
+#     missing.
 # Then it runs ./check -fuse with xfstests/local.config (HOST_OPTIONS) and the
 # exclusions in xfstests/exclude.txt; results land in $KMFS_XFS_WORK/results
 # (check.log, check.time, *.out.bad, *.full).
@@ -101,6 +104,14 @@ case \$dev in
     # Any other fuse.kmfs mount (a real volume, fstab) goes the normal way.
     *) exec mount.fuse3 "\$dev" "\$mnt" -t fuse.kmfs \${opts:+-o "\$opts"} ;;
 esac
+# Device nodes: mount(8) passes "nodev" on but drops "dev", the kernel's
+# default for a local filesystem, which xfstests assumes (generic/184, 306,
+# 434 open device nodes they create). kmfs itself mounts nodev unless told
+# "dev", so the helper asks for it unless the test said nodev.
+case ,\$opts, in
+    *,nodev,*) ;;
+    *) opts="\$opts,dev" ;;
+esac
 back=$work/back/\$dev
 if [ ! -e "\$back/kmfs.volume" ]; then
     mkdir -p "\$back"
@@ -120,6 +131,7 @@ trap 'rm -f "$helper"' EXIT
 
 # Test users and group (xfstests' README).
 getent group fsgqa >/dev/null || groupadd fsgqa
+getent group fsgqa2 >/dev/null || groupadd fsgqa2
 getent passwd fsgqa >/dev/null || useradd -g fsgqa -m -N fsgqa
 getent passwd fsgqa2 >/dev/null || useradd -m -N fsgqa2
 getent passwd 123456-fsgqa >/dev/null || useradd -m -N 123456-fsgqa

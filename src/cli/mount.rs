@@ -420,6 +420,7 @@ fn serve_inner(plan: &Plan, notify: &mut Option<Notify>) -> Result<(), CliError>
             read_only,
             stats,
             no_writeback: plan.opts.no_writeback,
+            noatime: plan.opts.noatime,
             notifier: notifier_slot.clone(),
             ..FsOptions::default()
         },

@@ -137,6 +137,25 @@ impl KmfsFs {
         }
     }
 
+    /// After a caller set an access ACL: the kernel's rule
+    /// (`posix_acl_update_mode`) drops set-gid when the caller is neither in
+    /// the file's group nor privileged. The backing filesystem applied the
+    /// ACL for the daemon (root), so it kept the bit; and fuser cannot take
+    /// the kernel's FUSE_SETXATTR_ACL_KILL_SGID request (FUSE_SETXATTR_EXT).
+    pub(super) fn acl_kill_sgid(&self, inode: &Inode, caller: Caller) {
+        if caller.uid == 0 {
+            return;
+        }
+        let Ok(fd) = inode.fd() else { return };
+        if let Ok(st) = sys::fstat(fd.as_fd())
+            && st.st_mode & libc::S_ISGID != 0
+            && st.st_mode & libc::S_IFMT != libc::S_IFLNK
+            && !caller.in_group(st.st_gid)
+        {
+            let _ = sys::chmod_fd(fd.as_fd(), st.st_mode & 0o7777 & !libc::S_ISGID);
+        }
+    }
+
     #[allow(clippy::too_many_arguments)]
     pub(super) fn do_setattr(
         &self,

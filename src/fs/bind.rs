@@ -22,7 +22,7 @@
 //!   values and targets are read too (a rekey binds them); bound ones are
 //!   always written.
 
-use std::ffi::{CStr, OsStr};
+use std::ffi::{CStr, CString, OsStr};
 use std::os::fd::AsFd;
 use std::os::unix::ffi::OsStrExt;
 
@@ -140,24 +140,17 @@ impl KmfsFs {
             && !(p.ino == np.ino && name == newname)
     }
 
-    /// Renames symlink `ob` of `p` (plaintext `name`) to `nb` of `np`
-    /// (plaintext `newname`) by re-creating it bound to its new place (see
-    /// the module docs). `flags` is 0 or `RENAME_NOREPLACE`;
-    /// `target_existed` says whether `nb` existed (its sidecar then stays on
-    /// failure). The names locks of both directories are held.
-    #[allow(clippy::too_many_arguments)]
-    pub(super) fn rename_symlink(
+    /// Re-creates symlink `ob` of `p` (plaintext `name`) bound to `(np,
+    /// newname)`, under a reserved temporary name in `np`. Returns that name,
+    /// the old link's `stat` and the new place.
+    fn recreate_link(
         &self,
         p: &Inode,
         ob: &BackingName,
         name: &OsStr,
         np: &Inode,
-        nb: &BackingName,
         newname: &OsStr,
-        flags: u32,
-        target_existed: bool,
-    ) -> R<()> {
-        let pfd = p.fd()?;
+    ) -> R<(CString, libc::stat, LinkPlace)> {
         let npfd = np.fd()?;
         let lfd = p.open_child(&ob.name).map_err(Errno::from)?;
         let st = sys::fstat(lfd.as_fd()).map_err(Errno::from)?;
@@ -181,6 +174,44 @@ impl KmfsFs {
             crate::rekey::metadata::symlink_like(npfd.as_fd(), &new, &st)
                 .map_err(|e| self.fail("rename", np, e))
         })?;
+        Ok((tmp, st, new_place))
+    }
+
+    /// Moves the kernel's node of the old link `old` to the link now at
+    /// `nb` of `np`.
+    fn rebind_link(&self, old: &libc::stat, np: &Inode, nb: &BackingName, place: LinkPlace) {
+        if let Ok(fd) = np.open_child(&nb.name)
+            && let Ok(nst) = sys::fstat(fd.as_fd())
+        {
+            self.inodes
+                .rebind((old.st_dev, old.st_ino), fd, &nst, place);
+        }
+    }
+
+    /// Renames symlink `ob` of `p` (plaintext `name`) to `nb` of `np`
+    /// (plaintext `newname`) by re-creating it bound to its new place (see
+    /// the module docs). `flags` is 0 or `RENAME_NOREPLACE`; with `whiteout`
+    /// the old name becomes a whiteout (the backing filesystem's, left by
+    /// moving the old link to a temporary name with `RENAME_WHITEOUT`)
+    /// instead of going; `target_existed` says whether `nb` existed (its
+    /// sidecar then stays on failure). The names locks of both directories
+    /// are held.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn rename_symlink(
+        &self,
+        p: &Inode,
+        ob: &BackingName,
+        name: &OsStr,
+        np: &Inode,
+        nb: &BackingName,
+        newname: &OsStr,
+        flags: u32,
+        whiteout: bool,
+        target_existed: bool,
+    ) -> R<()> {
+        let pfd = p.fd()?;
+        let npfd = np.fd()?;
+        let (tmp, st, new_place) = self.recreate_link(p, ob, name, np, newname)?;
         let cleanup = |tmp: &CStr| {
             let _ = sys::unlinkat(npfd.as_fd(), tmp, 0);
         };
@@ -195,20 +226,120 @@ impl KmfsFs {
             }
             return Err(Errno::from(e));
         }
-        // The new name is in place: the old one goes.
-        match sys::unlinkat(pfd.as_fd(), &ob.name, 0) {
-            Ok(()) => self.names.remove_sidecar(p, ob),
-            Err(e) => log::warn!(
+        // The new name is in place: the old one goes (or turns into a
+        // whiteout, which keeps a long name's sidecar).
+        let gone = if whiteout {
+            tmp_name().and_then(|t| {
+                sys::renameat2(
+                    pfd.as_fd(),
+                    &ob.name,
+                    pfd.as_fd(),
+                    &t,
+                    libc::RENAME_WHITEOUT,
+                )?;
+                sys::unlinkat(pfd.as_fd(), &t, 0)
+            })
+        } else {
+            sys::unlinkat(pfd.as_fd(), &ob.name, 0).map(|()| self.names.remove_sidecar(p, ob))
+        };
+        if let Err(e) = gone {
+            log::warn!(
                 "op=rename path={} error=\"old name of a re-created symlink not removed: {e}\"",
                 p.path_for_log()
-            ),
+            );
         }
-        if let Ok(fd) = np.open_child(&nb.name)
-            && let Ok(nst) = sys::fstat(fd.as_fd())
-        {
-            self.inodes
-                .rebind((st.st_dev, st.st_ino), fd, &nst, new_place);
+        self.rebind_link(&st, np, nb, new_place);
+        Ok(())
+    }
+
+    /// `RENAME_EXCHANGE` of `ob` of `p` (plaintext `name`) and `nb` of `np`
+    /// (plaintext `newname`), where the first (`rebind_a`) or the second
+    /// (`rebind_b`) or both are symlinks bound to their place. Each such
+    /// link is re-created for the other place under a temporary name first.
+    /// With two links, each new one then replaces the old link at its
+    /// place; with one link, the backing entries are exchanged and the new
+    /// link replaces the old one that landed at the other place. Both names
+    /// exist throughout; a crash in between can leave one name with a link
+    /// bound to the other place (its target then does not read) and
+    /// temporaries (removed by `kmfs check --repair`).
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn exchange_symlinks(
+        &self,
+        p: &Inode,
+        ob: &BackingName,
+        name: &OsStr,
+        np: &Inode,
+        nb: &BackingName,
+        newname: &OsStr,
+        rebind_a: bool,
+        rebind_b: bool,
+    ) -> R<()> {
+        let pfd = p.fd()?;
+        let npfd = np.fd()?;
+        // The link from `ob`, re-created for `nb` in `np`.
+        let a = if rebind_a {
+            Some(self.recreate_link(p, ob, name, np, newname)?)
+        } else {
+            None
+        };
+        let b = if rebind_b {
+            match self.recreate_link(np, nb, newname, p, name) {
+                Ok(b) => Some(b),
+                Err(e) => {
+                    if let Some((t, ..)) = &a {
+                        let _ = sys::unlinkat(npfd.as_fd(), t, 0);
+                    }
+                    return Err(e);
+                }
+            }
+        } else {
+            None
+        };
+        let cleanup = || {
+            if let Some((t, ..)) = &a {
+                let _ = sys::unlinkat(npfd.as_fd(), t, 0);
+            }
+            if let Some((t, ..)) = &b {
+                let _ = sys::unlinkat(pfd.as_fd(), t, 0);
+            }
+        };
+        if a.is_none() || b.is_none() {
+            if let Err(e) = sys::renameat2(
+                pfd.as_fd(),
+                &ob.name,
+                npfd.as_fd(),
+                &nb.name,
+                libc::RENAME_EXCHANGE,
+            ) {
+                cleanup();
+                return Err(Errno::from(e));
+            }
+        }
+        if let Some((t, st, place)) = a {
+            sys::renameat2(npfd.as_fd(), &t, npfd.as_fd(), &nb.name, 0).map_err(|e| {
+                let _ = sys::unlinkat(npfd.as_fd(), &t, 0);
+                if let Some((t, ..)) = &b {
+                    let _ = sys::unlinkat(pfd.as_fd(), t, 0);
+                }
+                self.fail("rename", np, e)
+            })?;
+            self.rebind_link(&st, np, nb, place);
+        }
+        if let Some((t, st, place)) = b {
+            sys::renameat2(pfd.as_fd(), &t, pfd.as_fd(), &ob.name, 0).map_err(|e| {
+                let _ = sys::unlinkat(pfd.as_fd(), &t, 0);
+                self.fail("rename", p, e)
+            })?;
+            self.rebind_link(&st, p, ob, place);
         }
         Ok(())
     }
+}
+
+/// A fresh reserved temporary name (`kmfs.tmp.<random>`, ignored in
+/// listings and removed by `kmfs check --repair` if left over).
+fn tmp_name() -> std::io::Result<CString> {
+    let mut rnd = [0u8; 8];
+    getrandom::fill(&mut rnd).map_err(std::io::Error::other)?;
+    sys::cstr(format!("kmfs.tmp.{}", crate::volume::hex(&rnd)).as_bytes())
 }

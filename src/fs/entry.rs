@@ -303,18 +303,24 @@ impl KmfsFs {
             // atomically into another one (see `bind`).
             let tst = sys::fstatat(npfd.as_fd(), &nb.name, libc::AT_SYMLINK_NOFOLLOW)
                 .map_err(Errno::from)?;
-            if self.rebinds(src.st_mode, &p, name, &np, newname)
-                || self.rebinds(tst.st_mode, &np, newname, &p, name)
-            {
-                return Err(Errno::EINVAL);
+            let a = self.rebinds(src.st_mode, &p, name, &np, newname);
+            let b = self.rebinds(tst.st_mode, &np, newname, &p, name);
+            if a || b {
+                return self.exchange_symlinks(&p, &ob, name, &np, &nb, newname, a, b);
             }
         } else if self.rebinds(src.st_mode, &p, name, &np, newname) {
-            if whiteout {
-                // A re-created symlink leaves no name behind to white out.
-                return Err(Errno::EINVAL);
-            }
             let flags = if noreplace { libc::RENAME_NOREPLACE } else { 0 };
-            return self.rename_symlink(&p, &ob, name, &np, &nb, newname, flags, target_existed);
+            return self.rename_symlink(
+                &p,
+                &ob,
+                name,
+                &np,
+                &nb,
+                newname,
+                flags,
+                whiteout,
+                target_existed,
+            );
         }
         if !exchange {
             self.names

@@ -39,13 +39,32 @@ impl KmfsFs {
             if want_write {
                 return Err(Errno::EROFS);
             }
-            return inode.reopen(libc::O_RDONLY).map_err(Errno::from);
+            return self
+                .reopen_atime(inode, libc::O_RDONLY)
+                .map_err(Errno::from);
         }
-        match inode.reopen(libc::O_RDWR) {
+        match self.reopen_atime(inode, libc::O_RDWR) {
             Ok(f) => Ok(f),
-            Err(e) if !want_write => inode.reopen(libc::O_RDONLY).map_err(|_| Errno::from(e)),
+            Err(e) if !want_write => self
+                .reopen_atime(inode, libc::O_RDONLY)
+                .map_err(|_| Errno::from(e)),
             Err(e) => Err(Errno::from(e)),
         }
+    }
+
+    /// Opens the backing file for I/O. The access time is the backing
+    /// filesystem's, set by the daemon's reads: on a read-only or `noatime`
+    /// mount they must not set it (O_NOATIME; refused with EPERM to a daemon
+    /// that neither owns the file nor has CAP_FOWNER, which then reads as
+    /// before).
+    fn reopen_atime(&self, inode: &Inode, flags: i32) -> std::io::Result<File> {
+        if self.opts.read_only || self.opts.noatime {
+            match inode.reopen(flags | libc::O_NOATIME) {
+                Err(e) if e.raw_os_error() == Some(libc::EPERM) => {}
+                r => return r,
+            }
+        }
+        inode.reopen(flags)
     }
 
     /// Header of a file; `None` if it has none yet (empty file). A damaged

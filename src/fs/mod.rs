@@ -91,6 +91,9 @@ pub struct FsOptions {
     pub stats: Arc<IoStats>,
     /// Do not ask for the kernel's writeback cache (every write goes through).
     pub no_writeback: bool,
+    /// `noatime`: reads do not update the access time (with FUSE the
+    /// daemon's backing reads set it, not the kernel).
+    pub noatime: bool,
     /// The session's notifier, set by the mounter once the session exists
     /// (used to invalidate cached attributes the kernel cannot know changed).
     pub notifier: Arc<std::sync::OnceLock<fuser::Notifier>>,
@@ -103,6 +106,7 @@ impl Default for FsOptions {
             ttl: Duration::from_secs(1),
             stats: Arc::default(),
             no_writeback: false,
+            noatime: false,
             notifier: Arc::default(),
         }
     }
@@ -577,7 +581,7 @@ impl Filesystem for KmfsFs {
 
     fn setxattr(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         name: &OsStr,
         value: &[u8],
@@ -585,7 +589,7 @@ impl Filesystem for KmfsFs {
         _position: u32,
         reply: ReplyEmpty,
     ) {
-        let r = self.do_setxattr(ino, name, value, flags);
+        let r = self.do_setxattr(ino, name, value, flags, Caller::of(req));
         if r.is_ok() {
             // ctime, and the backing inode's blocks, changed.
             self.invalidate_attrs(ino.0);

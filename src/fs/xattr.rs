@@ -10,6 +10,7 @@ use std::sync::Arc;
 
 use fuser::{Errno, INodeNo, ReplyXattr};
 
+use super::attr::Caller;
 use super::{KmfsFs, R};
 use crate::crypto::xattr::{self, Mapped, XattrCipher, XattrError};
 use crate::sync::{MutexExt, RwLockExt};
@@ -171,6 +172,7 @@ impl KmfsFs {
         name: &OsStr,
         value: &[u8],
         flags: i32,
+        caller: Caller,
     ) -> R<()> {
         self.ro()?;
         let inode = self.inode(ino)?;
@@ -185,7 +187,7 @@ impl KmfsFs {
         // Sealed and stored under one hold of the active generation, so a
         // rekey's final sweep (after a barrier) sees it. No other lock of
         // the generations is taken inside.
-        self.vol.keys.generations.with_active(|g, k| {
+        let r = self.vol.keys.generations.with_active(|g, k| {
             let active = self.xattr_cipher_for(g, k);
             match Self::xattr_name(&active, name)? {
                 Mapped::Clear(n) => sys::setxattr(
@@ -235,7 +237,11 @@ impl KmfsFs {
                     Ok(())
                 }
             }
-        })
+        });
+        if r.is_ok() && name.as_bytes() == b"system.posix_acl_access" {
+            self.acl_kill_sgid(&inode, caller);
+        }
+        r
     }
 
     pub(super) fn do_removexattr(&self, ino: INodeNo, name: &OsStr) -> R<()> {

@@ -267,13 +267,39 @@ fn symlink_renames(plaintext: bool) {
     assert_eq!(rl("t").unwrap(), "/third");
     // Onto a directory: EISDIR, as on any filesystem.
     assert_eq!(rename2(&m.p("o"), &m.p("d"), 0), libc::EISDIR);
-    // RENAME_EXCHANGE with a symlink whose binding would change: EINVAL.
+    // RENAME_EXCHANGE with symlinks (xfstests generic/025): each link is
+    // re-created for its new place, the kernel's inode goes along. Link and
+    // file, link and link, link and directory across directories, and back.
     fs::write(m.p("g"), b"g").unwrap();
-    assert_eq!(
-        rename2(&m.p("o"), &m.p("g"), libc::RENAME_EXCHANGE),
-        libc::EINVAL
-    );
+    let ino_o = fs::symlink_metadata(m.p("o")).unwrap().ino();
+    let x = |a: &str, b: &str| rename2(&m.p(a), &m.p(b), libc::RENAME_EXCHANGE);
+    assert_eq!(x("o", "g"), 0);
+    assert_eq!(rl("g").unwrap(), "../target one");
+    assert_eq!(fs::symlink_metadata(m.p("g")).unwrap().ino(), ino_o);
+    assert_eq!(fs::read(m.p("o")).unwrap(), b"g");
+    assert_eq!(x("g", "t"), 0);
+    assert_eq!(rl("t").unwrap(), "../target one");
+    assert_eq!(rl("g").unwrap(), "/third");
+    fs::create_dir(m.p("d/sub")).unwrap();
+    assert_eq!(x("t", "d/sub"), 0);
+    assert_eq!(rl("d/sub").unwrap(), "../target one");
+    assert!(fs::symlink_metadata(m.p("t")).unwrap().is_dir());
+    assert_eq!(x("t", "d/sub"), 0);
+    fs::remove_dir(m.p("d/sub")).unwrap();
+    assert_eq!(x("t", "g"), 0);
+    assert_eq!(x("g", "o"), 0);
     assert_eq!(rl("o").unwrap(), "../target one");
+    assert_eq!(rl("t").unwrap(), "/third");
+    assert_eq!(fs::read(m.p("g")).unwrap(), b"g");
+    // RENAME_WHITEOUT of a symlink (generic/078): re-created at the new
+    // place, a whiteout at the old one.
+    std::os::unix::fs::symlink("wt", m.p("w")).unwrap();
+    assert_eq!(rename2(&m.p("w"), &m.p("d/w2"), libc::RENAME_WHITEOUT), 0);
+    assert_eq!(rl("d/w2").unwrap(), "wt");
+    let wo = fs::symlink_metadata(m.p("w")).unwrap();
+    assert!(std::os::unix::fs::FileTypeExt::is_char_device(&wo.file_type()) && wo.rdev() == 0);
+    fs::remove_file(m.p("w")).unwrap();
+    fs::remove_file(m.p("d/w2")).unwrap();
     // A hard link to a symlink: EPERM (one name, one binding).
     assert_eq!(errno_of(fs::hard_link(m.p("o"), m.p("o2"))), libc::EPERM);
     // Renaming the directory that holds a symlink keeps it readable.

@@ -784,6 +784,92 @@ fn fallocate_by_non_root_clears_setid_bits() {
     }
 }
 
+/// Setting an access ACL by the owner when not in the file's group clears
+/// set-gid, as the kernel's `posix_acl_update_mode` does on a local
+/// filesystem (xfstests generic/375); a member keeps it.
+#[test]
+fn setfacl_by_non_member_clears_setgid() {
+    let m = Volume::create(false).mount_with(&["-o", "allow_other"]);
+    let dir = m.p("shared");
+    fs::create_dir(&dir).unwrap();
+    fs::set_permissions(&dir, fs::Permissions::from_mode(0o777)).unwrap();
+    for (name, dir_entry) in [("file", false), ("subdir", true)] {
+        for (caller_gid, after) in [(65534, 0o2777), (12345, 0o0777)] {
+            let f = dir.join(name);
+            if dir_entry {
+                fs::create_dir(&f).unwrap();
+            } else {
+                fs::write(&f, b"x").unwrap();
+            }
+            std::os::unix::fs::chown(&f, Some(65534), Some(65534)).unwrap();
+            fs::set_permissions(&f, fs::Permissions::from_mode(0o2755)).unwrap();
+            let st = Command::new("setfacl")
+                .args(["-m", "u::rwx,g::rwx,o::rwx"])
+                .arg(&f)
+                .uid(65534)
+                .gid(caller_gid)
+                .status()
+                .unwrap();
+            assert!(st.success());
+            assert_eq!(
+                fs::metadata(&f).unwrap().mode() & 0o7777,
+                after,
+                "{name}: file group 65534, caller group {caller_gid}"
+            );
+            if dir_entry {
+                fs::remove_dir(&f).unwrap();
+            } else {
+                fs::remove_file(&f).unwrap();
+            }
+        }
+    }
+}
+
+/// With `-o noatime` (and on a read-only mount) reading a file leaves its
+/// access time alone: the daemon's backing reads would set it otherwise
+/// (xfstests generic/003, 120).
+#[test]
+fn noatime_mount_reads_leave_atime() {
+    let vol = Volume::create(false);
+    let m = vol.mount();
+    let f = m.p("f");
+    fs::write(&f, b"content").unwrap();
+    let old = libc::timespec {
+        tv_sec: 1_000_000_000,
+        tv_nsec: 0,
+    };
+    let c = CString::new(f.as_os_str().as_bytes()).unwrap();
+    let times = [
+        old,
+        libc::timespec {
+            tv_sec: 0,
+            tv_nsec: libc::UTIME_OMIT,
+        },
+    ];
+    // SAFETY: valid C string and two timespecs.
+    assert_eq!(
+        unsafe { libc::utimensat(libc::AT_FDCWD, c.as_ptr(), times.as_ptr(), 0) },
+        0
+    );
+    let mut vol = m.unmount();
+    for opts in [["-o", "noatime"], ["-o", "ro"]] {
+        let m = vol.mount_with(&opts);
+        assert_eq!(fs::read(m.p("f")).unwrap(), b"content");
+        assert_eq!(
+            fs::metadata(m.p("f")).unwrap().atime(),
+            1_000_000_000,
+            "{opts:?}"
+        );
+        vol = m.unmount();
+    }
+    // Without it the backing filesystem's rule applies (relatime: an
+    // access time older than the modification time is updated).
+    let m = vol.mount();
+    assert_eq!(fs::read(m.p("f")).unwrap(), b"content");
+    assert!(fs::metadata(m.p("f")).unwrap().atime() > 1_000_000_000);
+    m.unmount();
+}
+
 /// `st_blocks` describes the plaintext as ext4 would (Samba reports it as
 /// the allocation size and compares it on a durable reconnect): 0 for an
 /// empty file, one 4 KiB block for a small one, whole units for a full one,
