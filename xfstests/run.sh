@@ -29,8 +29,8 @@
 #     (xfstests requires `df -T` to show exactly "fuse"); any other device is
 #     handed to mount.fuse3 as usual, and the helper is removed when the run
 #     ends, so the machine's own fuse.kmfs mounts are not affected; it mounts
-#     with `dev` unless nodev is asked for (a local filesystem's default,
-#     which xfstests assumes);
+#     with `dev` and `suid` unless nodev or nosuid is asked for (a local
+#     filesystem's defaults, which xfstests assumes);
 #   * the test users fsgqa, fsgqa2, 123456-fsgqa and groups fsgqa, fsgqa2 if
 #     missing.
 # Then it runs ./check -fuse with xfstests/local.config (HOST_OPTIONS) and the
@@ -104,13 +104,18 @@ case \$dev in
     # Any other fuse.kmfs mount (a real volume, fstab) goes the normal way.
     *) exec mount.fuse3 "\$dev" "\$mnt" -t fuse.kmfs \${opts:+-o "\$opts"} ;;
 esac
-# Device nodes: mount(8) passes "nodev" on but drops "dev", the kernel's
-# default for a local filesystem, which xfstests assumes (generic/184, 306,
-# 434 open device nodes they create). kmfs itself mounts nodev unless told
-# "dev", so the helper asks for it unless the test said nodev.
+# Device nodes and set-id bits: mount(8) passes "nodev" and "nosuid" on but
+# drops "dev" and "suid", the kernel's defaults for a local filesystem, which
+# xfstests assumes (generic/184, 306, 434 open device nodes they create; 633
+# runs set-id binaries). kmfs itself mounts nodev,nosuid unless told "dev" or
+# "suid", so the helper asks for them unless the test said otherwise.
 case ,\$opts, in
     *,nodev,*) ;;
     *) opts="\$opts,dev" ;;
+esac
+case ,\$opts, in
+    *,nosuid,*) ;;
+    *) opts="\$opts,suid" ;;
 esac
 back=$work/back/\$dev
 if [ ! -e "\$back/kmfs.volume" ]; then

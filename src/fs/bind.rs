@@ -15,8 +15,10 @@
 //!   leftover temporary is ignored and `kmfs check --repair` removes it. The
 //!   kernel keeps seeing one inode: its node id is moved to the new backing
 //!   inode ([`super::inode::InodeTable::rebind`]). `RENAME_EXCHANGE` with a
-//!   symlink on either side whose place changes is refused (EINVAL): it
-//!   cannot be done atomically. A hard link to a symlink is refused (EPERM):
+//!   symlink on either side whose place changes re-creates each such link
+//!   for the other place (not atomic as a whole, docs/FORMAT.md 8.3);
+//!   `RENAME_WHITEOUT` of one leaves the backing filesystem's whiteout under
+//!   the old name. A hard link to a symlink is refused (EPERM):
 //!   a second name cannot carry the same binding.
 //! * While the volume header is older than format version 3, unbound
 //!   values and targets are read too (a rekey binds them); bound ones are
