@@ -18,6 +18,9 @@
 #   KMFS_XFS_WORK  work directory: key, backing directories, mountpoints,
 #                  results (default /var/tmp/kmfs-xfstests)
 #   KMFS_XFS_FRESH=1  start with new empty volumes
+#   KMFS_XFS_OWNFS=0  backing directories as plain directories under the work
+#                  directory, instead of (default) each on its own ext4 image
+#                  of KMFS_XFS_IMG_SIZE (default 10G, sparse), loop-mounted
 #
 # What it sets up:
 #   * a development key file and, per device name (kmfs-test, kmfs-scratch), a
@@ -63,10 +66,37 @@ for m in "$work/mnt/test" "$work/mnt/scratch"; do
         umount "$m" 2>/dev/null || umount -l "$m"
     fi
 done
+own_fs=${KMFS_XFS_OWNFS:-1}
 if [ "${KMFS_XFS_FRESH:-0}" = 1 ]; then
-    rm -rf "$work/back"
+    for d in "$work"/back/*; do
+        if mountpoint -q "$d" 2>/dev/null; then
+            umount "$d"
+        fi
+    done
+    rm -rf "$work/back" "$work/img"
 fi
 mkdir -p "$work/back" "$work/mnt/test" "$work/mnt/scratch" "$work/results" "$work/keys"
+# Each backing directory is the root of its own ext4 filesystem (a sparse
+# image, loop-mounted): kmfs serves files by NFS file handle only when its
+# backing directory is a whole filesystem (docs/SECURITY.md), which the
+# open_by_handle tests (generic/426, 467, 477, 756, 777) need.
+if [ "$own_fs" = 1 ]; then
+    mkdir -p "$work/img"
+    for dev in kmfs-test kmfs-scratch; do
+        img=$work/img/$dev.ext4 back=$work/back/$dev
+        mkdir -p "$back"
+        mountpoint -q "$back" && continue
+        if [ ! -s "$img" ]; then
+            truncate -s "${KMFS_XFS_IMG_SIZE:-10G}" "$img"
+            mkfs.ext4 -q -F "$img" || die "mkfs.ext4 $img failed"
+            mount -o loop "$img" "$back" || die "cannot loop-mount $img (set KMFS_XFS_OWNFS=0 for plain directories)"
+            rmdir "$back/lost+found"
+            chmod 0700 "$back"
+        else
+            mount -o loop "$img" "$back" || die "cannot loop-mount $img (set KMFS_XFS_OWNFS=0 for plain directories)"
+        fi
+    done
+fi
 chmod 0700 "$work/keys"
 chmod 0755 "$work" "$work/mnt" "$work/mnt/test" "$work/mnt/scratch"
 key=$work/keys/key
