@@ -305,17 +305,17 @@ impl KmfsFs {
                 let _ = sys::unlinkat(pfd.as_fd(), t, 0);
             }
         };
-        if a.is_none() || b.is_none() {
-            if let Err(e) = sys::renameat2(
+        if (a.is_none() || b.is_none())
+            && let Err(e) = sys::renameat2(
                 pfd.as_fd(),
                 &ob.name,
                 npfd.as_fd(),
                 &nb.name,
                 libc::RENAME_EXCHANGE,
-            ) {
-                cleanup();
-                return Err(Errno::from(e));
-            }
+            )
+        {
+            cleanup();
+            return Err(Errno::from(e));
         }
         if let Some((t, st, place)) = a {
             sys::renameat2(npfd.as_fd(), &t, npfd.as_fd(), &nb.name, 0).map_err(|e| {
