@@ -1088,3 +1088,54 @@ fn rename_whiteout_and_overlayfs_upper_layer() {
     }
     m.unmount();
 }
+
+/// A listing read in small pieces while an entry is removed: the open
+/// directory's later reads either leave the removed entry out or show it
+/// with its own inode number, never a made-up one (xfstests generic/637).
+#[test]
+fn readdir_after_unlink_shows_no_made_up_inode() {
+    let m = Volume::create(false).mount();
+    let dir = m.p("d");
+    fs::create_dir(&dir).unwrap();
+    for n in 1..=100 {
+        File::create(dir.join(n.to_string())).unwrap();
+    }
+    for victim in ["10", "50", "90"] {
+        let st_ino = fs::metadata(dir.join(victim)).unwrap().ino();
+        let d = File::open(&dir).unwrap();
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&d);
+        let mut buf = vec![0u8; 200];
+        let mut first = true;
+        let mut seen = None;
+        loop {
+            // SAFETY: getdents64 writes at most buf.len() bytes into buf.
+            let n = unsafe { libc::syscall(libc::SYS_getdents64, fd, buf.as_mut_ptr(), buf.len()) };
+            assert!(n >= 0, "{}", std::io::Error::last_os_error());
+            if first {
+                fs::remove_file(dir.join(victim)).unwrap();
+                first = false;
+            }
+            if n == 0 {
+                break;
+            }
+            let mut pos = 0usize;
+            while pos < n as usize {
+                // linux_dirent64: d_ino u64, d_off i64, d_reclen u16, d_type u8, name.
+                let ino = u64::from_ne_bytes(buf[pos..pos + 8].try_into().unwrap());
+                let reclen = u16::from_ne_bytes(buf[pos + 16..pos + 18].try_into().unwrap());
+                let name = &buf[pos + 19..pos + reclen as usize];
+                let name = &name[..name.iter().position(|&b| b == 0).unwrap()];
+                if name == victim.as_bytes() {
+                    seen = Some(ino);
+                }
+                pos += reclen as usize;
+            }
+        }
+        if let Some(ino) = seen {
+            assert_eq!(
+                ino, st_ino,
+                "{victim}: stale entry with another inode number"
+            );
+        }
+    }
+}
