@@ -249,8 +249,29 @@ pub fn fstatvfs(f: &File) -> io::Result<libc::statvfs> {
 // Extended attributes, through the /proc magic link so they work for every
 // inode kind held as O_PATH.
 
+/// Most attribute values and lists fit: one system call instead of a size
+/// query and a read.
+const XATTR_FIRST_TRY: usize = 4096;
+
 pub fn getxattr(fd: BorrowedFd<'_>, name: &CStr) -> io::Result<Vec<u8>> {
     let p = proc_path(fd.as_raw_fd());
+    let mut buf = vec![0u8; XATTR_FIRST_TRY];
+    // SAFETY: `buf` is writable for buf.len() bytes.
+    match cvt_ssize(unsafe {
+        libc::getxattr(
+            p.as_ptr(),
+            name.as_ptr(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+        )
+    }) {
+        Ok(m) => {
+            buf.truncate(m);
+            return Ok(buf);
+        }
+        Err(e) if e.raw_os_error() == Some(libc::ERANGE) => {}
+        Err(e) => return Err(e),
+    }
     loop {
         // SAFETY: size query with a null buffer of length 0.
         let n = cvt_ssize(unsafe {
@@ -305,6 +326,16 @@ pub fn removexattr(fd: BorrowedFd<'_>, name: &CStr) -> io::Result<()> {
 /// The backing attribute names, NUL-separated as the kernel returns them.
 pub fn listxattr(fd: BorrowedFd<'_>) -> io::Result<Vec<u8>> {
     let p = proc_path(fd.as_raw_fd());
+    let mut buf = vec![0u8; XATTR_FIRST_TRY];
+    // SAFETY: `buf` is writable for buf.len() bytes.
+    match cvt_ssize(unsafe { libc::listxattr(p.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) }) {
+        Ok(m) => {
+            buf.truncate(m);
+            return Ok(buf);
+        }
+        Err(e) if e.raw_os_error() == Some(libc::ERANGE) => {}
+        Err(e) => return Err(e),
+    }
     loop {
         // SAFETY: size query with a null buffer.
         let n = cvt_ssize(unsafe { libc::listxattr(p.as_ptr(), std::ptr::null_mut(), 0) })?;

@@ -88,15 +88,28 @@ impl XattrCipher {
         }
     }
 
-    pub fn map_name(&self, name: &[u8]) -> Result<Mapped, XattrError> {
+    /// Whether `name` is one kmfs stores (the errors of [`Self::map_name`]),
+    /// without computing its backing name.
+    pub fn check_name(name: &[u8]) -> Result<(), XattrError> {
         if name.is_empty() || name.len() > 255 || name.contains(&0) {
             return Err(XattrError::Invalid);
         }
+        if name != ACL_ACCESS && name != ACL_DEFAULT && name.starts_with(b"system.") {
+            return Err(XattrError::Unsupported);
+        }
+        Ok(())
+    }
+
+    /// Whether the backing attribute `backing` is one kmfs shows (an ACL, or
+    /// one of its encrypted attributes).
+    pub fn is_shown(backing: &[u8]) -> bool {
+        backing == ACL_ACCESS || backing == ACL_DEFAULT || backing.starts_with(BACKING_PREFIX)
+    }
+
+    pub fn map_name(&self, name: &[u8]) -> Result<Mapped, XattrError> {
+        Self::check_name(name)?;
         if name == ACL_ACCESS || name == ACL_DEFAULT {
             return Ok(Mapped::Clear(name.to_vec()));
-        }
-        if name.starts_with(b"system.") {
-            return Err(XattrError::Unsupported);
         }
         let mut m = <hmac::Hmac<Sha256> as KeyInit>::new_from_slice(self.name_key.as_bytes())
             .expect("HMAC takes any key length");

@@ -7,7 +7,7 @@ use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use fuser::{
     Errno, FileAttr, FileHandle, FileType, INodeNo, ReplyDirectory, ReplyDirectoryPlus, Request,
@@ -28,10 +28,7 @@ impl KmfsFs {
             return Err(Errno::ENOTDIR);
         }
         let entries = self.snapshot(&inode)?;
-        Ok(self.dirs.insert(OpenDir {
-            inode,
-            entries: Mutex::new(entries),
-        }))
+        Ok(self.dirs.insert(OpenDir::new(inode, entries)))
     }
 
     pub(super) fn do_readdir(
@@ -42,7 +39,7 @@ impl KmfsFs {
         reply: &mut ReplyDirectory,
     ) -> R<()> {
         let d = self.dirs.get(fh.0).ok_or(Errno::EBADF)?;
-        if offset == 0 {
+        if offset == 0 && d.restarts() {
             let fresh = self.snapshot(&d.inode)?;
             *d.entries.locked() = fresh;
         }
@@ -96,6 +93,33 @@ impl KmfsFs {
         backing: &CStr,
     ) -> R<(Arc<Inode>, FileAttr)> {
         let fd = parent.open_child(backing).map_err(Errno::from)?;
+        self.lookup_opened(fd)
+    }
+
+    /// [`Self::lookup_backing`] for an entry the inode table is likely to
+    /// hold already (a name the kernel looks up again, a listed entry it
+    /// knows): one `fstatat`, and no open when the table holds the backing
+    /// inode with an open descriptor (`InodeTable::take_live`); otherwise
+    /// the entry is opened as `lookup_backing` does.
+    ///
+    /// The caller holds `parent`'s names lock, and the kernel holds the
+    /// directory's lock shared for a lookup or a listing, which an unlink
+    /// or rename in it takes exclusively: the name still names the inode
+    /// `fstatat` saw when the table is asked. (A revalidating lookup holds
+    /// no lock; an answer that is stale by then only makes the kernel drop
+    /// its entry and look the name up again.)
+    fn lookup_known(&self, parent: &Inode, backing: &CStr) -> R<(Arc<Inode>, FileAttr)> {
+        let st = sys::fstatat(parent.fd()?.as_fd(), backing, libc::AT_SYMLINK_NOFOLLOW)
+            .map_err(Errno::from)?;
+        if let Some(inode) = self.inodes.take_live((st.st_dev, st.st_ino)) {
+            let attr = self.attr(&inode, &st);
+            return Ok((inode, attr));
+        }
+        self.lookup_backing(parent, backing)
+    }
+
+    /// Registers the entry opened as `fd` (an `O_PATH` descriptor).
+    fn lookup_opened(&self, fd: OwnedFd) -> R<(Arc<Inode>, FileAttr)> {
         let st = sys::fstat(fd.as_fd()).map_err(Errno::from)?;
         let inode = self.inodes.lookup(fd, &st);
         let attr = self.attr(&inode, &st);
@@ -120,7 +144,7 @@ impl KmfsFs {
             Err(e) if e == Errno::EPERM => return Err(Errno::ENOENT),
             Err(e) => return Err(e),
         };
-        let (inode, attr) = self.lookup_backing(&parent, &b.name)?;
+        let (inode, attr) = self.lookup_known(&parent, &b.name)?;
         self.note_link(&inode, &parent, name);
         Ok((inode, attr))
     }
@@ -292,9 +316,18 @@ impl KmfsFs {
     /// A readdir snapshot entry looked up for readdirplus. A rekey may have
     /// renamed the backing entry since the snapshot: then its plaintext name
     /// is encoded again.
-    fn lookup_listed(&self, dir: &Inode, e: &DirEntry) -> R<(Arc<Inode>, FileAttr)> {
+    fn lookup_listed(&self, dir: &Inode, dev: u64, e: &DirEntry) -> R<(Arc<Inode>, FileAttr)> {
         let _n = read_lock(&dir.names);
-        let (inode, attr) = match self.lookup_backing(dir, &e.backing) {
+        // An entry the table holds open (a directory listed again, as rm -rf
+        // and find do) costs one fstatat instead of an open, a stat and a
+        // close.
+        let known = self.inodes.by_backing(dev, e.ino).is_some();
+        let first = if known {
+            self.lookup_known(dir, &e.backing)
+        } else {
+            self.lookup_backing(dir, &e.backing)
+        };
+        let (inode, attr) = match first {
             Err(err) if err == Errno::ENOENT && !self.names.plaintext() => {
                 let b = self.names.encode(dir, &e.name)?;
                 self.lookup_backing(dir, &b.name)
@@ -313,11 +346,12 @@ impl KmfsFs {
         reply: &mut ReplyDirectoryPlus,
     ) -> R<()> {
         let d = self.dirs.get(fh.0).ok_or(Errno::EBADF)?;
-        if offset == 0 {
+        if offset == 0 && d.restarts() {
             let fresh = self.snapshot(&d.inode)?;
             *d.entries.locked() = fresh;
         }
-        let dattr = self.stat_attr(&d.inode)?;
+        let dst = sys::fstat(d.inode.fd()?.as_fd()).map_err(Errno::from)?;
+        let dattr = self.attr(&d.inode, &dst);
         let ttl = self.opts.ttl;
         let mut i = offset;
         loop {
@@ -331,7 +365,7 @@ impl KmfsFs {
                         break;
                     };
                     let e = &e;
-                    match self.lookup_listed(&d.inode, e) {
+                    match self.lookup_listed(&d.inode, dst.st_dev, e) {
                         Ok((inode, attr)) => {
                             let full = reply.add(
                                 INodeNo(inode.ino),

@@ -58,10 +58,29 @@ pub struct DirEntry {
 }
 
 /// An open directory: a snapshot of its entries, taken at opendir and again
-/// whenever the listing restarts at offset 0 (rewinddir).
+/// whenever the listing restarts at offset 0 after a first pass (rewinddir).
 pub struct OpenDir {
     pub inode: Arc<Inode>,
     pub entries: Mutex<Vec<DirEntry>>,
+    /// The snapshot is opendir's and no listing has started from it yet: the
+    /// first read at offset 0 uses it instead of listing the directory again.
+    pub fresh: std::sync::atomic::AtomicBool,
+}
+
+impl OpenDir {
+    pub fn new(inode: Arc<Inode>, entries: Vec<DirEntry>) -> OpenDir {
+        OpenDir {
+            inode,
+            entries: Mutex::new(entries),
+            fresh: std::sync::atomic::AtomicBool::new(true),
+        }
+    }
+
+    /// Whether a listing starting at offset 0 must take a new snapshot (true
+    /// except for the first one after opendir).
+    pub fn restarts(&self) -> bool {
+        !self.fresh.swap(false, Ordering::AcqRel)
+    }
 }
 
 pub struct Handles<T> {

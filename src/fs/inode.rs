@@ -24,7 +24,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock, Weak};
 
 use fuser::{Errno, FileType};
@@ -78,6 +78,9 @@ pub struct Inode {
     /// volume, and its plaintext name), which its target is bound to; noted
     /// at every lookup by name.
     link: Mutex<Option<LinkPlace>>,
+    /// Whether the backing inode holds extended attributes kmfs shows
+    /// (`xattr.rs`: unknown, none or some), learned at the first query.
+    pub xattrs: AtomicU8,
 }
 
 /// Where a symlink is: what its target is bound to.
@@ -204,6 +207,7 @@ impl Inode {
             io: RwLock::new(()),
             writers: AtomicUsize::new(0),
             link: Mutex::new(None),
+            xattrs: AtomicU8::new(0),
         });
         if evictable {
             cache.admit(Arc::downgrade(&inode));
@@ -595,8 +599,11 @@ impl InodeTable {
     }
 
     /// One more reference to the entry of `key` if it holds a descriptor
-    /// (which pins its backing inode, so it is the same file).
-    fn take_live(&self, key: (u64, u64)) -> Option<Arc<Inode>> {
+    /// (which pins its backing inode, so it is the same file). `None` if
+    /// unknown or evicted: the caller opens the entry and goes through
+    /// [`InodeTable::lookup`] (a lookup that found `key` by `fstatat` needs
+    /// no descriptor of its own otherwise).
+    pub fn take_live(&self, key: (u64, u64)) -> Option<Arc<Inode>> {
         let mut t = self.lock();
         let ino = *t.by_key.get(&key)?;
         let e = t.by_ino.get_mut(&ino)?;
@@ -646,10 +653,14 @@ impl InodeTable {
             None => None,
         };
         if let Some(key) = gone {
-            t.by_ino.remove(&ino);
+            let entry = t.by_ino.remove(&ino);
             if t.by_key.get(&key) == Some(&ino) {
                 t.by_key.remove(&key);
             }
+            // Its descriptor is closed after the table lock is released
+            // (rm -rf sends a FORGET per file, on every worker thread).
+            drop(t);
+            drop(entry);
         }
     }
 

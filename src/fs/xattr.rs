@@ -7,10 +7,12 @@ use std::ffi::OsStr;
 use std::os::fd::AsFd;
 use std::os::unix::ffi::OsStrExt;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
 use fuser::{Errno, INodeNo, ReplyXattr};
 
 use super::attr::Caller;
+use super::inode::Inode;
 use super::{KmfsFs, R};
 use crate::crypto::xattr::{self, Mapped, XattrCipher, XattrError};
 use crate::sync::{MutexExt, RwLockExt};
@@ -45,6 +47,28 @@ impl XattrReply {
     }
 }
 
+/// `Inode::xattrs`: not known yet, none that kmfs shows, some.
+const XATTRS_NONE: u8 = 1;
+const XATTRS_SOME: u8 = 2;
+
+/// Notes in `inode` whether the backing attribute list `raw` holds any that
+/// kmfs shows; returns true if none.
+fn note_xattrs(inode: &Inode, raw: &[u8]) -> bool {
+    let none = !raw
+        .split(|&c| c == 0)
+        .any(|n| !n.is_empty() && XattrCipher::is_shown(n));
+    let state = if none { XATTRS_NONE } else { XATTRS_SOME };
+    inode.xattrs.store(state, Ordering::Release);
+    none
+}
+
+fn xattr_errno(e: XattrError) -> Errno {
+    match e {
+        XattrError::Unsupported => Errno::EOPNOTSUPP,
+        XattrError::Invalid => Errno::ERANGE,
+    }
+}
+
 impl KmfsFs {
     /// The attribute ciphers of every key generation, the active one first.
     pub(super) fn xattr_ciphers(&self) -> Vec<(u16, Arc<XattrCipher>)> {
@@ -69,15 +93,43 @@ impl KmfsFs {
     }
 
     pub(super) fn xattr_name(c: &XattrCipher, name: &OsStr) -> R<Mapped> {
-        c.map_name(name.as_bytes()).map_err(|e| match e {
-            XattrError::Unsupported => Errno::EOPNOTSUPP,
-            XattrError::Invalid => Errno::ERANGE,
-        })
+        c.map_name(name.as_bytes()).map_err(xattr_errno)
+    }
+
+    /// Whether the backing inode holds no attribute kmfs shows: known after
+    /// the first query, which lists the backing attributes (one system call,
+    /// as the getxattr it replaces) instead of asking for one. `ls -l` asks
+    /// every file for `security.selinux` and its ACL; on a file with
+    /// neither, the second question needs no system call, and no name is
+    /// hashed. Only this daemon changes the backing attributes, under the
+    /// inode's `io` lock, which the caller holds: `do_setxattr` marks the
+    /// inode as having some (a rekey only rewrites attributes that exist,
+    /// and a default ACL is applied when an inode is made, before its first
+    /// query).
+    fn holds_no_xattrs(&self, inode: &Inode) -> R<bool> {
+        match inode.xattrs.load(Ordering::Acquire) {
+            XATTRS_NONE => return Ok(true),
+            XATTRS_SOME => return Ok(false),
+            _ => {}
+        }
+        let none = match sys::listxattr(inode.fd()?.as_fd()) {
+            Ok(raw) => note_xattrs(inode, &raw),
+            Err(_) => {
+                // Let the query itself meet the error (and ask no more).
+                inode.xattrs.store(XATTRS_SOME, Ordering::Release);
+                false
+            }
+        };
+        Ok(none)
     }
 
     pub(super) fn do_getxattr(&self, ino: INodeNo, name: &OsStr) -> R<Vec<u8>> {
         let inode = self.inode(ino)?;
         let _g = inode.io.read_locked();
+        XattrCipher::check_name(name.as_bytes()).map_err(xattr_errno)?;
+        if self.holds_no_xattrs(&inode)? {
+            return Err(Errno::ENODATA);
+        }
         let mut missing = Errno::ENODATA;
         let unbound_ok = self.vol.keys.unbound_ok();
         let mut owner = None;
@@ -124,12 +176,18 @@ impl KmfsFs {
     pub(super) fn do_listxattr(&self, ino: INodeNo) -> R<Vec<u8>> {
         let inode = self.inode(ino)?;
         let _g = inode.io.read_locked();
+        if inode.xattrs.load(Ordering::Acquire) == XATTRS_NONE {
+            return Ok(Vec::new());
+        }
         let ciphers = self.xattr_ciphers();
         let unbound_ok = self.vol.keys.unbound_ok();
         let owner = self.xattr_owner(&inode, false)?;
         let mut seen: Vec<Vec<u8>> = Vec::new();
         let raw = match sys::listxattr(inode.fd()?.as_fd()) {
-            Ok(r) => r,
+            Ok(r) => {
+                note_xattrs(&inode, &r);
+                r
+            }
             Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => Vec::new(),
             Err(e) => return Err(Errno::from(e)),
         };
@@ -177,6 +235,9 @@ impl KmfsFs {
         self.ro()?;
         let inode = self.inode(ino)?;
         let _g = inode.io.write_locked();
+        // Set before the attribute is written: even a failed write may have
+        // left one.
+        inode.xattrs.store(XATTRS_SOME, Ordering::Release);
         let ciphers = self.xattr_ciphers();
         // Bound to the inode's owner id (a file without a header gets one
         // now, see `bind`); not for the clear ACL names.

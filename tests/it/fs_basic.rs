@@ -1139,3 +1139,134 @@ fn readdir_after_unlink_shows_no_made_up_inode() {
         }
     }
 }
+
+/// The daemon answers attribute queries of a file without attributes from
+/// what it learned at the first one (`ls -l` asks every file for
+/// `security.selinux` and its ACL): attributes set afterwards, security
+/// ones and ACLs included, are still found, listed and enforced.
+#[test]
+fn attributes_set_after_queries_that_found_none_are_found_and_enforced() {
+    let m = Volume::create(false).mount_with(&["-o", "allow_other"]);
+    let f = m.p("plain");
+    fs::write(&f, b"readable by others").unwrap();
+    fs::set_permissions(&f, fs::Permissions::from_mode(0o644)).unwrap();
+    for _ in 0..2 {
+        assert_eq!(getx(&f, "security.selinux"), Err(libc::ENODATA));
+        assert_eq!(getx(&f, "system.posix_acl_access"), Err(libc::ENODATA));
+        assert_eq!(getx(&f, "user.x"), Err(libc::ENODATA));
+        assert_eq!(getx(&f, "system.other"), Err(libc::EOPNOTSUPP));
+        assert!(listx(&f).is_empty());
+    }
+    assert_eq!(
+        setx(&f, "security.selinux", b"system_u:object_r:etc_t:s0"),
+        0
+    );
+    assert_eq!(
+        getx(&f, "security.selinux").unwrap(),
+        b"system_u:object_r:etc_t:s0"
+    );
+    assert_eq!(getx(&f, "user.x"), Err(libc::ENODATA));
+    assert_eq!(listx(&f), vec!["security.selinux"]);
+
+    // An ACL set after the queries found none is read back and enforced.
+    let read_as_nobody = |p: &Path| {
+        Command::new("cat")
+            .arg(p)
+            .uid(65534)
+            .gid(65534)
+            .output()
+            .unwrap()
+            .status
+            .success()
+    };
+    let g = m.p("guarded");
+    fs::write(&g, b"secret").unwrap();
+    fs::set_permissions(&g, fs::Permissions::from_mode(0o644)).unwrap();
+    assert_eq!(getx(&g, "system.posix_acl_access"), Err(libc::ENODATA));
+    assert!(listx(&g).is_empty());
+    assert!(read_as_nobody(&g), "mode 0644 lets others read");
+    let st = Command::new("setfacl")
+        .args(["-m", "u:nobody:---"])
+        .arg(&g)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    assert!(!read_as_nobody(&g), "the ACL denies nobody");
+    assert!(getx(&g, "system.posix_acl_access").is_ok());
+    assert_eq!(listx(&g), vec!["system.posix_acl_access"]);
+    // Still so once the kernel has forgotten the inode.
+    let st = Command::new("sh")
+        .args(["-c", "echo 3 > /proc/sys/vm/drop_caches"])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    assert!(!read_as_nobody(&g), "the ACL still denies nobody");
+    let out = Command::new("getfacl").arg("-c").arg(&g).output().unwrap();
+    assert!(String::from_utf8_lossy(&out.stdout).contains("user:nobody:---"));
+    // Removing it gives the mode back.
+    let st = Command::new("setfacl").arg("-b").arg(&g).status().unwrap();
+    assert!(st.success());
+    assert_eq!(getx(&g, "system.posix_acl_access"), Err(libc::ENODATA));
+    assert!(read_as_nobody(&g));
+}
+
+/// A listing restarted with rewinddir shows entries made since opendir (the
+/// first pass reuses opendir's snapshot, a restart takes a new one), and an
+/// unlinked open file keeps the times set on it.
+#[test]
+fn rewinddir_sees_new_entries_and_an_unlinked_file_keeps_its_times() {
+    let m = Volume::create(false).mount();
+    let d = m.p("d");
+    fs::create_dir(&d).unwrap();
+    fs::write(d.join("a"), b"a").unwrap();
+    let cd = c(&d);
+    // SAFETY: valid C string; the stream is closed below.
+    let dir = unsafe { libc::opendir(cd.as_ptr()) };
+    assert!(!dir.is_null());
+    let names = |dir: *mut libc::DIR| {
+        let mut v = Vec::new();
+        loop {
+            // SAFETY: `dir` is an open stream.
+            let e = unsafe { libc::readdir(dir) };
+            if e.is_null() {
+                break;
+            }
+            // SAFETY: readdir returned a valid entry with a C string name.
+            let n = unsafe { std::ffi::CStr::from_ptr((*e).d_name.as_ptr()) };
+            let n = n.to_string_lossy().into_owned();
+            if n != "." && n != ".." {
+                v.push(n);
+            }
+        }
+        v.sort();
+        v
+    };
+    assert_eq!(names(dir), vec!["a"]);
+    fs::write(d.join("b"), b"b").unwrap();
+    // SAFETY: `dir` is an open stream.
+    unsafe { libc::rewinddir(dir) };
+    assert_eq!(names(dir), vec!["a", "b"]);
+    // SAFETY: closes the stream opened above.
+    unsafe { libc::closedir(dir) };
+
+    let p = d.join("open-unlinked");
+    let f = OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .read(true)
+        .write(true)
+        .open(&p)
+        .unwrap();
+    f.write_all_at(b"data", 0).unwrap();
+    fs::remove_file(&p).unwrap();
+    let t = std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_500_000_000);
+    for _ in 0..2 {
+        f.set_modified(t).unwrap();
+        let md = f.metadata().unwrap();
+        assert_eq!(md.mtime(), 1_500_000_000);
+        assert_eq!(md.nlink(), 0);
+    }
+    let t2 = std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_600_000_000);
+    f.set_modified(t2).unwrap();
+    assert_eq!(f.metadata().unwrap().mtime(), 1_600_000_000);
+}
