@@ -45,6 +45,7 @@ mod bind;
 mod dir;
 mod entry;
 mod export;
+mod fd_cache;
 mod file_io;
 pub mod gate;
 pub mod handle;
