@@ -255,43 +255,27 @@ const XATTR_FIRST_TRY: usize = 4096;
 
 pub fn getxattr(fd: BorrowedFd<'_>, name: &CStr) -> io::Result<Vec<u8>> {
     let p = proc_path(fd.as_raw_fd());
-    let mut buf = vec![0u8; XATTR_FIRST_TRY];
-    // SAFETY: `buf` is writable for buf.len() bytes.
-    match cvt_ssize(unsafe {
-        libc::getxattr(
-            p.as_ptr(),
-            name.as_ptr(),
-            buf.as_mut_ptr().cast(),
-            buf.len(),
-        )
-    }) {
-        Ok(m) => {
-            buf.truncate(m);
-            return Ok(buf);
-        }
-        Err(e) if e.raw_os_error() == Some(libc::ERANGE) => {}
-        Err(e) => return Err(e),
-    }
+    // SAFETY: `read_sized` passes a buffer writable for `len` bytes, or a
+    // null pointer with `len` 0 (a size query); the strings are valid.
+    read_sized(|buf, len| unsafe { libc::getxattr(p.as_ptr(), name.as_ptr(), buf, len) })
+}
+
+/// Reads a variable-sized value with `call(buffer, length)` (getxattr,
+/// listxattr): a 4 KiB buffer first (most values and lists fit, one system
+/// call); if that is too small, asks for the size and reads again, until
+/// the value stops growing under us.
+fn read_sized(call: impl Fn(*mut libc::c_void, usize) -> libc::ssize_t) -> io::Result<Vec<u8>> {
+    let mut len = XATTR_FIRST_TRY;
     loop {
-        // SAFETY: size query with a null buffer of length 0.
-        let n = cvt_ssize(unsafe {
-            libc::getxattr(p.as_ptr(), name.as_ptr(), std::ptr::null_mut(), 0)
-        })?;
-        let mut buf = vec![0u8; n];
-        // SAFETY: `buf` is writable for buf.len() bytes.
-        match cvt_ssize(unsafe {
-            libc::getxattr(
-                p.as_ptr(),
-                name.as_ptr(),
-                buf.as_mut_ptr().cast(),
-                buf.len(),
-            )
-        }) {
+        let mut buf = vec![0u8; len];
+        match cvt_ssize(call(buf.as_mut_ptr().cast(), buf.len())) {
             Ok(m) => {
                 buf.truncate(m);
                 return Ok(buf);
             }
-            Err(e) if e.raw_os_error() == Some(libc::ERANGE) => continue,
+            Err(e) if e.raw_os_error() == Some(libc::ERANGE) => {
+                len = cvt_ssize(call(std::ptr::null_mut(), 0))?;
+            }
             Err(e) => return Err(e),
         }
     }
@@ -326,31 +310,8 @@ pub fn removexattr(fd: BorrowedFd<'_>, name: &CStr) -> io::Result<()> {
 /// The backing attribute names, NUL-separated as the kernel returns them.
 pub fn listxattr(fd: BorrowedFd<'_>) -> io::Result<Vec<u8>> {
     let p = proc_path(fd.as_raw_fd());
-    let mut buf = vec![0u8; XATTR_FIRST_TRY];
-    // SAFETY: `buf` is writable for buf.len() bytes.
-    match cvt_ssize(unsafe { libc::listxattr(p.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) }) {
-        Ok(m) => {
-            buf.truncate(m);
-            return Ok(buf);
-        }
-        Err(e) if e.raw_os_error() == Some(libc::ERANGE) => {}
-        Err(e) => return Err(e),
-    }
-    loop {
-        // SAFETY: size query with a null buffer.
-        let n = cvt_ssize(unsafe { libc::listxattr(p.as_ptr(), std::ptr::null_mut(), 0) })?;
-        let mut buf = vec![0u8; n];
-        // SAFETY: `buf` is writable for buf.len() bytes.
-        match cvt_ssize(unsafe { libc::listxattr(p.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) })
-        {
-            Ok(m) => {
-                buf.truncate(m);
-                return Ok(buf);
-            }
-            Err(e) if e.raw_os_error() == Some(libc::ERANGE) => continue,
-            Err(e) => return Err(e),
-        }
-    }
+    // SAFETY: as in `getxattr`.
+    read_sized(|buf, len| unsafe { libc::listxattr(p.as_ptr(), buf.cast(), len) })
 }
 
 /// Whether process `pid`, whose file-system gid is `fsgid`, is a member of
