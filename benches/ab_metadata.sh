@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # A/B of two kmfs binaries on the metadata path, interleaved in one run:
-# cold `ls -lR` and cold cat of every file of fs_bench.sh's 12,600-file tree,
+# cold `ls -lR`, cold cat of every file and cold `rm -rf` (then a fresh untar)
+# of fs_bench.sh's 12,600-file tree,
 # both volumes on one tmpfs, alternating A and B for ROUNDS rounds.
 #
 #   sudo benches/ab_metadata.sh OLD_KMFS NEW_KMFS [ROUNDS=6]
@@ -23,16 +24,18 @@ for x in A B; do
 done
 sync
 t() { local s e; s=$(date +%s.%N); "$@" >/dev/null; e=$(date +%s.%N); awk -v a="$s" -v b="$e" 'BEGIN{printf "%.3f", b-a}'; }
-declare -A LS CAT
+declare -A LS CAT RM
 for r in $(seq "$ROUNDS"); do
   for x in A B; do
     echo 3 >/proc/sys/vm/drop_caches; LS[$x]+="$(t ls -lR "$W/m$x/t") "
     echo 3 >/proc/sys/vm/drop_caches
     CAT[$x]+="$(t sh -c "find '$W/m$x/t' -type f -print0 | xargs -0 cat") "
+    echo 3 >/proc/sys/vm/drop_caches; RM[$x]+="$(t rm -rf "$W/m$x/t") "
+    tar -xf "$TAR" -C "$W/m$x"; sync
   done
 done
 med() { tr ' ' '\n' | grep . | sort -g | awk '{a[NR]=$1} END{print (NR%2) ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2}'; }
 echo "A=$A"; echo "B=$B"; echo "cold, $ROUNDS rounds interleaved; seconds: median (all)"
 for x in A B; do
-  echo "$x ls -lR $(echo "${LS[$x]}" | med) (${LS[$x]% })   cat $(echo "${CAT[$x]}" | med) (${CAT[$x]% })"
+  echo "$x ls -lR $(echo "${LS[$x]}" | med) (${LS[$x]% })   cat $(echo "${CAT[$x]}" | med) (${CAT[$x]% })   rm -rf $(echo "${RM[$x]}" | med) (${RM[$x]% })"
 done

@@ -128,9 +128,9 @@ impl KmfsFs {
         let _g = inode.io.read_locked();
         XattrCipher::check_name(name.as_bytes()).map_err(xattr_errno)?;
         if self.holds_no_xattrs(&inode)? {
-            return Err(Errno::ENODATA);
+            return Err(absent(name));
         }
-        let mut missing = Errno::ENODATA;
+        let mut missing = absent(name);
         let unbound_ok = self.vol.keys.unbound_ok();
         let mut owner = None;
         // Stored under the generation it was written with: try each.
@@ -321,5 +321,21 @@ impl KmfsFs {
             }
         }
         result
+    }
+}
+
+/// The answer for an attribute the inode does not hold: ENODATA, except for
+/// `security.selinux`, which is EOPNOTSUPP — what a filesystem without
+/// labels answers. The query reaches kmfs only on hosts where no security
+/// module owns the name (SELinux answers it from the kernel's own label), and
+/// there GNU `ls -l` asks every file for it until a filesystem says it has
+/// none: this halves `ls -l`'s round trips (docs/PERFORMANCE.md). A label
+/// that is stored (`rsync -X`, `tar --selinux`) is still kept, listed and
+/// returned.
+fn absent(name: &OsStr) -> Errno {
+    if name.as_bytes() == b"security.selinux" {
+        Errno::EOPNOTSUPP
+    } else {
+        Errno::ENODATA
     }
 }

@@ -1142,8 +1142,9 @@ fn readdir_after_unlink_shows_no_made_up_inode() {
 
 /// The daemon answers attribute queries of a file without attributes from
 /// what it learned at the first one (`ls -l` asks every file for
-/// `security.selinux` and its ACL): attributes set afterwards, security
-/// ones and ACLs included, are still found, listed and enforced.
+/// `security.selinux` and its ACL; an absent label is EOPNOTSUPP, so ls
+/// stops asking): attributes set afterwards, security ones and ACLs
+/// included, are still found, listed and enforced.
 #[test]
 fn attributes_set_after_queries_that_found_none_are_found_and_enforced() {
     let m = Volume::create(false).mount_with(&["-o", "allow_other"]);
@@ -1151,7 +1152,10 @@ fn attributes_set_after_queries_that_found_none_are_found_and_enforced() {
     fs::write(&f, b"readable by others").unwrap();
     fs::set_permissions(&f, fs::Permissions::from_mode(0o644)).unwrap();
     for _ in 0..2 {
-        assert_eq!(getx(&f, "security.selinux"), Err(libc::ENODATA));
+        // No label: "not supported", as a filesystem without labels, so
+        // `ls -l` stops asking; other absent attributes are ENODATA.
+        assert_eq!(getx(&f, "security.selinux"), Err(libc::EOPNOTSUPP));
+        assert_eq!(getx(&f, "security.capability"), Err(libc::ENODATA));
         assert_eq!(getx(&f, "system.posix_acl_access"), Err(libc::ENODATA));
         assert_eq!(getx(&f, "user.x"), Err(libc::ENODATA));
         assert_eq!(getx(&f, "system.other"), Err(libc::EOPNOTSUPP));
@@ -1167,6 +1171,12 @@ fn attributes_set_after_queries_that_found_none_are_found_and_enforced() {
     );
     assert_eq!(getx(&f, "user.x"), Err(libc::ENODATA));
     assert_eq!(listx(&f), vec!["security.selinux"]);
+    // A file holding other attributes but no label: still "not supported".
+    let u = m.p("user-attr-only");
+    fs::write(&u, b"x").unwrap();
+    assert_eq!(setx(&u, "user.x", b"1"), 0);
+    assert_eq!(getx(&u, "security.selinux"), Err(libc::EOPNOTSUPP));
+    assert_eq!(getx(&u, "security.capability"), Err(libc::ENODATA));
 
     // An ACL set after the queries found none is read back and enforced.
     let read_as_nobody = |p: &Path| {
