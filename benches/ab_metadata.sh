@@ -13,7 +13,12 @@ TAR=${DISK_DIR:-/var/tmp/kmfs-bench}/cache/tree-v1.tar
 [ -f "$TAR" ] || { echo "no $TAR: run benches/fs_bench.sh once first" >&2; exit 1; }
 W=$(mktemp -d /run/kmfs-ab.XXXX)
 mount -t tmpfs -o size=2g kmfs-ab "$W"
-cleanup() { for x in A B; do fusermount3 -u "$W/m$x" 2>/dev/null || true; done; umount "$W" || umount -l "$W"; rmdir "$W"; }
+cleanup() {
+  for x in A B; do fusermount3 -u "$W/m$x" 2>/dev/null || true; done
+  # The daemons close their backing descriptors just after the unmount.
+  for _ in $(seq 25); do umount "$W" 2>/dev/null && break; sleep 0.2; done
+  mountpoint -q "$W" && umount -l "$W"; rmdir "$W"
+}
 trap cleanup EXIT
 mkdir -m 700 "$W/keys"; head -c 32 /dev/urandom >"$W/keys/k"; chmod 600 "$W/keys/k"
 for x in A B; do
