@@ -35,9 +35,8 @@
 //! running that fails harmlessly ("Cannot register NFS V4 on TCP").
 
 use crate::nfs_export::Tmpfs;
-use crate::support::{self, mount};
+use crate::support::{self, mount, server};
 
-use std::net::TcpStream;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -48,19 +47,8 @@ use mount::{Volume, drop_caches};
 /// The largest NFSv4 WRITE libnfs 4.0 can encode (see the module comment).
 const LIBNFS_MAX_WRITE: usize = 3940;
 
-fn have(tool: &str) -> bool {
-    Command::new("sh")
-        .args(["-c", &format!("command -v {tool}")])
-        .stdout(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
-}
-
 fn tools_present() -> bool {
-    let mut missing: Vec<_> = ["ganesha.nfsd", "nfs-cp", "nfs-cat", "nfs-ls"]
-        .into_iter()
-        .filter(|t| !have(t))
-        .collect();
+    let mut missing = server::missing(&["ganesha.nfsd", "nfs-cp", "nfs-cat", "nfs-ls"]);
     // The VFS FSAL is a package of its own.
     let vfs = ["/usr/lib/x86_64-linux-gnu/ganesha", "/usr/lib64/ganesha"]
         .iter()
@@ -125,7 +113,7 @@ EXPORT {{
             export = path.display()
         );
         std::fs::write(d.join("ganesha.conf"), conf).unwrap();
-        let child = Command::new("ganesha.nfsd")
+        let mut child = Command::new("ganesha.nfsd")
             .arg("-F")
             .arg("-f")
             .arg(d.join("ganesha.conf"))
@@ -140,30 +128,22 @@ EXPORT {{
             .stderr(std::fs::File::create(d.join("ganesha.err")).unwrap())
             .spawn()
             .unwrap();
-        let mut g = Ganesha {
+        server::wait_listening("ganesha.nfsd", port, &mut child, || Ganesha::logs_in(d));
+        Ganesha {
             child: Some(child),
             port,
             dir,
-        };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while TcpStream::connect(("127.0.0.1", port)).is_err() {
-            if let Some(Ok(Some(st))) = g.child.as_mut().map(Child::try_wait) {
-                panic!("ganesha.nfsd exited with {st}:\n{}", g.logs());
-            }
-            assert!(
-                Instant::now() < deadline,
-                "ganesha.nfsd not listening:\n{}",
-                g.logs()
-            );
-            std::thread::sleep(Duration::from_millis(50));
         }
-        g
     }
 
     fn logs(&self) -> String {
+        Ganesha::logs_in(self.dir.path())
+    }
+
+    fn logs_in(dir: &Path) -> String {
         ["ganesha.log", "ganesha.err"]
             .iter()
-            .map(|f| std::fs::read_to_string(self.dir.path().join(f)).unwrap_or_default())
+            .map(|f| std::fs::read_to_string(dir.join(f)).unwrap_or_default())
             .collect()
     }
 

@@ -9,12 +9,10 @@
 //! "stat_ex.st_ex_blocks differs". `benches/samba_durable.sh` runs the same
 //! durable tests on a plain directory and a gocryptfs share for comparison.
 
-use crate::support::{self, mount};
+use crate::support::{self, mount, server};
 
-use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
 
 use mount::{Volume, getx};
 
@@ -30,14 +28,6 @@ pub const DURABLE_TESTS: &[&str] = &[
     "file-position",
     "lock-oplock",
 ];
-
-fn have(tool: &str) -> bool {
-    Command::new("sh")
-        .args(["-c", &format!("command -v {tool}")])
-        .stdout(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
-}
 
 /// A private smbd serving `path` as `[share]` on a free 127.0.0.1 port,
 /// guest access mapped to root; killed on drop.
@@ -89,7 +79,7 @@ impl Smbd {
             share = path.display()
         );
         std::fs::write(d.join("smb.conf"), conf).unwrap();
-        let child = Command::new("smbd")
+        let mut child = Command::new("smbd")
             .args(["--foreground", "--no-process-group", "--configfile"])
             .arg(d.join("smb.conf"))
             .stdin(Stdio::null())
@@ -97,25 +87,17 @@ impl Smbd {
             .stderr(std::fs::File::create(d.join("smbd.err")).unwrap())
             .spawn()
             .unwrap();
-        let mut s = Smbd { child, port, dir };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while TcpStream::connect(("127.0.0.1", port)).is_err() {
-            if let Ok(Some(st)) = s.child.try_wait() {
-                panic!("smbd exited with {st}:\n{}", s.logs());
-            }
-            assert!(
-                Instant::now() < deadline,
-                "smbd not listening:\n{}",
-                s.logs()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        s
+        server::wait_listening("smbd", port, &mut child, || Smbd::logs_in(d));
+        Smbd { child, port, dir }
     }
 
     fn logs(&self) -> String {
+        Smbd::logs_in(self.dir.path())
+    }
+
+    fn logs_in(dir: &Path) -> String {
         let mut out = String::new();
-        for e in std::fs::read_dir(self.dir.path()).unwrap().flatten() {
+        for e in std::fs::read_dir(dir).unwrap().flatten() {
             let n = e.file_name().to_string_lossy().into_owned();
             if n.starts_with("log.") || n == "smbd.err" {
                 out += &std::fs::read_to_string(e.path()).unwrap_or_default();
@@ -177,10 +159,7 @@ impl Drop for Smbd {
 }
 
 fn tools_present() -> bool {
-    let missing: Vec<_> = ["smbd", "smbclient", "smbtorture"]
-        .into_iter()
-        .filter(|t| !have(t))
-        .collect();
+    let missing = server::missing(&["smbd", "smbclient", "smbtorture"]);
     if missing.is_empty() {
         return true;
     }

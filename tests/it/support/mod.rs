@@ -1,5 +1,6 @@
 //! Harnesses shared by all integration tests: the `kmfs` binary ([`cli`]),
 //! FUSE mounts ([`mount`], [`fault`]), key servers ([`pykmip`], [`softhsm`]),
+//! file servers a test starts ([`server`]),
 //! deterministic randomness ([`rng`]), and the rules for running in one
 //! process ([`exclusive`], [`in_own_process`], [`skip`]).
 
@@ -10,6 +11,7 @@ pub mod netns;
 pub mod pykmip;
 pub mod rekey;
 pub mod rng;
+pub mod server;
 pub mod softhsm;
 
 use std::io::Write;
