@@ -37,6 +37,18 @@ use crate::crypto::xattr::{NO_OWNER, OWNER_LEN};
 use crate::sys;
 use crate::volume::layout::FileHeader;
 
+/// The two places of a rename: the old directory, backing name and name,
+/// and the new ones.
+#[derive(Clone, Copy)]
+pub(super) struct RenameEnds<'a> {
+    pub p: &'a Inode,
+    pub ob: &'a BackingName,
+    pub name: &'a OsStr,
+    pub np: &'a Inode,
+    pub nb: &'a BackingName,
+    pub newname: &'a OsStr,
+}
+
 impl KmfsFs {
     /// Logs once at mount if the volume still accepts unbound attribute
     /// values and symlink targets.
@@ -198,19 +210,21 @@ impl KmfsFs {
     /// instead of going; `target_existed` says whether `nb` existed (its
     /// sidecar then stays on failure). The names locks of both directories
     /// are held.
-    #[allow(clippy::too_many_arguments)]
     pub(super) fn rename_symlink(
         &self,
-        p: &Inode,
-        ob: &BackingName,
-        name: &OsStr,
-        np: &Inode,
-        nb: &BackingName,
-        newname: &OsStr,
+        ends: RenameEnds<'_>,
         flags: u32,
         whiteout: bool,
         target_existed: bool,
     ) -> R<()> {
+        let RenameEnds {
+            p,
+            ob,
+            name,
+            np,
+            nb,
+            newname,
+        } = ends;
         let pfd = p.fd()?;
         let npfd = np.fd()?;
         let (tmp, st, new_place) = self.recreate_link(p, ob, name, np, newname)?;
@@ -264,18 +278,20 @@ impl KmfsFs {
     /// exist throughout; a crash in between can leave one name with a link
     /// bound to the other place (its target then does not read) and
     /// temporaries (removed by `kmfs check --repair`).
-    #[allow(clippy::too_many_arguments)]
     pub(super) fn exchange_symlinks(
         &self,
-        p: &Inode,
-        ob: &BackingName,
-        name: &OsStr,
-        np: &Inode,
-        nb: &BackingName,
-        newname: &OsStr,
+        ends: RenameEnds<'_>,
         rebind_a: bool,
         rebind_b: bool,
     ) -> R<()> {
+        let RenameEnds {
+            p,
+            ob,
+            name,
+            np,
+            nb,
+            newname,
+        } = ends;
         let pfd = p.fd()?;
         let npfd = np.fd()?;
         // The link from `ob`, re-created for `nb` in `np`.

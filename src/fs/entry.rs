@@ -11,6 +11,7 @@ use std::sync::Arc;
 
 use fuser::{Errno, FileAttr, FileType, INodeNo, RenameFlags, Request};
 
+use super::bind::RenameEnds;
 use super::handle::OpenFile;
 use super::inode::Inode;
 use super::names::BackingName;
@@ -298,6 +299,14 @@ impl KmfsFs {
         }
         // Held until the rename is done.
         let _target_names = target_names;
+        let ends = RenameEnds {
+            p: &p,
+            ob: &ob,
+            name,
+            np: &np,
+            nb: &nb,
+            newname,
+        };
         if exchange {
             // A symlink is bound to its place: it cannot be exchanged
             // atomically into another one (see `bind`).
@@ -306,21 +315,11 @@ impl KmfsFs {
             let a = self.rebinds(src.st_mode, &p, name, &np, newname);
             let b = self.rebinds(tst.st_mode, &np, newname, &p, name);
             if a || b {
-                return self.exchange_symlinks(&p, &ob, name, &np, &nb, newname, a, b);
+                return self.exchange_symlinks(ends, a, b);
             }
         } else if self.rebinds(src.st_mode, &p, name, &np, newname) {
             let flags = if noreplace { libc::RENAME_NOREPLACE } else { 0 };
-            return self.rename_symlink(
-                &p,
-                &ob,
-                name,
-                &np,
-                &nb,
-                newname,
-                flags,
-                whiteout,
-                target_existed,
-            );
+            return self.rename_symlink(ends, flags, whiteout, target_existed);
         }
         if !exchange {
             self.names
