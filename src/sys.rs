@@ -263,22 +263,31 @@ pub fn getxattr(fd: BorrowedFd<'_>, name: &CStr) -> io::Result<Vec<u8>> {
 /// Reads a variable-sized value with `call(buffer, length)` (getxattr,
 /// listxattr): a 4 KiB buffer first (most values and lists fit, one system
 /// call); if that is too small, asks for the size and reads again, until
-/// the value stops growing under us.
+/// the value stops growing under us. The backing store is untrusted: a
+/// size above the kernel's own limit for values and lists (64 KiB) is
+/// refused (E2BIG) before anything is allocated, and a value that keeps
+/// growing is given up (EIO) after a few tries.
 fn read_sized(call: impl Fn(*mut libc::c_void, usize) -> libc::ssize_t) -> io::Result<Vec<u8>> {
+    const XATTR_MAX: usize = 64 * 1024; // XATTR_SIZE_MAX = XATTR_LIST_MAX
+    const TRIES: usize = 4;
     let mut len = XATTR_FIRST_TRY;
-    loop {
+    for _ in 0..TRIES {
         let mut buf = vec![0u8; len];
         match cvt_ssize(call(buf.as_mut_ptr().cast(), buf.len())) {
             Ok(m) => {
-                buf.truncate(m);
+                buf.truncate(m.min(buf.len()));
                 return Ok(buf);
             }
             Err(e) if e.raw_os_error() == Some(libc::ERANGE) => {
                 len = cvt_ssize(call(std::ptr::null_mut(), 0))?;
+                if len > XATTR_MAX {
+                    return Err(io::Error::from_raw_os_error(libc::E2BIG));
+                }
             }
             Err(e) => return Err(e),
         }
     }
+    Err(io::Error::from_raw_os_error(libc::EIO))
 }
 
 pub fn setxattr(
@@ -474,4 +483,65 @@ pub fn mount_shows_whole_fs(mount_id: libc::c_int) -> bool {
         let mut f = l.split(' ');
         f.next() == Some(id.as_str()) && f.nth(2) == Some("/")
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::cell::Cell;
+
+    // The kernel never reports sizes like these for a real backing
+    // filesystem; a hostile one (say, another FUSE filesystem) could.
+
+    #[test]
+    fn read_sized_refuses_sizes_above_the_kernel_limit() {
+        let e = read_sized(|buf, _| {
+            if buf.is_null() {
+                1 << 40
+            } else {
+                set_errno(libc::ERANGE)
+            }
+        })
+        .unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::E2BIG));
+    }
+
+    #[test]
+    fn read_sized_gives_up_on_a_value_that_keeps_growing() {
+        let calls = Cell::new(0);
+        let e = read_sized(|buf, len| {
+            calls.set(calls.get() + 1);
+            if buf.is_null() {
+                (len + 8192) as libc::ssize_t
+            } else {
+                set_errno(libc::ERANGE)
+            }
+        })
+        .unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::EIO));
+        assert!(calls.get() <= 8, "{} calls", calls.get());
+    }
+
+    #[test]
+    fn read_sized_reads_past_the_first_try() {
+        let v = read_sized(|buf, len| {
+            if buf.is_null() {
+                6000
+            } else if len < 6000 {
+                set_errno(libc::ERANGE)
+            } else {
+                // SAFETY: `buf` is writable for `len` ≥ 6000 bytes.
+                unsafe { std::ptr::write_bytes(buf.cast::<u8>(), 7, 6000) };
+                6000
+            }
+        })
+        .unwrap();
+        assert_eq!(v, vec![7u8; 6000]);
+    }
+
+    fn set_errno(e: libc::c_int) -> libc::ssize_t {
+        // SAFETY: errno is this thread's.
+        unsafe { *libc::__errno_location() = e };
+        -1
+    }
 }
